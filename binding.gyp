@@ -1,0 +1,20 @@
+{
+  "targets": [
+    {
+      "target_name": "spindle_native",
+      "sources": [
+        "native/src/addon.cc",
+        "native/src/engine.cc",
+        "native/src/uring.cc",
+        "native/src/pool.cc",
+        "native/src/hostfacts.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
+      "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+      "ldflags": ["-pthread"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions"]
+    }
+  ]
+}

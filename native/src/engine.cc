@@ -1,0 +1,293 @@
+// NativeEngine: the JS-facing half shared by both backends.  It owns the
+// shared submission/completion areas, turns descriptors into backend requests
+// (one native call and one kernel entry per batch), and watches the backend's
+// eventfd with a uv_poll_t on Node's own loop, so completions are delivered
+// without any completion thread or uv_async hop.
+#include <unistd.h>
+#include <uv.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "common.h"
+
+namespace spindle {
+namespace {
+
+class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeEngine",
+                       {InstanceMethod<&NativeEngine::Submit>("submit"),
+                        InstanceMethod<&NativeEngine::SubmitExternal>("submitExternal"),
+                        InstanceMethod<&NativeEngine::Areas>("areas"),
+                        InstanceMethod<&NativeEngine::Enters>("enters"),
+                        InstanceMethod<&NativeEngine::Destroy>("destroy")});
+  }
+
+  // new NativeEngine(kind: 'io_uring'|'threads', entries, threads, onComplete)
+  NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
+    Napi::Env env = info.Env();
+    data_ = env.GetInstanceData<AddonData>();
+    std::string kind = info[0].As<Napi::String>().Utf8Value();
+    entries_ = info[1].As<Napi::Number>().Uint32Value();
+    unsigned threads = info[2].As<Napi::Number>().Uint32Value();
+    if (entries_ < 1 || entries_ > 32768) {
+      Napi::RangeError::New(env, "entries must be in [1, 32768]").ThrowAsJavaScriptException();
+      return;
+    }
+    int err = 0;
+    backend_.reset(kind == "io_uring" ? CreateUringBackend(entries_, &err)
+                                      : CreatePoolBackend(entries_, threads, &err));
+    if (!backend_) {
+      Napi::Error e = Napi::Error::New(env, std::string(kind) + " engine: " + strerror(err));
+      e.Set("errno", Napi::Number::New(env, -err));
+      e.ThrowAsJavaScriptException();
+      return;
+    }
+    callback_ = Napi::Persistent(info[3].As<Napi::Function>());
+    async_ctx_.reset(new Napi::AsyncContext(env, "spindle:io"));
+
+    // Areas live in V8-allocated ArrayBuffers whose memory never moves; we
+    // keep references so they outlive any JS views.
+    Napi::ArrayBuffer sub = Napi::ArrayBuffer::New(env, entries_ * kDescInts * 4);
+    Napi::ArrayBuffer iov = Napi::ArrayBuffer::New(env, entries_ * 4 * kIovInts * 4);
+    Napi::ArrayBuffer comp = Napi::ArrayBuffer::New(env, entries_ * 2 * 4);
+    sub_ = (int32_t*)sub.Data();
+    iov_ = (int32_t*)iov.Data();
+    comp_ = (int32_t*)comp.Data();
+    areas_ = Napi::Persistent(Napi::Object::New(env));
+    areas_.Value().Set("sub", sub);
+    areas_.Value().Set("iov", iov);
+    areas_.Value().Set("comp", comp);
+    iovs_.resize(entries_);
+
+    uv_loop_t* loop = nullptr;
+    napi_get_uv_event_loop(env, &loop);
+    poll_ = new uv_poll_t;
+    poll_->data = this;
+    uv_poll_init(loop, poll_, backend_->EventFd());
+    uv_poll_start(poll_, UV_READABLE, OnPoll);
+    uv_unref((uv_handle_t*)poll_);  // idle engines never keep the process alive
+    napi_add_async_cleanup_hook(env, OnEnvCleanup, this, &cleanup_);
+  }
+
+  ~NativeEngine() override { Teardown(); }
+
+ private:
+  // submit(count): turn `count` descriptors into requests, one kernel entry.
+  Napi::Value Submit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!backend_) return Gone(env);
+    uint32_t count = info[0].As<Napi::Number>().Uint32Value();
+    if (count > entries_) count = entries_;
+    const std::vector<Slab>& slabs = data_->slabs;
+    uint32_t iov_cap = entries_ * 4;
+    for (uint32_t i = 0; i < count; i++) {
+      const int32_t* d = sub_ + i * kDescInts;
+      Request r;
+      r.op = d[kOp];
+      r.id = d[kId];
+      r.fd = d[kFd];
+      r.off = (uint64_t)((const double*)d)[3];
+      r.iov = nullptr;
+      r.nseg = 0;
+      r.ptr = nullptr;
+      r.len = 0;
+      r.mode = 0;
+      r.flen = 0;
+      if ((uint32_t)r.id >= entries_) return Bad(env, "request id out of range");
+      if (r.op == OP_READ || r.op == OP_WRITE) {
+        uint32_t s = (uint32_t)d[kSlab], o = (uint32_t)d[kBufOff], l = (uint32_t)d[kLen];
+        if (s >= slabs.size() || (uint64_t)o + l > slabs[s].size) return Bad(env, "bad slab ref");
+        r.ptr = slabs[s].base + o;
+        r.len = l;
+      } else if (r.op == OP_READV || r.op == OP_WRITEV) {
+        uint32_t first = (uint32_t)d[kSlab], n = (uint32_t)d[kBufOff];
+        if ((uint64_t)first + n > iov_cap || n == 0 || n > IOV_MAX) return Bad(env, "bad iov ref");
+        std::vector<iovec>& v = iovs_[r.id];
+        v.resize(n);
+        for (uint32_t k = 0; k < n; k++) {
+          const int32_t* t = iov_ + (first + k) * kIovInts;
+          uint32_t s = (uint32_t)t[0], o = (uint32_t)t[1], l = (uint32_t)t[2];
+          if (s >= slabs.size() || (uint64_t)o + l > slabs[s].size) return Bad(env, "bad slab ref");
+          v[k].iov_base = slabs[s].base + o;
+          v[k].iov_len = l;
+        }
+        r.iov = v.data();
+        r.nseg = (int)n;
+      } else if (r.op == OP_FALLOCATE) {
+        r.mode = d[kSlab];
+        r.flen = (uint64_t)((const double*)d)[2];
+      }
+      if (!backend_->Prepare(r)) return Bad(env, "submission queue full");
+      inflight_++;
+    }
+    int rc = backend_->Flush();
+    if (inflight_ > 0) uv_ref((uv_handle_t*)poll_);
+    return Napi::Number::New(env, rc);
+  }
+
+  // submitExternal(op, id, fd, offset, bufs: ArrayBufferView[]): the slow path
+  // for memory outside the slabs.  The JS side holds the views until
+  // completion, which keeps their backing stores alive.
+  Napi::Value SubmitExternal(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!backend_) return Gone(env);
+    Request r{};
+    r.op = info[0].As<Napi::Number>().Int32Value();
+    r.id = info[1].As<Napi::Number>().Int32Value();
+    r.fd = info[2].As<Napi::Number>().Int32Value();
+    r.off = (uint64_t)info[3].As<Napi::Number>().DoubleValue();
+    if ((uint32_t)r.id >= entries_) return Bad(env, "request id out of range");
+    Napi::Array bufs = info[4].As<Napi::Array>();
+    uint32_t n = bufs.Length();
+    if (n == 0 || n > IOV_MAX) return Bad(env, "bad segment count");
+    std::vector<iovec>& v = iovs_[r.id];
+    v.resize(n);
+    for (uint32_t k = 0; k < n; k++) {
+      napi_value el;
+      napi_get_element(env, bufs, k, &el);
+      bool ok = false;
+      napi_is_typedarray(env, el, &ok);
+      if (!ok) return Bad(env, "segment is not a typed array");
+      napi_typedarray_type type;
+      size_t length = 0;
+      void* p = nullptr;
+      napi_get_typedarray_info(env, el, &type, &length, &p, nullptr, nullptr);
+      if (type != napi_uint8_array && type != napi_int8_array &&
+          type != napi_uint8_clamped_array)
+        return Bad(env, "segment must be a Uint8Array");
+      v[k].iov_base = p;
+      v[k].iov_len = length;
+    }
+    r.op = (r.op == OP_READ || r.op == OP_READV) ? OP_READV : OP_WRITEV;
+    r.iov = v.data();
+    r.nseg = (int)n;
+    if (!backend_->Prepare(r)) return Bad(env, "submission queue full");
+    inflight_++;
+    uv_ref((uv_handle_t*)poll_);
+    return env.Undefined();
+  }
+
+  Napi::Value Areas(const Napi::CallbackInfo& info) { return areas_.Value(); }
+
+  Napi::Value Enters(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), backend_ ? (double)backend_->enters : last_enters_);
+  }
+
+  // destroy(): wait for in-flight I/O (so no buffer is touched afterwards),
+  // stop the backend and return the outstanding completions as an Int32Array
+  // of (id, result) pairs for the JS side to deliver.
+  Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::vector<int32_t> rest = Teardown();
+    Napi::Int32Array out = Napi::Int32Array::New(env, rest.size());
+    if (!rest.empty()) memcpy(out.Data(), rest.data(), rest.size() * 4);
+    return out;
+  }
+
+  std::vector<int32_t> Teardown() {
+    std::vector<int32_t> rest;
+    if (!backend_) return rest;
+    backend_->Shutdown(inflight_);
+    rest.resize(2 * (size_t)(inflight_ > 0 ? inflight_ : 0));
+    if (!rest.empty()) rest.resize(2 * backend_->Reap(rest.data(), inflight_));
+    last_enters_ = (double)backend_->enters;
+    inflight_ = 0;
+    backend_.reset();
+    if (poll_) {
+      uv_close((uv_handle_t*)poll_, [](uv_handle_t* h) { delete (uv_poll_t*)h; });
+      poll_ = nullptr;
+    }
+    if (cleanup_) {
+      napi_remove_async_cleanup_hook(cleanup_);
+      cleanup_ = nullptr;
+    }
+    callback_.Reset();
+    areas_.Reset();
+    // async_ctx_ stays until the destructor: destroy() may run inside the
+    // MakeCallback that uses it.
+    return rest;
+  }
+
+  static void OnEnvCleanup(napi_async_cleanup_hook_handle handle, void* arg) {
+    NativeEngine* self = (NativeEngine*)arg;
+    self->cleanup_ = nullptr;
+    if (self->backend_) {
+      self->backend_->Shutdown(self->inflight_);
+      self->backend_.reset();
+    }
+    if (!self->poll_) {
+      napi_remove_async_cleanup_hook(handle);
+      return;
+    }
+    uv_poll_t* p = self->poll_;
+    self->poll_ = nullptr;
+    p->data = handle;  // the close callback finishes the async hook
+    uv_close((uv_handle_t*)p, [](uv_handle_t* h) {
+      napi_async_cleanup_hook_handle hh = (napi_async_cleanup_hook_handle)h->data;
+      delete (uv_poll_t*)h;
+      napi_remove_async_cleanup_hook(hh);
+    });
+  }
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    ((NativeEngine*)h->data)->Drain();
+  }
+
+  void Drain() {
+    if (!backend_) return;
+    uint64_t v;
+    ssize_t rd = read(backend_->EventFd(), &v, sizeof v);  // clear readiness
+    (void)rd;
+    Napi::Env env = Env();
+    Napi::HandleScope scope(env);
+    // A few rounds per wakeup: completions that the callback's own
+    // submissions produce are picked up without another trip through epoll,
+    // yet the loop cannot starve timers and other handles.
+    for (int round = 0; round < 4 && backend_; round++) {
+      int n = backend_->Reap(comp_, (int)entries_);
+      if (n == 0) break;
+      inflight_ -= n;
+      napi_value arg = Napi::Number::New(env, n);
+      // MakeCallback: microtasks (the next batch's flush) run right after.
+      callback_.MakeCallback(env.Global(), {arg}, *async_ctx_);
+      if (env.IsExceptionPending()) {
+        Napi::Error e = env.GetAndClearPendingException();
+        napi_fatal_exception(env, e.Value());
+      }
+    }
+    if (backend_ && inflight_ == 0) uv_unref((uv_handle_t*)poll_);
+  }
+
+  Napi::Value Bad(Napi::Env env, const char* what) {
+    Napi::Error::New(env, std::string("spindle native engine: ") + what)
+        .ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Value Gone(Napi::Env env) { return Bad(env, "engine destroyed"); }
+
+  AddonData* data_ = nullptr;
+  uint32_t entries_ = 0;
+  std::unique_ptr<Backend> backend_;
+  Napi::FunctionReference callback_;
+  std::unique_ptr<Napi::AsyncContext> async_ctx_;
+  Napi::ObjectReference areas_;
+  int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr;
+  std::vector<std::vector<iovec>> iovs_;  // per request id, reused
+  int inflight_ = 0;
+  double last_enters_ = 0;
+  uv_poll_t* poll_ = nullptr;
+  napi_async_cleanup_hook_handle cleanup_ = nullptr;
+};
+
+}  // namespace
+
+void InitEngine(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeEngine", NativeEngine::Define(env));
+}
+
+}  // namespace spindle

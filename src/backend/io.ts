@@ -1,0 +1,201 @@
+/**
+ * The I/O half of BlockBackend: `BackendIO`, the only handle a device model holds.
+ *
+ * Context: any AioContext. It has no path back to nodes or graph calls: devices cannot
+ * change the graph by construction. Requests made while the backend is drained are queued
+ * and issued when the section ends; errors go through the rerror/werror policy, and a
+ * request stopped by the policy is kept and re-issued on resume.
+ */
+import { BlockError } from '../block/error.js';
+import * as io from '../block/io.js';
+import type { BlockChild } from '../block/node.js';
+import { ReqFlags, type IoCallback, type IoVec } from '../block/types.js';
+import type { ErrorAction, IoStatus } from './device-ops.js';
+
+/** What the I/O half needs of a backend (implemented by BlockBackend). */
+export interface BackendCore {
+  readonly name: string;
+  root: BlockChild | null;
+  quiesce: number;
+  inFlight: number;
+  writeCache: boolean;
+  rerror: ErrorAction;
+  werror: ErrorAction;
+  iostatus: IoStatus;
+  readonly queued: PendingReq[];
+  readonly stopped: PendingReq[];
+  /** Policy said stop: tell the world (BLOCK_IO_ERROR, VM stop). */
+  reportError(op: 'read' | 'write', action: ErrorAction, err: BlockError): void;
+  requestDone(): void;
+}
+
+/** A backend request; pooled, with its completion bound once. */
+export class PendingReq {
+  core: BackendCore = null!;
+  write = false;
+  offset = 0;
+  bytes = 0;
+  iov: IoVec = null!;
+  flags = 0;
+  cb: IoCallback = null!;
+  /** Whether the request reached the root and counts as in flight. */
+  counted = false;
+  readonly done: IoCallback = (err) => reqDone(this, err);
+  readonly flushed: IoCallback = (err) => {
+    this.core.inFlight--;
+    complete(this, err);
+  };
+}
+const pool: PendingReq[] = [];
+
+function noMedium(core: BackendCore): BlockError {
+  return new BlockError('ENOMEDIUM', `No medium in block device '${core.name}'`, { op: 'io' });
+}
+
+/** Issues (or re-issues) a backend request on the current root. */
+export function issue(r: PendingReq): void {
+  const core = r.core;
+  if (core.quiesce > 0) {
+    core.queued.push(r);
+    return;
+  }
+  const root = core.root;
+  r.counted = root !== null;
+  if (!root) return void process.nextTick(r.done, noMedium(core));
+  core.inFlight++;
+  if (r.write) io.writev(root, r.offset, r.bytes, r.iov, r.flags, r.done);
+  else io.readv(root, r.offset, r.bytes, r.iov, r.flags, r.done);
+}
+
+function reqDone(r: PendingReq, err: BlockError | null): void {
+  const core = r.core;
+  if (r.counted) core.inFlight--;
+  if (err) {
+    const policy = r.write ? core.werror : core.rerror;
+    const nospace = err.code === 'ENOSPC';
+    const action: ErrorAction = policy === 'enospc' ? (nospace ? 'stop' : 'report') : policy;
+    core.reportError(r.write ? 'write' : 'read', action, err);
+    if (action === 'stop') {
+      core.iostatus = nospace ? 'nospace' : 'failed';
+      core.stopped.push(r);
+      core.requestDone();
+      return;
+    }
+    if (action === 'ignore') err = null;
+    else if (core.iostatus === 'ok') core.iostatus = nospace ? 'nospace' : 'failed';
+  } else if (r.write && !core.writeCache && core.root) {
+    // Write cache off: the write is complete only once it is stable.
+    core.inFlight++;
+    io.flush(core.root).then(() => r.flushed(null), (e: BlockError) => r.flushed(e));
+    return;
+  }
+  complete(r, err);
+}
+
+function complete(r: PendingReq, err: BlockError | null): void {
+  const core = r.core;
+  const cb = r.cb;
+  r.core = null!;
+  r.cb = null!;
+  r.iov = null!;
+  pool.push(r);
+  core.requestDone();
+  cb(err);
+}
+
+function start(core: BackendCore, write: boolean, offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void {
+  const r = pool.pop() ?? new PendingReq();
+  r.core = core;
+  r.write = write;
+  r.offset = offset;
+  r.bytes = bytes;
+  r.iov = iov;
+  r.flags = flags;
+  r.cb = cb;
+  issue(r);
+}
+
+/** The device's handle on its backend. */
+export interface BackendIO {
+  /** The backend's name, for the device's messages. */
+  readonly name: string;
+  readv(offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void;
+  writev(offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void;
+  read(offset: number, buf: Uint8Array): Promise<void>;
+  write(offset: number, buf: Uint8Array, flags?: number): Promise<void>;
+  flush(): Promise<void>;
+  discard(offset: number, bytes: number): Promise<void>;
+  writeZeroes(offset: number, bytes: number, mayUnmap: boolean): Promise<void>;
+  getLength(): number;
+  isInserted(): boolean;
+  isReadOnly(): boolean;
+  isWriteCacheEnabled(): boolean;
+  setWriteCache(on: boolean): void;
+  iostatus(): IoStatus;
+}
+
+/** Implementation; `#core` is private, so a device reaches nothing but these methods. */
+export class BackendIOImpl implements BackendIO {
+  readonly #core: BackendCore;
+  #revoked = false;
+  constructor(core: BackendCore) {
+    this.#core = core;
+  }
+  get name(): string {
+    return this.#core.name;
+  }
+  /** Called by the backend when the device detaches: the handle stops working. */
+  revoke(): void {
+    this.#revoked = true;
+  }
+  #live(cb: IoCallback): boolean {
+    if (!this.#revoked) return true;
+    process.nextTick(cb, new BlockError('ENOMEDIUM', `Block device '${this.#core.name}' is detached from this device`));
+    return false;
+  }
+  readv(offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void {
+    if (this.#live(cb)) start(this.#core, false, offset, bytes, iov, flags, cb);
+  }
+  writev(offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void {
+    if (this.#live(cb)) start(this.#core, true, offset, bytes, iov, flags, cb);
+  }
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return new Promise((res, rej) => this.readv(offset, buf.length, [buf], 0, (e) => (e ? rej(e) : res())));
+  }
+  write(offset: number, buf: Uint8Array, flags = 0): Promise<void> {
+    return new Promise((res, rej) => this.writev(offset, buf.length, [buf], flags, (e) => (e ? rej(e) : res())));
+  }
+  #root(): BlockChild {
+    if (this.#revoked || !this.#core.root) throw noMedium(this.#core);
+    return this.#core.root;
+  }
+  async flush(): Promise<void> {
+    await io.flush(this.#root());
+  }
+  async discard(offset: number, bytes: number): Promise<void> {
+    await io.discard(this.#root(), offset, bytes);
+  }
+  async writeZeroes(offset: number, bytes: number, mayUnmap: boolean): Promise<void> {
+    await io.writeZeroes(this.#root(), offset, bytes, mayUnmap ? ReqFlags.MAY_UNMAP : 0);
+  }
+  getLength(): number {
+    const r = this.#core.root;
+    return r && !this.#revoked ? io.getLength(r) : 0;
+  }
+  isInserted(): boolean {
+    return !this.#revoked && this.#core.root !== null;
+  }
+  isReadOnly(): boolean {
+    const r = this.#core.root;
+    return !r || r.node.readOnly || !(r.perm & 0x2);
+  }
+  isWriteCacheEnabled(): boolean {
+    return this.#core.writeCache;
+  }
+  setWriteCache(on: boolean): void {
+    this.#core.writeCache = on;
+  }
+  iostatus(): IoStatus {
+    return this.#core.iostatus;
+  }
+}
