@@ -123,13 +123,27 @@ async function openChild(node: BlockNode, ref: ChildRef | undefined, name: strin
     child = found;
     ref_(child);
   } else {
-    child = await openNode(ref);
+    child = await openNode(inheritOptions(node, ref, role));
   }
   try {
     return attachEdge(node, child, name, role, null);
   } finally {
     unref(child);
   }
+}
+
+/**
+ * Options a new child takes from its parent unless given: backing files open read-only;
+ * other children follow the parent's read-only flag, cache mode and discard setting.
+ */
+function inheritOptions(parent: BlockNode, ref: NodeOptions, role: RoleMask): NodeOptions {
+  const o: NodeOptions = { ...ref };
+  if (o['read-only'] === undefined && (role & ChildRole.COW || parent.readOnly)) o['read-only'] = true;
+  if (role & ChildRole.COW) return o;
+  const cache = parent.options.cache;
+  if (cache) o.cache = { ...cache, ...o.cache };
+  if (o.discard === undefined && parent.options.discard !== undefined) o.discard = parent.options.discard;
+  return o;
 }
 
 function wouldCycle(parent: BlockParent, child: BlockNode): boolean {
