@@ -72,6 +72,21 @@ export function pollDrains(): void {
   }
 }
 
+/** Resolves when nothing is in flight in `node` or below it (without quiescing anyone). */
+export function idleBelow(node: BlockNode): Promise<void> | null {
+  const set = new Set<BlockNode>([node]);
+  const down = (x: BlockNode): void => {
+    for (const c of x.children) if (!set.has(c.node)) { set.add(c.node); down(c.node); }
+  };
+  down(node);
+  const nodes = [...set];
+  if (!busy(nodes)) return null;
+  return new Promise<void>((resolve) => {
+    waits.push({ nodes, resolve });
+    drainWaiting++;
+  });
+}
+
 /**
  * Begins a drained section on `node` and resolves once nothing is in flight around it.
  * Context: main loop.

@@ -7,7 +7,7 @@
  * inside a drained section (withDrained) so no request is in flight below them.
  */
 import { assertMainLoop } from './context.js';
-import { edgeAttached, edgeDetached, withDrained } from './drain.js';
+import { edgeAttached, edgeDetached, idleBelow, withDrained } from './drain.js';
 import { getDriver } from './drivers/index.js';
 import { BlockError } from './error.js';
 import { BlockChild, BlockNode, type BlockParent } from './node.js';
@@ -375,6 +375,18 @@ export function unref(node: BlockNode): void {
   if (node.parents.length) throw new Error(`node '${node.name}' reached refcount 0 with parents`);
   node.deleted = true;
   if (nodes.get(node.name) === node) nodes.delete(node.name);
+  // Requests still in flight below (a parent let go without draining) finish first:
+  // closing a file under them would complete them against a dead descriptor.
+  const idle = idleBelow(node);
+  if (!idle) {
+    closeDeleted(node);
+    return;
+  }
+  const p: Promise<void> = idle.then(() => closeDeleted(node)).catch(() => undefined).finally(() => closing.delete(p));
+  closing.add(p);
+}
+
+function closeDeleted(node: BlockNode): void {
   while (node.children.length) detachEdge(node.children[node.children.length - 1]!);
   const closed = node.driver.close?.(node);
   if (closed) {

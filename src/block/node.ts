@@ -107,11 +107,17 @@ export class BlockNode implements BlockParent {
 
   /** The `file` child (protocol layer or filtered child), a view of `children`. */
   get file(): BlockChild | undefined {
-    return this.children.find((c) => c.name === 'file');
+    return this.childNamed('file');
   }
   /** The `backing` child (COW source), a view of `children`. */
   get backing(): BlockChild | undefined {
-    return this.children.find((c) => c.name === 'backing');
+    return this.childNamed('backing');
+  }
+  /** A plain loop: this runs on the I/O path of every filter and format. */
+  childNamed(name: string): BlockChild | undefined {
+    const kids = this.children;
+    for (let i = 0; i < kids.length; i++) if (kids[i]!.name === name) return kids[i];
+    return undefined;
   }
   /** The child that holds this node's data, for filters and formats. */
   get primary(): BlockChild | undefined {

@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 import {
   allNodes, attachChild, detachChild, dropIntermediate, findNode, openNode, ref, replaceNode, setBacking, settleCloses, unref,
 } from '../../src/block/graph.js';
-import { read } from '../../src/block/io.js';
+import { read, readv } from '../../src/block/io.js';
 import { attachRoot, detachRoot } from '../../src/block/graph.js';
 import type { BlockNode, BlockParent } from '../../src/block/node.js';
 import { ChildRole, Perm } from '../../src/block/types.js';
@@ -60,6 +60,25 @@ describe('node names and lifetimes', () => {
     expect(top.deleted).toBe(true);
     expect(base.deleted).toBe(true);
     await settleCloses();
+  });
+});
+
+describe('deleting a node with requests in flight below it', () => {
+  it('keeps its children until the requests finish', async () => {
+    const raw = await openNode({ driver: 'raw', 'node-name': 'if-raw', file: { driver: 'null-co', 'node-name': 'if-null', 'latency-ns': 20_000_000 } });
+    const e = attachRoot(user('if'), raw, 'x', { perm: Perm.CONSISTENT_READ, shared: Perm.ALL });
+    let result: unknown = 'pending';
+    readv(e, 0, 512, [Buffer.alloc(512)], 0, (err) => (result = err));
+    const file = raw.file!.node;
+    detachRoot(e);
+    unref(raw);
+    expect(raw.deleted).toBe(true);
+    expect(findNode('if-raw')).toBeUndefined();
+    expect(file.deleted).toBe(false); // still serving the request
+    expect(raw.children).toHaveLength(1);
+    await settleCloses();
+    expect(result).toBeNull();
+    expect(file.deleted).toBe(true);
   });
 });
 
