@@ -1,0 +1,116 @@
+/**
+ * `spindle`: the command-line front end. Parses with commander and dispatches; the
+ * commands live in img/ and tour.ts. Every failure is one line on stderr
+ * (`spindle img: ...` or `spindle: ...`) and exit status 1.
+ */
+import { Command, CommanderError } from 'commander';
+import { settleCloses } from '../block/graph.js';
+import { reportError } from './fail.js';
+import { imgBench } from './img/bench.js';
+import { imgConvert } from './img/convert.js';
+import { imgCreate } from './img/create.js';
+import { imgInfo } from './img/info.js';
+import { runTour } from './tour.js';
+import { packageVersion } from './version.js';
+
+/** Commander's own errors ("error: unknown option '-x'") in the CLI's one-line form. */
+function errorOutput(prefix: string) {
+  return {
+    outputError: (str: string, write: (s: string) => void) => write(`${prefix}: ${str.replace(/^error: /, '').trim().replace(/\s*\n\s*/g, ' ')}\n`),
+  };
+}
+
+const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+
+function buildProgram(): Command {
+  const program = new Command('spindle')
+    .description('Spindle: a storage stack for virtual machines')
+    .version(packageVersion(), '-V, --version')
+    .exitOverride()
+    .configureOutput(errorOutput('spindle'));
+
+  program
+    .command('tour')
+    .description('a short, printed tour of the block layer on a scratch image')
+    .action(() => runTour());
+
+  const img = new Command('img').description('disk image utility (qemu-img compatible)').exitOverride().configureOutput(errorOutput('spindle img'));
+  program.addCommand(img);
+
+  img
+    .command('create')
+    .description('create a new disk image')
+    .option('-f <fmt>', 'image format (default raw)')
+    .option('-o <options>', 'format options, e.g. size=1G (repeatable)', collect)
+    .option('-q', 'quiet')
+    .argument('<filename>')
+    .argument('[size]', 'size in bytes, or with a k, M, G, T, P or E suffix')
+    .action((filename: string, size: string | undefined, o) => imgCreate(filename, size, o));
+
+  img
+    .command('info')
+    .description('show facts about an image')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgInfo(filename, o));
+
+  img
+    .command('convert')
+    .description('copy an image, leaving out zeroes')
+    .option('-f <fmt>', 'source format (default: probe)')
+    .option('-O <output_fmt>', 'target format (default raw)')
+    .option('-p', 'show progress')
+    .option('-q', 'quiet')
+    .option('-t <cache>', 'target cache mode (default writeback)')
+    .option('-T <src_cache>', 'source cache mode (default writeback)')
+    .option('-S <sparse_size>', 'zero runs of this many bytes are left as holes (default 4k, 0 = fully allocate)')
+    .option('-n', 'skip target creation: write into the existing target')
+    .option('-m <num>', 'requests in parallel (default 8)')
+    .option('-W', 'allow out-of-order writes to the target')
+    .option('-U, --force-share', 'open the source with shared permissions')
+    .argument('<filename>')
+    .argument('<output_filename>')
+    .action((src: string, dst: string, o) => imgConvert(src, dst, o));
+
+  img
+    .command('bench')
+    .description('run a simple I/O benchmark on an image')
+    .option('-c <count>', 'number of requests (default 75000)')
+    .option('-d <depth>', 'requests in parallel (default 64)')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('--flush-interval <n>', 'flush after every n writes')
+    .option('--no-drain', 'flush without waiting for requests in flight')
+    .option('-i <aio>', 'threads, io_uring or native')
+    .option('-n', 'native AIO (as -i native; needs -t none)')
+    .option('-o <offset>', 'first offset (default 0)')
+    .option('--pattern <byte>', 'byte to write (default 0)')
+    .option('-q', 'quiet')
+    .option('-s <buffer_size>', 'bytes per request (default 4K)')
+    .option('-S <step_size>', 'offset increment (default: buffer size)')
+    .option('-t <cache>', 'cache mode (default writeback)')
+    .option('-w', 'write instead of read')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgBench(filename, o));
+
+  return program;
+}
+
+async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  const isImg = argv[2] === 'img';
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    // Commander already printed its own message (usage errors) or the help/version text.
+    if (e instanceof CommanderError) process.exitCode = e.exitCode;
+    else reportError(isImg ? 'spindle img' : 'spindle', e);
+  }
+  await settleCloses();
+  // The native engine keeps the event loop alive; stdout/stderr are synchronous here.
+  process.exit(process.exitCode ?? 0);
+}
+
+void main(process.argv);

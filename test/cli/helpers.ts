@@ -1,0 +1,72 @@
+// Shared helpers for the CLI suites: a built bundle, running it and qemu-img, temp dirs.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { build } from 'esbuild';
+
+export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const bundle = join(root, 'dist', 'spindle.mjs');
+
+function newestMtime(dir: string): number {
+  let t = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    t = Math.max(t, e.isDirectory() ? newestMtime(p) : statSync(p).mtimeMs);
+  }
+  return t;
+}
+
+/**
+ * Rebuilds dist/spindle.mjs when src/ is newer (`npm test` has already built it). The
+ * bundle is written aside and renamed, so suites running in parallel never see half a file.
+ */
+export async function ensureBuilt(): Promise<void> {
+  if (existsSync(bundle) && statSync(bundle).mtimeMs >= newestMtime(join(root, 'src'))) return;
+  const tmp = join(root, 'dist', `.spindle-${process.pid}.mjs`);
+  await build({
+    entryPoints: [join(root, 'src/cli/main.ts')],
+    bundle: true,
+    platform: 'node',
+    target: 'node20',
+    format: 'esm',
+    outfile: tmp,
+    banner: { js: "#!/usr/bin/env node\nimport { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
+    logLevel: 'warning',
+  });
+  renameSync(tmp, bundle);
+}
+
+export interface Run {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function spindle(...args: string[]): Run {
+  const r = spawnSync(process.execPath, [bundle, ...args], { encoding: 'utf8', timeout: 60_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+export function qemuImg(...args: string[]): Run {
+  const r = spawnSync('qemu-img', args, { encoding: 'utf8', timeout: 60_000 });
+  if (r.error) throw new Error(`qemu-img is needed by these tests (Debian qemu-utils): ${r.error.message}`);
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Asserts a run succeeded, showing its output when it did not. */
+export function ok(r: Run): Run {
+  if (r.status !== 0) throw new Error(`exit ${r.status}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
+  return r;
+}
+
+export function tempDir(): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'spindle-cli-'));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Bytes the file system allocated for the file. */
+export function allocated(path: string): number {
+  return statSync(path).blocks * 512;
+}
