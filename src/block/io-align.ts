@@ -43,7 +43,11 @@ async function waitWrites(node: BlockNode, offset: number, end: number): Promise
 
 function bounds(node: BlockNode, offset: number, bytes: number): [number, number] {
   const a = node.limits.requestAlignment;
-  return [Math.floor(offset / a) * a, Math.ceil((offset + bytes) / a) * a];
+  const a1 = Math.ceil((offset + bytes) / a) * a;
+  // A node that cannot grow ends its last block at its length: padding past it would
+  // fail (a window below) or grow the image (a file below).
+  const end = node.driver.growable ? a1 : Math.min(a1, Math.max(node.driver.getLength(node), offset + bytes));
+  return [Math.floor(offset / a) * a, end];
 }
 
 function copyOut(src: Uint8Array, srcOff: number, iov: IoVec, bytes: number): void {
@@ -94,8 +98,10 @@ async function rmw(node: BlockNode, offset: number, bytes: number, iov: IoVec, f
     const buf = Buffer.alloc(a1 - a0);
     const align = node.limits.requestAlignment;
     // Only the partial head and tail blocks need their old contents.
-    await cbPromise((cb) => dispatchRead(node, a0, align, [buf.subarray(0, align)], 0, cb));
-    if (a1 - align > a0) await cbPromise((cb) => dispatchRead(node, a1 - align, align, [buf.subarray(a1 - a0 - align)], 0, cb));
+    const headEnd = Math.min(a0 + align, a1);
+    await cbPromise((cb) => dispatchRead(node, a0, headEnd - a0, [buf.subarray(0, headEnd - a0)], 0, cb));
+    const tail = Math.floor((a1 - 1) / align) * align;
+    if (tail >= headEnd) await cbPromise((cb) => dispatchRead(node, tail, a1 - tail, [buf.subarray(tail - a0)], 0, cb));
     copyIn(buf, offset - a0, iov, bytes);
     await cbPromise((cb) => dispatchWrite(node, a0, a1 - a0, [buf], flags | ReqFlags.SERIALISED, cb));
   } finally {

@@ -153,6 +153,7 @@ export function readv(e: BlockChild, offset: number, bytes: number, iov: IoVec, 
   const node = e.node;
   const bad = checkRange(node, offset, bytes, 'read');
   if (bad) return failLater(cb, bad);
+  if (bytes === 0) return void process.nextTick(cb, null); // nothing to transfer (iov may be empty)
   const align = node.limits.requestAlignment;
   if (align > 1 && (offset % align !== 0 || bytes % align !== 0)) {
     alignedReadv(node, offset, bytes, iov, flags, cb);
@@ -166,6 +167,7 @@ export function writev(e: BlockChild, offset: number, bytes: number, iov: IoVec,
   const node = e.node;
   const bad = checkWrite(e, 'write') ?? checkRange(node, offset, bytes, 'write');
   if (bad) return failLater(cb, bad);
+  if (bytes === 0) return void process.nextTick(cb, null); // nothing to transfer (iov may be empty)
   if (node.detectZeroes !== 'off' && !(flags & ReqFlags.SERIALISED) && isZeroIov(iov, bytes)) {
     const zf = node.detectZeroes === 'unmap' ? ReqFlags.MAY_UNMAP : 0;
     writeZeroes(e, offset, bytes, zf).then(() => cb(null), (err: BlockError) => cb(err));
@@ -177,7 +179,12 @@ export function writev(e: BlockChild, offset: number, bytes: number, iov: IoVec,
     return;
   }
   if (node.serialising.length && !(flags & ReqFlags.SERIALISED)) {
-    waitSerialising(node, offset, offset + bytes).then(() => dispatchWrite(node, offset, bytes, iov, flags, cb));
+    // The write is in flight while it waits (a drain must wait for it too).
+    node.inFlight++;
+    waitSerialising(node, offset, offset + bytes).then(() => {
+      node.inFlight--;
+      dispatchWrite(node, offset, bytes, iov, flags, cb);
+    });
     return;
   }
   dispatchWrite(node, offset, bytes, iov, flags, cb);
@@ -240,6 +247,27 @@ export async function flush(e: BlockChild): Promise<void> {
   });
 }
 
+/**
+ * Runs a driver write-zeroes or discard as a tracked write of [offset, end): it waits for
+ * overlapping read-modify-write cycles, and cycles starting meanwhile wait for it, so a
+ * cycle never writes back stale data over the range.
+ */
+async function asTrackedWrite(node: BlockNode, offset: number, end: number, fn: () => Promise<void>): Promise<void> {
+  if (node.serialising.length) await waitSerialising(node, offset, end);
+  const t: TrackedRange = { offset, end, waiters: null, prev: null, next: node.writeHead };
+  if (t.next) t.next.prev = t;
+  node.writeHead = t;
+  try {
+    await fn();
+  } finally {
+    if (t.prev) t.prev.next = t.next;
+    else node.writeHead = t.next;
+    if (t.next) t.next.prev = t.prev;
+    t.prev = t.next = null;
+    if (t.waiters) wake(t);
+  }
+}
+
 /** Discards (unmaps) a range; a no-op unless the node has discard=unmap. Context: any AioContext. */
 export async function discard(e: BlockChild, offset: number, bytes: number): Promise<void> {
   const node = e.node;
@@ -249,7 +277,7 @@ export async function discard(e: BlockChild, offset: number, bytes: number): Pro
   await tracked(node, true, async () => {
     node.stats.discardOps++;
     try {
-      await node.driver.discard!(node, offset, bytes);
+      await asTrackedWrite(node, offset, offset + bytes, () => node.driver.discard!(node, offset, bytes));
     } catch (err) {
       if (!(err instanceof BlockError && err.code === 'ENOTSUP')) throw err;
     }
@@ -264,11 +292,13 @@ export async function writeZeroes(e: BlockChild, offset: number, bytes: number, 
   const node = e.node;
   const bad = checkWrite(e, 'write-zeroes') ?? checkRange(node, offset, bytes, 'write-zeroes');
   if (bad) throw bad;
+  if (bytes === 0) return;
   if (!node.discardUnmap) flags &= ~ReqFlags.MAY_UNMAP;
   await tracked(node, true, async () => {
     if (node.driver.writeZeroes) {
       try {
-        await node.driver.writeZeroes(node, offset, bytes, flags);
+        const drv = node.driver;
+        await asTrackedWrite(node, offset, offset + bytes, () => drv.writeZeroes!(node, offset, bytes, flags));
         return;
       } catch (err) {
         if (!(err instanceof BlockError && err.code === 'ENOTSUP') || flags & ReqFlags.NO_FALLBACK) throw err;

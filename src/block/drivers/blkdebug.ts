@@ -104,7 +104,8 @@ function image(node: BlockNode): BlockChild {
 export const blkdebugDriver: BlockDriver = {
   format: 'blkdebug',
   isFilter: true,
-  optionKeys: ['image', 'inject-error', 'set-state', 'align', 'max-transfer', 'config'],
+  // 'file' too: the child is named 'file', so that is the key its description uses.
+  optionKeys: ['image', 'file', 'inject-error', 'set-state', 'align', 'max-transfer', 'config'],
 
   async open(node, o, ctx) {
     if (o['config'] !== undefined) throw new BlockError('ENOTSUP', "blkdebug: 'config' files are not supported; give rules as 'inject-error' and 'set-state'");

@@ -57,6 +57,8 @@ class FileReq {
   write = false;
   iov: IoVec = null!;
   bounce: Buffer | null = null;
+  /** FUA write: made stable (fdatasync) before it completes. */
+  fua = false;
   readonly done = (res: number): void => fileDone(this, res);
 }
 const pool: FileReq[] = [];
@@ -101,17 +103,26 @@ function fileDone(r: FileReq, res: number): void {
     s.engine.freeBuffer(r.bounce);
   }
   const cb = r.cb;
+  const node = r.node;
+  const fua = r.fua && !err && !s.noFlush;
+  const offset = r.offset;
   r.node = null!;
   r.cb = null!;
   r.iov = null!;
   r.bounce = null;
+  r.fua = false;
   pool.push(r);
+  if (fua) {
+    s.engine.fsync(s.fd, true, (res) => cb(res < 0 ? ioError(res, 'write', { node: node.name, path: s.path, offset }) : null));
+    return;
+  }
   cb(err);
 }
 
-function submit(node: BlockNode, write: boolean, offset: number, bytes: number, iov: IoVec, cb: IoCallback): void {
+function submit(node: BlockNode, write: boolean, offset: number, bytes: number, iov: IoVec, cb: IoCallback, fua = false): void {
   const s = stateOf<FileState>(node);
   const r = pool.pop() ?? new FileReq();
+  r.fua = fua;
   r.node = node;
   r.cb = cb;
   r.offset = offset;
@@ -180,8 +191,8 @@ export const fileDriver: BlockDriver = {
   readv(node, offset, bytes, iov, _flags, cb) {
     submit(node, false, offset, bytes, iov, cb);
   },
-  writev(node, offset, bytes, iov, _flags, cb) {
-    submit(node, true, offset, bytes, iov, cb);
+  writev(node, offset, bytes, iov, flags, cb) {
+    submit(node, true, offset, bytes, iov, cb, (flags & ReqFlags.FUA) !== 0);
   },
   async flush(node) {
     const s = stateOf<FileState>(node);
@@ -289,7 +300,8 @@ export const fileDriver: BlockDriver = {
   },
   describe(node) {
     const s = stateOf<FileState>(node);
-    return { filename: s.path, ...(s.locking ? {} : { locking: 'off' }) };
+    const aio = node.options['aio'];
+    return { filename: s.path, ...(aio !== undefined ? { aio } : {}), ...(s.locking ? {} : { locking: 'off' }) };
   },
   info(node) {
     return { 'engine': stateOf<FileState>(node).engine.kind };
