@@ -62,6 +62,13 @@ export function issue(r: PendingReq): void {
   const root = core.root;
   r.counted = root !== null;
   if (!root) return void process.nextTick(r.done, noMedium(core));
+  // The device sees the medium's length: even a growable node below must not grow through it.
+  const len = io.getLength(root);
+  if (r.offset + r.bytes > len && Number.isSafeInteger(r.offset + r.bytes)) {
+    r.counted = false;
+    const err = new BlockError('EINVAL', `${r.write ? 'write' : 'read'} on block device '${core.name}': request [${r.offset}, ${r.offset + r.bytes}) is past the end of the ${len}-byte medium`, { offset: r.offset, bytes: r.bytes });
+    return void process.nextTick(r.done, err);
+  }
   core.inFlight++;
   if (r.write) io.writev(root, r.offset, r.bytes, r.iov, r.flags, r.done);
   else io.readv(root, r.offset, r.bytes, r.iov, r.flags, r.done);

@@ -181,6 +181,24 @@ describe('error policy and iostatus', () => {
   });
 });
 
+describe('request range', () => {
+  it('a device on a growable file node cannot grow it by writing past the end', async () => {
+    const path = join(dir, 'grow.img');
+    writeFileSync(path, Buffer.alloc(8192));
+    const node = await openNode({ driver: 'file', filename: path });
+    const be = createBackend({ name: 'rg0' }, node);
+    unref(node);
+    const io = be.attachDevice({ id: 'rgdev' }, {});
+    const err = (await io.write(8192, Buffer.alloc(512, 1)).catch((e: BlockError) => e)) as BlockError;
+    expect(err.code).toBe('EINVAL');
+    expect(err.message).toMatch(/past the end of the 8192-byte medium/);
+    expect(readFileSync(path).length).toBe(8192);
+    await io.write(7680, Buffer.alloc(512, 1));
+    be.detachDevice(be.device!);
+    be.unref();
+  });
+});
+
 describe('write cache and resize', () => {
   it('with the write cache off every write is flushed before it completes', async () => {
     const { node } = await rawImage(0);

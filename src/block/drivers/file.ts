@@ -59,6 +59,10 @@ class FileReq {
   bounce: Buffer | null = null;
   /** FUA write: made stable (fdatasync) before it completes. */
   fua = false;
+  /** Bytes already transferred by earlier parts of a short transfer. */
+  progress = 0;
+  /** The vector handed to the engine (the bounce buffer or the caller's). */
+  vec: IoVec = null!;
   readonly done = (res: number): void => fileDone(this, res);
 }
 const pool: FileReq[] = [];
@@ -84,9 +88,31 @@ function zeroTail(iov: IoVec, from: number, bytes: number): void {
   }
 }
 
+/** The part of `iov` after its first `skip` bytes (rare path: short transfers). */
+function sliceIov(iov: IoVec, skip: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (const seg of iov) {
+    if (skip >= seg.length) skip -= seg.length;
+    else {
+      out.push(seg.subarray(skip));
+      skip = 0;
+    }
+  }
+  return out;
+}
+
 function fileDone(r: FileReq, res: number): void {
   const s = stateOf<FileState>(r.node);
   let err: BlockError | null = null;
+  if (res > 0 && r.progress + res < r.bytes && (r.write || r.offset + r.progress + res < s.length)) {
+    // A short transfer inside the file (a signal, a busy device): go on with the rest.
+    r.progress += res;
+    const rest = sliceIov(r.vec, r.progress);
+    if (r.write) s.engine.writev(s.fd, rest, r.offset + r.progress, r.done);
+    else s.engine.readv(s.fd, rest, r.offset + r.progress, r.done);
+    return;
+  }
+  if (res >= 0) res += r.progress;
   if (res < 0) {
     err = ioError(res, r.write ? 'write' : 'read', { node: r.node.name, path: s.path, offset: r.offset });
   } else if (res < r.bytes) {
@@ -110,6 +136,8 @@ function fileDone(r: FileReq, res: number): void {
   r.cb = null!;
   r.iov = null!;
   r.bounce = null;
+  r.vec = null!;
+  r.progress = 0;
   r.fua = false;
   pool.push(r);
   if (fua) {
@@ -135,6 +163,7 @@ function submit(node: BlockNode, write: boolean, offset: number, bytes: number, 
     if (write) copyIov(r.bounce, iov, bytes, false);
     vec = [r.bounce];
   }
+  r.vec = vec;
   if (write) s.engine.writev(s.fd, vec, offset, r.done);
   else s.engine.readv(s.fd, vec, offset, r.done);
 }
