@@ -1,6 +1,9 @@
 // Native engine benchmark: 4 KiB random reads from a page-cached 256 MiB file
 // at depth 1 and 64, for each engine kind, plus `qemu-img bench` when present.
-// Usage: node bench/engine-bench.mjs [seconds=3]
+// Usage: node bench/engine-bench.mjs [seconds=3] [--kinds=io_uring,threads] [--no-qemu]
+//          [--flags=N] (native EngineFlags bits: 1 = no fixed buffers)
+//          [--ab=N [--rounds=3]] (io_uring only: alternate flags=0 and flags=N, print
+//          medians and the median of paired ratios, for noisy machines)
 // The engine is TypeScript, so it is bundled with esbuild first (compile-free
 // for the rest of the repo); the bundle lives under build/ so the addon is
 // found from the package root.
@@ -11,7 +14,11 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const seconds = Number(process.argv[2] ?? 3);
+const args = process.argv.slice(2);
+const opt = (name) => args.find((a) => a.startsWith(`--${name}=`))?.split('=')[1];
+const seconds = Number(args.find((a) => !a.startsWith('--')) ?? 3);
+const nativeFlags = Number(opt('flags') ?? 0);
+const abFlags = opt('ab');
 const FILE_SIZE = 256 << 20;
 const BS = 4096;
 const BLOCKS = FILE_SIZE / BS;
@@ -53,6 +60,7 @@ function run(engine, depth, ms) {
     let stopping = false;
     let live = depth;
     const t0 = performance.now();
+    const cpu0 = process.cpuUsage();
     const deadline = t0 + ms;
     const slots = [];
     for (let i = 0; i < depth; i++) {
@@ -66,9 +74,11 @@ function run(engine, depth, ms) {
         if (stopping) {
           if (--live === 0) {
             const elapsed = (performance.now() - t0) / 1000;
+            const cpu = process.cpuUsage(cpu0);
+            const cpuNs = ((cpu.user + cpu.system) * 1000) / count; // CPU ns per request: steadier than wall time
             engine.close(fd);
             for (const s of slots) engine.freeBuffer(s[0]);
-            resolve({ rate: count / elapsed, errors });
+            resolve({ rate: count / elapsed, cpuNs, errors });
           }
           return;
         }
@@ -80,12 +90,43 @@ function run(engine, depth, ms) {
   });
 }
 
-const kinds = ['io_uring', 'threads'];
+if (abFlags !== undefined) {
+  // A/B on one machine state: alternate the two configurations, report medians.
+  const rounds = Number(opt('rounds') ?? 3);
+  const configs = [0, Number(abFlags)];
+  const rates = new Map(configs.map((f) => [f, { 1: [], 64: [], cpu1: [], cpu64: [] }]));
+  for (let round = 0; round < rounds; round++) {
+    for (const flags of configs) {
+      const engine = createEngine({ kind: 'io_uring', entries: 256, nativeFlags: flags });
+      await run(engine, 64, 200);
+      for (const depth of [1, 64]) {
+        const r = await run(engine, depth, seconds * 1000);
+        rates.get(flags)[depth].push(r.rate / 1e6);
+        rates.get(flags)[`cpu${depth}`].push(r.cpuNs);
+      }
+      engine.destroy();
+    }
+  }
+  const med = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
+  for (const flags of configs) {
+    const r = rates.get(flags);
+    console.log(`flags ${flags}: depth 1 ${med(r[1]).toFixed(3)} M req/s (${med(r.cpu1).toFixed(0)} cpu ns/req)` +
+      `  depth 64 ${med(r[64]).toFixed(3)} M req/s (${med(r.cpu64).toFixed(0)} cpu ns/req)`);
+  }
+  // Paired: each round's B/A ratio, so slow drifts of the machine cancel out.
+  const [a, b] = configs.map((f) => rates.get(f));
+  const ratio = (d) => med(a[d].map((x, i) => b[d][i] / x));
+  console.log(`flags ${configs[1]} / flags 0, median of paired ratios: depth 1 ${ratio(1).toFixed(3)}, depth 64 ${ratio(64).toFixed(3)}`);
+  rmSync(path, { force: true });
+  process.exit(0);
+}
+
+const kinds = (opt('kinds') ?? 'io_uring,threads').split(',');
 const results = [];
 for (const kind of kinds) {
   let engine;
   try {
-    engine = createEngine({ kind, entries: 256 });
+    engine = createEngine({ kind, entries: 256, nativeFlags });
   } catch (e) {
     console.log(`${kind}: unavailable (${e.message})`);
     continue;
@@ -95,15 +136,18 @@ for (const kind of kinds) {
     const before = engine.stats();
     const { rate, errors } = await run(engine, depth, seconds * 1000);
     const after = engine.stats();
-    const perBatch = (after.completed - before.completed) / Math.max(1, after.batches - before.batches);
+    const done = after.completed - before.completed;
+    const perBatch = done / Math.max(1, after.batches - before.batches);
+    const fixed = (after.fixedRequests ?? 0) - (before.fixedRequests ?? 0);
     console.log(`${kind.padEnd(8)} depth ${String(depth).padStart(2)}: ${(rate / 1e6).toFixed(3)} M req/s` +
-      `  (${perBatch.toFixed(1)} req/batch${errors ? `, ${errors} errors` : ''})`);
+      `  (${perBatch.toFixed(1)} req/batch${fixed ? `, ${Math.round((100 * fixed) / done)}% fixed` : ''}` +
+      `${errors ? `, ${errors} errors` : ''})`);
     results.push({ kind, depth, rate });
   }
   engine.destroy();
 }
 
-const qemu = spawnSync('sh', ['-c', 'command -v qemu-img'], { encoding: 'utf8' }).stdout.trim();
+const qemu = args.includes('--no-qemu') ? '' : spawnSync('sh', ['-c', 'command -v qemu-img'], { encoding: 'utf8' }).stdout.trim();
 if (qemu) {
   for (const aio of ['io_uring', 'threads']) {
     const n = 2_000_000;

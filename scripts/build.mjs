@@ -1,17 +1,23 @@
 // Bundles the CLI into dist/spindle.mjs (the package's bin). The native addon stays in
-// build/Release and is found at run time from the package root.
+// build/Release and is found at run time from the package root. The bundle is written
+// aside and renamed, so a test running meanwhile never sees half a file.
 import { build } from 'esbuild';
-import { chmodSync } from 'node:fs';
+import { chmodSync, renameSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const out = join(root, 'dist', 'spindle.mjs');
+const tmp = join(root, 'dist', `.spindle-${process.pid}.mjs`);
 await build({
-  entryPoints: ['src/cli/main.ts'],
+  entryPoints: [join(root, 'src/cli/main.ts')],
   bundle: true,
   platform: 'node',
   target: 'node20',
   format: 'esm',
-  outfile: 'dist/spindle.mjs',
+  outfile: tmp,
   banner: { js: "#!/usr/bin/env node\nimport { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
-  sourcemap: 'linked',
   logLevel: 'warning',
 });
-chmodSync('dist/spindle.mjs', 0o755);
+chmodSync(tmp, 0o755);
+renameSync(tmp, out);

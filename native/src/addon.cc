@@ -33,6 +33,9 @@ static Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   }
   memset(mem, 0, size);  // no stale heap contents visible to JS
   data->slabs.push_back({(uint8_t*)mem, size});
+  // Every live ring learns about the slab (fixed-buffer registration).
+  uint32_t id = (uint32_t)(data->slabs.size() - 1);
+  for (Backend* b : data->backends) b->AddSlab(id, data->slabs.back());
   // External: the memory is owned by AddonData, never by the ArrayBuffer.
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, mem, size);
   Napi::Array out = Napi::Array::New(env, 2);

@@ -51,6 +51,7 @@ struct Request {
   uint32_t len;
   const struct iovec* iov;
   int nseg;
+  int32_t slab;      // single segment: slab id of ptr, else -1
 };
 
 // ---- Slabs ------------------------------------------------------------------
@@ -62,8 +63,12 @@ struct Slab {
   size_t size;
 };
 
+class Backend;
 struct AddonData {
   std::vector<Slab> slabs;
+  // Live backends, told about every new slab (io_uring registers it as a
+  // fixed buffer).  Only touched on the env's JS thread.
+  std::vector<Backend*> backends;
   ~AddonData();
 };
 
@@ -82,11 +87,25 @@ class Backend {
   virtual int Reap(int32_t* out, int cap) = 0;
   // Block until `inflight` completions are reapable, then stop any threads.
   virtual void Shutdown(int inflight) = 0;
+  // A slab was allocated after the backend was created (ids are dense, never reused).
+  virtual void AddSlab(uint32_t id, const Slab& s) {}
+  // What the backend enabled, for tests and diagnostics (io_uring: setup
+  // flags, fixed-buffer table size; 0 when registration was refused).
+  virtual void Features(uint32_t* setup_flags, uint32_t* fixed_slots) const {
+    *setup_flags = 0;
+    *fixed_slots = 0;
+  }
   uint64_t enters = 0;
+  uint64_t fixed = 0;  // requests issued as READ_FIXED / WRITE_FIXED
+};
+
+// Engine creation options (bits of the `flags` argument from JS).
+enum EngineFlags : uint32_t {
+  kNoFixedBuffers = 1,  // never register slabs as fixed buffers
 };
 
 // Factories; on failure return nullptr and set *err to a positive errno.
-Backend* CreateUringBackend(unsigned entries, int* err);
+Backend* CreateUringBackend(unsigned entries, uint32_t flags, const std::vector<Slab>& slabs, int* err);
 Backend* CreatePoolBackend(unsigned entries, unsigned threads, int* err);
 
 // Executes one request synchronously with plain syscalls (thread pool).

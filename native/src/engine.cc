@@ -16,6 +16,8 @@
 namespace spindle {
 namespace {
 
+constexpr int kDrainRounds = 16;
+
 class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -24,10 +26,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
                         InstanceMethod<&NativeEngine::SubmitExternal>("submitExternal"),
                         InstanceMethod<&NativeEngine::Areas>("areas"),
                         InstanceMethod<&NativeEngine::Enters>("enters"),
+                        InstanceMethod<&NativeEngine::Features>("features"),
                         InstanceMethod<&NativeEngine::Destroy>("destroy")});
   }
 
-  // new NativeEngine(kind: 'io_uring'|'threads', entries, threads, onComplete)
+  // new NativeEngine(kind: 'io_uring'|'threads', entries, threads, onComplete, flags?)
+  // flags: EngineFlags bits (common.h).
   NativeEngine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeEngine>(info) {
     Napi::Env env = info.Env();
     data_ = env.GetInstanceData<AddonData>();
@@ -38,8 +42,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
       Napi::RangeError::New(env, "entries must be in [1, 32768]").ThrowAsJavaScriptException();
       return;
     }
+    uint32_t flags = info.Length() > 4 && info[4].IsNumber() ? info[4].As<Napi::Number>().Uint32Value() : 0;
     int err = 0;
-    backend_.reset(kind == "io_uring" ? CreateUringBackend(entries_, &err)
+    backend_.reset(kind == "io_uring" ? CreateUringBackend(entries_, flags, data_->slabs, &err)
                                       : CreatePoolBackend(entries_, threads, &err));
     if (!backend_) {
       Napi::Error e = Napi::Error::New(env, std::string(kind) + " engine: " + strerror(err));
@@ -47,6 +52,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
       e.ThrowAsJavaScriptException();
       return;
     }
+    data_->backends.push_back(backend_.get());
     callback_ = Napi::Persistent(info[3].As<Napi::Function>());
     async_ctx_.reset(new Napi::AsyncContext(env, "spindle:io"));
 
@@ -98,12 +104,14 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
       r.len = 0;
       r.mode = 0;
       r.flen = 0;
+      r.slab = -1;
       if ((uint32_t)r.id >= entries_) return Bad(env, "request id out of range");
       if (r.op == OP_READ || r.op == OP_WRITE) {
         uint32_t s = (uint32_t)d[kSlab], o = (uint32_t)d[kBufOff], l = (uint32_t)d[kLen];
         if (s >= slabs.size() || (uint64_t)o + l > slabs[s].size) return Bad(env, "bad slab ref");
         r.ptr = slabs[s].base + o;
         r.len = l;
+        r.slab = (int32_t)s;
       } else if (r.op == OP_READV || r.op == OP_WRITEV) {
         uint32_t first = (uint32_t)d[kSlab], n = (uint32_t)d[kBufOff];
         if ((uint64_t)first + n > iov_cap || n == 0 || n > IOV_MAX) return Bad(env, "bad iov ref");
@@ -137,6 +145,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::Env env = info.Env();
     if (!backend_) return Gone(env);
     Request r{};
+    r.slab = -1;
     r.op = info[0].As<Napi::Number>().Int32Value();
     r.id = info[1].As<Napi::Number>().Int32Value();
     r.fd = info[2].As<Napi::Number>().Int32Value();
@@ -178,6 +187,28 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     return Napi::Number::New(info.Env(), backend_ ? (double)backend_->enters : last_enters_);
   }
 
+  // features() -> [fixedRequests, setupFlags, fixedSlots]
+  Napi::Value Features(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint32_t setup = 0, slots = 0;
+    if (backend_) backend_->Features(&setup, &slots);
+    Napi::Array out = Napi::Array::New(env, 3);
+    out.Set(0u, Napi::Number::New(env, backend_ ? (double)backend_->fixed : last_fixed_));
+    out.Set(1u, Napi::Number::New(env, setup));
+    out.Set(2u, Napi::Number::New(env, slots));
+    return out;
+  }
+
+  void ForgetBackend() {
+    auto& v = data_->backends;
+    for (size_t i = 0; i < v.size(); i++) {
+      if (v[i] == backend_.get()) {
+        v.erase(v.begin() + i);
+        break;
+      }
+    }
+  }
+
   // destroy(): wait for in-flight I/O (so no buffer is touched afterwards),
   // stop the backend and return the outstanding completions as an Int32Array
   // of (id, result) pairs for the JS side to deliver.
@@ -196,7 +227,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     rest.resize(2 * (size_t)(inflight_ > 0 ? inflight_ : 0));
     if (!rest.empty()) rest.resize(2 * backend_->Reap(rest.data(), inflight_));
     last_enters_ = (double)backend_->enters;
+    last_fixed_ = (double)backend_->fixed;
     inflight_ = 0;
+    ForgetBackend();
     backend_.reset();
     if (poll_) {
       uv_close((uv_handle_t*)poll_, [](uv_handle_t* h) { delete (uv_poll_t*)h; });
@@ -218,6 +251,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     self->cleanup_ = nullptr;
     if (self->backend_) {
       self->backend_->Shutdown(self->inflight_);
+      self->ForgetBackend();
       self->backend_.reset();
     }
     if (!self->poll_) {
@@ -245,10 +279,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     (void)rd;
     Napi::Env env = Env();
     Napi::HandleScope scope(env);
-    // A few rounds per wakeup: completions that the callback's own
-    // submissions produce are picked up without another trip through epoll,
-    // yet the loop cannot starve timers and other handles.
-    for (int round = 0; round < 4 && backend_; round++) {
+    // Several rounds per wakeup: completions that the callback's own
+    // submissions produce (page-cache reads complete inside the submit) are
+    // picked up without another trip through epoll, yet the loop cannot
+    // starve timers and other handles.  16 rather than 4 rounds: +9% at
+    // depth 1, where each round is one request (~3 us); no change at depth 64.
+    for (int round = 0; round < kDrainRounds && backend_; round++) {
       int n = backend_->Reap(comp_, (int)entries_);
       if (n == 0) break;
       inflight_ -= n;
@@ -279,7 +315,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr;
   std::vector<std::vector<iovec>> iovs_;  // per request id, reused
   int inflight_ = 0;
-  double last_enters_ = 0;
+  double last_enters_ = 0, last_fixed_ = 0;
   uv_poll_t* poll_ = nullptr;
   napi_async_cleanup_hook_handle cleanup_ = nullptr;
 };

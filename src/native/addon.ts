@@ -17,6 +17,8 @@ export interface NativeEngineHandle {
   submitExternal(op: number, id: number, fd: number, offset: number, bufs: readonly Uint8Array[]): void;
   areas(): { sub: ArrayBuffer; iov: ArrayBuffer; comp: ArrayBuffer };
   enters(): number;
+  /** [fixedRequests, setupFlags, fixedSlots] */
+  features(): [number, number, number];
   /** Waits for in-flight I/O, stops the backend; returns outstanding (id, result) pairs. */
   destroy(): Int32Array;
 }
@@ -27,6 +29,8 @@ export interface NativeAddon {
     entries: number,
     threads: number,
     onComplete: NativeCompletion,
+    /** EngineFlags bits (native/src/common.h): 1 no fixed buffers. */
+    flags?: number,
   ) => NativeEngineHandle;
   allocSlab(size: number): [number, ArrayBuffer];
   open(path: string, write: boolean, create: boolean, direct: boolean, truncate: boolean): number;

@@ -7,51 +7,19 @@ import { constants } from 'node:os';
 import { native, type NativeEngineHandle } from './addon.js';
 import { check, EngineError } from './errors.js';
 import { allocBuffer, freeBuffer, slabIdOf } from './slab.js';
+import type {
+  EngineFeatures, EngineKind, EngineOptions, EngineStats, IoDone, IoEngine, OpenOptions,
+} from './engine-types.js';
 
 export { EngineError, errnoName } from './errors.js';
 export {
   allocatedBytes, blockSizeHint, fileSize, ftruncate, isBlockDevice, lockBytes, seekData, seekHole, testLock,
 } from './hostfacts.js';
 
-export type EngineKind = 'io_uring' | 'threads';
-export interface EngineOptions {
-  kind?: 'auto' | EngineKind;
-  /** Ring size and maximum requests in flight (more are queued in JS); default 256. */
-  entries?: number;
-  /** Worker threads of the 'threads' engine; default 4. */
-  threads?: number;
-}
-/** result >= 0: bytes transferred (or 0 for fsync/fallocate); result < 0: -errno. */
-export type IoDone = (result: number) => void;
-export interface OpenOptions { write: boolean; create?: boolean; direct?: boolean; truncate?: boolean }
-export interface EngineStats { submitted: number; completed: number; batches: number; enters: number; fallbackRequests: number }
-
-export interface IoEngine {
-  readonly kind: EngineKind;
-  open(path: string, opts: OpenOptions): number;
-  close(fd: number): void;
-  readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void;
-  writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void;
-  fsync(fd: number, datasync: boolean, done: IoDone): void;
-  /** mode: FALLOC_FL_* bits (see FALLOC). */
-  fallocate(fd: number, mode: number, offset: number, len: number, done: IoDone): void;
-  allocBuffer(size: number, align?: number): Buffer;
-  freeBuffer(buf: Buffer): void;
-  /**
-   * True when every segment is slab memory whose address and length are
-   * multiples of `align` (what O_DIRECT needs).  Memory outside the slabs has
-   * an unknown address, so it reports false and callers bounce it.
-   */
-  isAligned(iov: readonly Uint8Array[], align: number): boolean;
-  stats(): EngineStats;
-  /** Resolves when nothing is in flight or queued. */
-  idle(): Promise<void>;
-  inFlight(): number;
-  /** Waits for in-flight I/O, then stops the ring or threads; their callbacks still run (from a microtask). */
-  destroy(): void;
-}
-
-export const FALLOC = { KEEP_SIZE: 1, PUNCH_HOLE: 2, ZERO_RANGE: 0x10 } as const;
+export { FALLOC } from './engine-types.js';
+export type {
+  EngineFeatures, EngineKind, EngineOptions, EngineStats, IoDone, IoEngine, OpenOptions,
+} from './engine-types.js';
 
 // Descriptor layout, shared with native/src/common.h.
 const OP_READ = 1, OP_WRITE = 2, OP_READV = 3, OP_WRITEV = 4;
@@ -91,9 +59,9 @@ class Engine implements IoEngine {
   private nFallback = 0;
   private readonly flushFn = (): void => this.flush();
 
-  constructor(readonly kind: EngineKind, entries: number, threads: number) {
+  constructor(readonly kind: EngineKind, entries: number, threads: number, flags: number) {
     try {
-      this.h = new native.NativeEngine(kind, entries, threads, (n: number) => this.complete(n));
+      this.h = new native.NativeEngine(kind, entries, threads, (n: number) => this.complete(n), flags);
     } catch (e) {
       const errno = (e as { errno?: number }).errno;
       if (typeof errno === 'number') throw new EngineError(errno, (e as Error).message);
@@ -158,8 +126,13 @@ class Engine implements IoEngine {
   stats(): EngineStats {
     return {
       submitted: this.nSubmitted, completed: this.nCompleted, batches: this.nBatches,
-      enters: this.h.enters(), fallbackRequests: this.nFallback,
+      enters: this.h.enters(), fallbackRequests: this.nFallback, fixedRequests: this.h.features()[0],
     };
+  }
+
+  features(): EngineFeatures {
+    const f = this.h.features();
+    return { setupFlags: f[1], fixedSlots: f[2] };
   }
 
   inFlight(): number {
@@ -375,14 +348,31 @@ export function createEngine(opts?: EngineOptions): IoEngine {
   if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
     throw new RangeError(`threads must be an integer in [1, 256], got ${threads}`);
   }
+  const flags = nativeFlags(opts);
   const kind = chooseKind(opts);
-  if (kind !== 'auto') return new Engine(kind, entries, threads);
+  if (kind !== 'auto') return new Engine(kind, entries, threads, flags);
   try {
-    return new Engine('io_uring', entries, threads);
+    return new Engine('io_uring', entries, threads, flags);
   } catch (e) {
     if (!(e instanceof EngineError)) throw e;
-    return new Engine('threads', entries, threads);
+    return new Engine('threads', entries, threads, flags);
   }
+}
+
+// EngineFlags in native/src/common.h.
+const NO_FIXED_BUFFERS = 1;
+
+function nativeFlags(opts?: EngineOptions): number {
+  let flags = opts?.nativeFlags ?? 0;
+  const fixed = opts?.fixedBuffers ?? process.env.SPINDLE_NO_FIXED_BUFFERS !== '1';
+  if (!fixed) flags |= NO_FIXED_BUFFERS;
+  return flags;
+}
+
+/** What an engine's backend enabled (diagnostics and tests). */
+export function engineFeatures(e: IoEngine): EngineFeatures {
+  if (!(e instanceof Engine)) throw new TypeError('not a native engine');
+  return e.features();
 }
 
 let defaultEngine: Engine | undefined;

@@ -1,10 +1,9 @@
 // Shared helpers for the CLI suites: a built bundle, running it and qemu-img, temp dirs.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
 
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const bundle = join(root, 'dist', 'spindle.mjs');
@@ -18,24 +17,11 @@ function newestMtime(dir: string): number {
   return t;
 }
 
-/**
- * Rebuilds dist/spindle.mjs when src/ is newer (`npm test` has already built it). The
- * bundle is written aside and renamed, so suites running in parallel never see half a file.
- */
+/** Rebuilds dist/spindle.mjs when src/ is newer (`npm test` has already built it). */
 export async function ensureBuilt(): Promise<void> {
   if (existsSync(bundle) && statSync(bundle).mtimeMs >= newestMtime(join(root, 'src'))) return;
-  const tmp = join(root, 'dist', `.spindle-${process.pid}.mjs`);
-  await build({
-    entryPoints: [join(root, 'src/cli/main.ts')],
-    bundle: true,
-    platform: 'node',
-    target: 'node20',
-    format: 'esm',
-    outfile: tmp,
-    banner: { js: "#!/usr/bin/env node\nimport { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
-    logLevel: 'warning',
-  });
-  renameSync(tmp, bundle);
+  const r = spawnSync(process.execPath, [join(root, 'scripts', 'build.mjs')], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`building the CLI failed: ${r.stderr}`);
 }
 
 export interface Run {
