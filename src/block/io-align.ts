@@ -32,7 +32,8 @@ export async function waitSerialising(node: BlockNode, offset: number, end: numb
   }
 }
 
-async function waitWrites(node: BlockNode, offset: number, end: number): Promise<void> {
+/** Waits until no write overlapping [offset, end) is in flight. */
+export async function waitWrites(node: BlockNode, offset: number, end: number): Promise<void> {
   for (;;) {
     let t = node.writeHead;
     while (t && !overlaps(t, offset, end)) t = t.next;

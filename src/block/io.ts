@@ -10,7 +10,7 @@
 import { enterIo, leaveIo } from './context.js';
 import { drainWaiting, pollDrains } from './drain.js';
 import { BlockError, ioError } from './error.js';
-import { alignedReadv, alignedWritev, waitSerialising } from './io-align.js';
+import { alignedReadv, alignedWritev, waitSerialising, waitWrites } from './io-align.js';
 import type { BlockChild, BlockNode, TrackedRange } from './node.js';
 import { Perm, ReqFlags, type BlockStatus, type IoCallback, type IoVec } from './types.js';
 
@@ -248,23 +248,20 @@ export async function flush(e: BlockChild): Promise<void> {
 }
 
 /**
- * Runs a driver write-zeroes or discard as a tracked write of [offset, end): it waits for
- * overlapping read-modify-write cycles, and cycles starting meanwhile wait for it, so a
- * cycle never writes back stale data over the range.
+ * Runs a driver write-zeroes or discard over [offset, end) serialised against overlapping
+ * writes: it waits for those in flight, and writes arriving meanwhile wait for it. A format
+ * may then free or remap clusters without a write still landing in them.
  */
 async function asTrackedWrite(node: BlockNode, offset: number, end: number, fn: () => Promise<void>): Promise<void> {
-  if (node.serialising.length) await waitSerialising(node, offset, end);
-  const t: TrackedRange = { offset, end, waiters: null, prev: null, next: node.writeHead };
-  if (t.next) t.next.prev = t;
-  node.writeHead = t;
+  const me: TrackedRange = { offset, end, waiters: null, prev: null, next: null };
+  node.serialising.push(me);
   try {
+    await waitSerialising(node, offset, end, me);
+    await waitWrites(node, offset, end);
     await fn();
   } finally {
-    if (t.prev) t.prev.next = t.next;
-    else node.writeHead = t.next;
-    if (t.next) t.next.prev = t.prev;
-    t.prev = t.next = null;
-    if (t.waiters) wake(t);
+    node.serialising.splice(node.serialising.indexOf(me), 1);
+    if (me.waiters) wake(me);
   }
 }
 

@@ -6,6 +6,7 @@ import type { BlockDriver } from '../types.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { fileDriver } from './file.js';
 import { nullDriver } from './null.js';
+import { qcow2Driver } from './qcow2/driver.js';
 import { rawDriver } from './raw.js';
 
 const drivers = new Map<string, BlockDriver>();
@@ -25,4 +26,4 @@ export function driverNames(): string[] {
   return [...drivers.keys()].sort();
 }
 
-for (const d of [fileDriver, rawDriver, nullDriver, blkdebugDriver]) registerDriver(d);
+for (const d of [fileDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver]) registerDriver(d);

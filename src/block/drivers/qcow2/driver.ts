@@ -1,0 +1,212 @@
+/**
+ * The qcow2 driver table: open (header checks, tables, backing file), resize, reopen,
+ * permissions and description. Reads and writes are in read.ts/write.ts, discard and
+ * status in ops.ts, allocation in refcount.ts.
+ */
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { BlockError } from '../../error.js';
+import * as io from '../../io.js';
+import type { BlockNode } from '../../node.js';
+import { backingChildPerms, defaultChildPerms } from '../../perms.js';
+import { ChildRole, Perm, type BlockDriver, type NodeOptions } from '../../types.js';
+import { warn } from '../../warn.js';
+
+import {
+  COMPAT, EXT_CRYPTO, EXT_DATA_FILE, geometry, INCOMPAT, l1EntriesFor, parseHeader, unknownIncompatible, type Qcow2Header,
+} from './format.js';
+import { L2Cache } from './l2-cache.js';
+import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
+import { qcow2Readv } from './read.js';
+import { Refcounts } from './refcount.js';
+import { Mutex, qstate, type Qcow2State } from './state.js';
+import { qcow2Writev } from './write.js';
+
+const MAX_L1_BYTES = 32 << 20;
+const MAX_REFTABLE_BYTES = 8 << 20;
+
+function bad(node: BlockNode, msg: string): BlockError {
+  return new BlockError('EINVAL', `Could not open qcow2 image '${node.name}': ${msg}`, { node: node.name });
+}
+
+function checkHeader(node: BlockNode, h: Qcow2Header, fileLen: number): void {
+  const unknown = unknownIncompatible(h);
+  if (unknown.length) throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': unsupported qcow2 feature(s): ${unknown.join(', ')}`, { node: node.name });
+  if (h.cryptMethod !== 0 || h.extensions.some((e) => e.type === EXT_CRYPTO)) {
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': encrypted images are not supported`, { node: node.name });
+  }
+  if (h.incompatible & INCOMPAT.DATA_FILE || h.extensions.some((e) => e.type === EXT_DATA_FILE)) {
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': external data files are not supported`, { node: node.name });
+  }
+  if (h.incompatible & INCOMPAT.COMPRESSION && h.compressionType !== 0) {
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': compression type ${h.compressionType} (zstd) is not supported`, { node: node.name });
+  }
+  if (h.version === 2 && h.refcountOrder !== 4) throw bad(node, 'version 2 images must have 16-bit refcounts');
+  const g = geometry(h);
+  const cs = g.clusterSize;
+  if (h.size > Number.MAX_SAFE_INTEGER / 2) throw bad(node, `virtual size ${h.size} is too large`);
+  if (h.l1Size * 8 > MAX_L1_BYTES) throw bad(node, `L1 table of ${h.l1Size} entries is too large`);
+  if (h.l1Size < l1EntriesFor(h.size, g)) throw bad(node, `L1 table of ${h.l1Size} entries is too small for ${h.size} bytes`);
+  if (h.l1TableOffset % cs || (h.l1Size && h.l1TableOffset === 0)) throw bad(node, `L1 table offset ${h.l1TableOffset} is invalid`);
+  if (h.l1TableOffset + h.l1Size * 8 > fileLen) throw bad(node, `L1 table lies past the end of the file`);
+  if (h.refcountTableOffset % cs || h.refcountTableOffset === 0) throw bad(node, `refcount table offset ${h.refcountTableOffset} is invalid`);
+  if (h.refcountTableClusters === 0 || h.refcountTableClusters * cs > MAX_REFTABLE_BYTES) {
+    throw bad(node, `refcount table of ${h.refcountTableClusters} clusters is invalid`);
+  }
+  if (h.refcountTableOffset + h.refcountTableClusters * cs > fileLen) throw bad(node, 'refcount table lies past the end of the file');
+  if (h.nbSnapshots && h.snapshotsOffset % cs) throw bad(node, `snapshot table offset ${h.snapshotsOffset} is invalid`);
+}
+
+/** Writes bytes into the header (cluster 0). */
+async function writeHeaderField(s: Qcow2State, offset: number, buf: Buffer): Promise<void> {
+  await io.write(s.file, offset, buf);
+}
+
+/** Options of the backing node: what the user gave, or what the header names. */
+function backingOptions(node: BlockNode, o: NodeOptions, h: Qcow2Header): NodeOptions | string | null {
+  const given = o['backing'];
+  if (given === null) return null;
+  if (given !== undefined) return given as NodeOptions | string;
+  if (!h.backingFile) return null;
+  const fileOpts = node.file!.node.options;
+  const base = typeof fileOpts['filename'] === 'string' ? dirname(fileOpts['filename']) : process.cwd();
+  const path = isAbsolute(h.backingFile) ? h.backingFile : resolve(base, h.backingFile);
+  const fmt = h.backingFormat;
+  if (!fmt) {
+    throw new BlockError('EINVAL', `Could not open qcow2 image '${node.name}': its backing file '${h.backingFile}' has no recorded format, and Spindle does not guess raw; name it with backing.driver (or record it: spindle img rebase -u -F FMT)`, { node: node.name });
+  }
+  return { driver: fmt, file: { driver: 'file', filename: path } };
+}
+
+export const qcow2Driver: BlockDriver = {
+  format: 'qcow2',
+  supportsBacking: true,
+  optionKeys: ['file', 'backing', 'l2-cache-size'],
+
+  async open(node, o, ctx) {
+    const file = (await ctx.openChild(node, o['file'] as never, 'file', ChildRole.DATA | ChildRole.METADATA | ChildRole.PRIMARY))!;
+    const fileLen = io.getLength(file);
+    const first = Buffer.alloc(Math.min(fileLen, 4096));
+    await io.read(file, 0, first);
+    let h = parseHeader(first);
+    const cs = 2 ** h.clusterBits;
+    if (cs > first.length && fileLen > first.length) {
+      const whole = Buffer.alloc(Math.min(cs, fileLen));
+      await io.read(file, 0, whole);
+      h = parseHeader(whole);
+    }
+    checkHeader(node, h, fileLen);
+    const g = geometry(h);
+    let readOnly = node.readOnly;
+    if (h.incompatible & INCOMPAT.CORRUPT && !readOnly) {
+      warn(`qcow2 image '${node.name}' is marked corrupt; opening it read-only (repair it with 'qemu-img check -r all')`);
+      node.readOnly = readOnly = true;
+    }
+    if (h.incompatible & INCOMPAT.DIRTY && !readOnly) {
+      throw new BlockError('EINVAL', `Could not open qcow2 image '${node.name}' read-write: it is dirty (not closed cleanly with lazy refcounts); repair it with 'qemu-img check -r all' first`, { node: node.name });
+    }
+    const l1 = Buffer.alloc(h.l1Size * 8);
+    if (h.l1Size) await io.read(file, h.l1TableOffset, l1);
+    const reftable = Buffer.alloc(h.refcountTableClusters * cs);
+    await io.read(file, h.refcountTableOffset, reftable);
+    const cacheTables = Math.max(4, Math.min(h.l1Size, Math.floor(Number(o['l2-cache-size'] ?? 32 << 20) / cs)));
+    const s: Qcow2State = {
+      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(),
+      l2: new L2Cache(file, cs, cacheTables),
+      refcounts: null!,
+    };
+    s.refcounts = new Refcounts(file, g, reftable, h.refcountTableOffset, {
+      async setRefcountTable(offset, clusters) {
+        const b = Buffer.alloc(12);
+        b.writeBigUInt64BE(BigInt(offset), 0);
+        b.writeUInt32BE(clusters, 8);
+        await writeHeaderField(s, 48, b);
+        h.refcountTableOffset = offset;
+        h.refcountTableClusters = clusters;
+      },
+    }, node.name);
+    node.opaque = s;
+    const bopts = backingOptions(node, o, h);
+    if (bopts !== null) await ctx.openChild(node, bopts, 'backing', ChildRole.COW);
+  },
+  getLength: (node) => qstate(node).header.size,
+  childPerms(node, child, perm, shared) {
+    if (child.role & ChildRole.COW) return backingChildPerms(perm, shared);
+    const p = defaultChildPerms(perm, shared, true);
+    p.perm |= Perm.CONSISTENT_READ;
+    // Metadata changes need write and resize on the file even if no parent writes yet.
+    if (!node.readOnly) p.perm |= Perm.WRITE | Perm.RESIZE;
+    p.shared &= ~(Perm.WRITE | Perm.RESIZE);
+    return p;
+  },
+  readv: qcow2Readv,
+  writev: qcow2Writev,
+  discard: qcow2Discard,
+  writeZeroes: qcow2WriteZeroes,
+  blockStatus: qcow2BlockStatus,
+
+  async truncate(node, length) {
+    const s = qstate(node);
+    const h = s.header;
+    if (length < h.size) throw new BlockError('ENOTSUP', `qcow2 '${node.name}': shrinking is not supported`, { node: node.name });
+    await s.lock.run(async () => {
+      const need = l1EntriesFor(length, s.geo);
+      if (need > h.l1Size) {
+        const cs = s.geo.clusterSize;
+        const clusters = Math.ceil((need * 8) / cs);
+        const host = await s.refcounts.alloc(clusters);
+        const l1 = Buffer.alloc(clusters * cs);
+        s.l1.copy(l1);
+        await io.write(s.file, host, l1);
+        await io.flush(s.file);
+        const b = Buffer.alloc(12);
+        b.writeUInt32BE(need, 0);
+        b.writeBigUInt64BE(BigInt(host), 4);
+        await writeHeaderField(s, 36, b);
+        const oldOffset = h.l1TableOffset;
+        const oldClusters = Math.ceil((h.l1Size * 8) / cs);
+        h.l1Size = need;
+        h.l1TableOffset = host;
+        s.l1 = l1.subarray(0, need * 8);
+        if (oldClusters) await s.refcounts.free(oldOffset, oldClusters);
+      }
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(length));
+      await writeHeaderField(s, 24, b);
+      h.size = length;
+    });
+  },
+  reopen: {
+    prepare(st) {
+      const s = qstate(st.node);
+      if (!st.readOnly && s.header.incompatible & (INCOMPAT.CORRUPT | INCOMPAT.DIRTY)) {
+        throw new BlockError('EPERM', `qcow2 image '${st.node.name}' is marked corrupt or dirty and cannot be made writable`, { node: st.node.name });
+      }
+    },
+    commit(st) {
+      qstate(st.node).readOnly = st.readOnly;
+    },
+    abort() {},
+  },
+  describe(node) {
+    const s = qstate(node);
+    return !node.backing && s.header.backingFile ? { backing: null } : {};
+  },
+  info(node) {
+    const h = qstate(node).header;
+    return {
+      'cluster-size': 2 ** h.clusterBits,
+      'format-specific': {
+        type: 'qcow2',
+        data: {
+          compat: h.version === 3 ? '1.1' : '0.10',
+          ...(h.version === 3 ? { 'compression-type': 'zlib', 'lazy-refcounts': (h.compatible & COMPAT.LAZY_REFCOUNTS) !== 0n } : {}),
+          'refcount-bits': 2 ** h.refcountOrder,
+          corrupt: (h.incompatible & INCOMPAT.CORRUPT) !== 0n,
+          'extended-l2': (h.incompatible & INCOMPAT.EXTL2) !== 0n,
+        },
+      },
+    };
+  },
+};
+
+

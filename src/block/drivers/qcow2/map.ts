@@ -1,0 +1,108 @@
+/**
+ * Guest-to-host mapping: L1 -> L2 -> cluster, with the entry's kind.
+ */
+import { BlockError } from '../../error.js';
+import { compressedLocation, entryCompressed, entryCopied, entryOffset, entryZeroFlag, l2ReservedBits, subclusterBitmaps } from './entries.js';
+import type { Qcow2State } from './state.js';
+
+export const KIND_UNALLOCATED = 0;
+export const KIND_ZERO = 1;
+export const KIND_NORMAL = 2;
+export const KIND_COMPRESSED = 3;
+
+export interface Mapping {
+  kind: number;
+  /** Host offset of the cluster (Normal, or a Zero cluster that keeps its allocation). */
+  host: number;
+  copied: boolean;
+  /** Compressed data length to read from `host`. */
+  compressedBytes: number;
+  /** Extended L2 only: allocation and zero bitmaps (bit i = subcluster i). */
+  alloc: number;
+  zero: number;
+  /** Where the entry lives (0 if no L2 table yet). */
+  l2Offset: number;
+  l2Index: number;
+  l1Index: number;
+}
+
+export function corruptError(s: Qcow2State, msg: string): BlockError {
+  s.corrupt = true;
+  return new BlockError('EIO', `qcow2 image is corrupt: ${msg}`, { op: 'qcow2' });
+}
+
+/** Decodes the L2 entry at `index` of `table`. */
+export function decode(s: Qcow2State, table: Buffer, index: number, m: Mapping): Mapping {
+  const pos = index * s.geo.l2EntrySize;
+  m.alloc = 0;
+  m.zero = 0;
+  m.compressedBytes = 0;
+  if (entryCompressed(table, pos)) {
+    const loc = compressedLocation(table, pos, s.geo.clusterBits);
+    m.kind = KIND_COMPRESSED;
+    m.host = loc.offset;
+    m.compressedBytes = loc.bytes;
+    m.copied = false;
+    return m;
+  }
+  if (l2ReservedBits(table, pos)) throw corruptError(s, `L2 entry ${index} of the table at ${m.l2Offset} has reserved bits set`);
+  m.host = entryOffset(table, pos);
+  m.copied = entryCopied(table, pos);
+  if (m.host % s.geo.clusterSize) throw corruptError(s, `cluster offset ${m.host} in the L2 table at ${m.l2Offset} is not aligned`);
+  if (s.geo.l2EntrySize === 16) {
+    const bm = subclusterBitmaps(table, pos);
+    m.alloc = bm.alloc;
+    m.zero = bm.zero;
+    if (bm.alloc & bm.zero) throw corruptError(s, `subcluster both allocated and zero in the L2 table at ${m.l2Offset}`);
+    m.kind = m.host ? KIND_NORMAL : m.zero ? KIND_ZERO : KIND_UNALLOCATED;
+    return m;
+  }
+  if (entryZeroFlag(table, pos)) m.kind = KIND_ZERO;
+  else m.kind = m.host ? KIND_NORMAL : KIND_UNALLOCATED;
+  return m;
+}
+
+export function newMapping(): Mapping {
+  return { kind: 0, host: 0, copied: false, compressedBytes: 0, alloc: 0, zero: 0, l2Offset: 0, l2Index: 0, l1Index: 0 };
+}
+
+/** Looks up the mapping of the cluster holding guest offset `guest`. */
+export async function lookup(s: Qcow2State, guest: number, m: Mapping = newMapping()): Promise<Mapping> {
+  const g = s.geo;
+  const cluster = Math.floor(guest / g.clusterSize);
+  m.l1Index = Math.floor(cluster / g.l2Size);
+  m.l2Index = cluster % g.l2Size;
+  m.l2Offset = 0;
+  if (m.l1Index >= s.l1.length / 8) throw corruptError(s, `guest offset ${guest} is beyond the L1 table`);
+  const l2Offset = entryOffset(s.l1, m.l1Index * 8);
+  if (!l2Offset) {
+    m.kind = KIND_UNALLOCATED;
+    m.host = 0;
+    m.copied = false;
+    m.alloc = m.zero = 0;
+    return m;
+  }
+  if (l2Offset % g.clusterSize) throw corruptError(s, `L2 table offset ${l2Offset} is not cluster aligned`);
+  m.l2Offset = l2Offset;
+  return decode(s, await s.l2.get(l2Offset), m.l2Index, m);
+}
+
+/** The mapping from cache only, or null if the L2 table is not cached (fast path). */
+export function lookupCached(s: Qcow2State, guest: number, m: Mapping): Mapping | null {
+  const g = s.geo;
+  const cluster = Math.floor(guest / g.clusterSize);
+  const l1Index = Math.floor(cluster / g.l2Size);
+  if (l1Index >= s.l1.length / 8) return null;
+  const l2Offset = entryOffset(s.l1, l1Index * 8);
+  if (!l2Offset) return null;
+  const table = s.l2.peek(l2Offset);
+  if (!table) return null;
+  m.l1Index = l1Index;
+  m.l2Index = cluster % g.l2Size;
+  m.l2Offset = l2Offset;
+  try {
+    return decode(s, table, m.l2Index, m);
+  } catch {
+    return null;
+  }
+}

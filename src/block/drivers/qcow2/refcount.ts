@@ -1,0 +1,254 @@
+/**
+ * Refcounts: the refcount table, its blocks (cached), and cluster allocation.
+ *
+ * Every change is written through, in an order that survives a crash at any write: a
+ * cluster's refcount is raised (and written) before anything points at it, and lowered
+ * only after nothing on disk points at it any more; a new refcount block is written before
+ * the table entry that links it, and a new table before the header that names it. A crash
+ * in between leaves leaked clusters at worst, never a reference to a free cluster.
+ */
+import { BlockError } from '../../error.js';
+import * as io from '../../io.js';
+import type { BlockChild } from '../../node.js';
+import { entryOffset, writeEntry } from './entries.js';
+import type { Geometry } from './format.js';
+
+export function rcGet(block: Buffer, i: number, bits: number): number {
+  if (bits >= 8) {
+    const bytes = bits / 8;
+    const o = i * bytes;
+    if (bytes === 1) return block[o]!;
+    if (bytes === 2) return block.readUInt16BE(o);
+    if (bytes === 4) return block.readUInt32BE(o);
+    return Number(block.readBigUInt64BE(o));
+  }
+  const per = 8 / bits;
+  return (block[Math.floor(i / per)]! >> ((i % per) * bits)) & ((1 << bits) - 1);
+}
+
+export function rcSet(block: Buffer, i: number, bits: number, v: number): void {
+  if (bits >= 8) {
+    const bytes = bits / 8;
+    const o = i * bytes;
+    if (bytes === 1) block[o] = v;
+    else if (bytes === 2) block.writeUInt16BE(v, o);
+    else if (bytes === 4) block.writeUInt32BE(v, o);
+    else block.writeBigUInt64BE(BigInt(v), o);
+    return;
+  }
+  const per = 8 / bits;
+  const shift = (i % per) * bits;
+  const mask = ((1 << bits) - 1) << shift;
+  const b = Math.floor(i / per);
+  block[b] = (block[b]! & ~mask) | ((v << shift) & mask);
+}
+
+/** Byte range of a block that holds entries [first, last]. */
+function byteSpan(first: number, last: number, bits: number): [number, number] {
+  return [Math.floor((first * bits) / 8), Math.ceil(((last + 1) * bits) / 8)];
+}
+
+export interface HeaderSink {
+  /** Writes the refcount table offset and cluster count into the header. */
+  setRefcountTable(offset: number, clusters: number): Promise<void>;
+}
+
+export class Refcounts {
+  table: Buffer;
+  tableOffset: number;
+  private readonly blocks = new Map<number, Buffer>();
+  /** Lowest cluster index that may be free. */
+  freeHint = 0;
+  readonly maxRefcount: number;
+
+  constructor(
+    private readonly file: BlockChild,
+    private readonly geo: Geometry,
+    table: Buffer,
+    tableOffset: number,
+    private readonly header: HeaderSink,
+    private readonly nodeName: string,
+  ) {
+    this.table = table;
+    this.tableOffset = tableOffset;
+    this.maxRefcount = geo.refcountBits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** geo.refcountBits - 1;
+  }
+
+  get tableEntries(): number {
+    return this.table.length / 8;
+  }
+
+  private corrupt(msg: string): BlockError {
+    return new BlockError('EIO', `qcow2 '${this.nodeName}': ${msg}`, { node: this.nodeName });
+  }
+
+  private async loadBlock(off: number): Promise<Buffer> {
+    let b = this.blocks.get(off);
+    if (b) return b;
+    const cs = this.geo.clusterSize;
+    if (off % cs) throw this.corrupt(`refcount block offset ${off} is not cluster aligned`);
+    b = Buffer.alloc(cs);
+    await io.read(this.file, off, b);
+    if (this.blocks.size > 256) this.blocks.delete(this.blocks.keys().next().value!);
+    this.blocks.set(off, b);
+    return b;
+  }
+
+  /** The refcount of cluster `c` (clusters past the table count as free). */
+  async get(c: number): Promise<number> {
+    const ti = Math.floor(c / this.geo.rbEntries);
+    if (ti >= this.tableEntries) return 0;
+    const off = entryOffset(this.table, ti * 8);
+    if (!off) return 0;
+    return rcGet(await this.loadBlock(off), c % this.geo.rbEntries, this.geo.refcountBits);
+  }
+
+  /** Adds `delta` to the refcounts of clusters [c, c+n). The blocks must exist for raises. */
+  async update(c: number, n: number, delta: number): Promise<void> {
+    const rbE = this.geo.rbEntries;
+    const bits = this.geo.refcountBits;
+    for (let i = c; i < c + n; ) {
+      const ti = Math.floor(i / rbE);
+      const end = Math.min(c + n, (ti + 1) * rbE);
+      const off = ti < this.tableEntries ? entryOffset(this.table, ti * 8) : 0;
+      if (!off) {
+        if (delta > 0) throw this.corrupt(`no refcount block for cluster ${i}`);
+        throw this.corrupt(`freeing cluster ${i}, whose refcount is already 0`);
+      }
+      const blk = await this.loadBlock(off);
+      const first = i % rbE;
+      const last = end - 1 - ti * rbE;
+      for (let k = first; k <= last; k++) {
+        const v = rcGet(blk, k, bits) + delta;
+        if (v < 0) throw this.corrupt(`refcount of cluster ${ti * rbE + k} would drop below 0`);
+        if (v > this.maxRefcount) throw new BlockError('EINVAL', `qcow2 '${this.nodeName}': refcount of cluster ${ti * rbE + k} would overflow ${this.geo.refcountBits} bits`);
+        rcSet(blk, k, bits, v);
+        if (v === 0 && ti * rbE + k < this.freeHint) this.freeHint = ti * rbE + k;
+      }
+      const [b0, b1] = byteSpan(first, last, bits);
+      await io.write(this.file, off + b0, blk.subarray(b0, b1));
+      i = end;
+    }
+  }
+
+  /** First run of `n` free clusters at or after `from`. */
+  private async findFree(n: number, from: number): Promise<number> {
+    let start = from;
+    let run = 0;
+    for (let c = from; ; c++) {
+      if ((await this.get(c)) === 0) {
+        if (run === 0) start = c;
+        if (++run === n) return start;
+      } else run = 0;
+    }
+  }
+
+  /**
+   * Allocates `n` contiguous clusters: raises their refcounts to 1 (written) and returns
+   * the host offset of the first. Context: under the driver's allocation lock.
+   */
+  async alloc(n: number): Promise<number> {
+    const cs = this.geo.clusterSize;
+    for (;;) {
+      const c = await this.findFree(n, this.freeHint);
+      const missing = await this.firstMissingBlock(c, n);
+      if (missing < 0) {
+        await this.update(c, n, 1);
+        this.freeHint = c + n;
+        return c * cs;
+      }
+      await this.ensureBlock(missing);
+    }
+  }
+
+  /** Table index of the first refcount block missing for clusters [c, c+n), or -1. */
+  private async firstMissingBlock(c: number, n: number): Promise<number> {
+    const rbE = this.geo.rbEntries;
+    for (let ti = Math.floor(c / rbE); ti <= Math.floor((c + n - 1) / rbE); ti++) {
+      if (ti >= this.tableEntries || !entryOffset(this.table, ti * 8)) return ti;
+    }
+    return -1;
+  }
+
+  /** Creates the refcount block for table index `ti`. */
+  private async ensureBlock(ti: number): Promise<void> {
+    if (ti >= this.tableEntries) {
+      await this.growTable(ti);
+      return;
+    }
+    const rbE = this.geo.rbEntries;
+    const cs = this.geo.clusterSize;
+    const c = await this.findFree(1, this.freeHint);
+    const blk = Buffer.alloc(cs);
+    if (Math.floor(c / rbE) === ti) {
+      // The new block describes itself.
+      rcSet(blk, c % rbE, this.geo.refcountBits, 1);
+    } else {
+      const missing = await this.firstMissingBlock(c, 1);
+      if (missing >= 0) return this.ensureBlock(missing);
+      await this.update(c, 1, 1);
+    }
+    await io.write(this.file, c * cs, blk);
+    this.blocks.set(c * cs, blk);
+    const e = Buffer.alloc(8);
+    writeEntry(e, 0, c * cs, false);
+    await io.write(this.file, this.tableOffset + ti * 8, e);
+    e.copy(this.table, ti * 8);
+    if (c + 1 > this.freeHint) this.freeHint = c + 1;
+  }
+
+  /**
+   * Grows the refcount table to cover table index `need`: new blocks and the new table go
+   * past everything the old table covers, described by the new blocks themselves; the header
+   * switches to them in one write; then the old table's clusters are freed.
+   */
+  private async growTable(need: number): Promise<void> {
+    const rbE = this.geo.rbEntries;
+    const cs = this.geo.clusterSize;
+    const bits = this.geo.refcountBits;
+    const oldEntries = this.tableEntries;
+    const oldOffset = this.tableOffset;
+    const oldClusters = this.table.length / cs;
+    const fileEnd = Math.ceil(io.getLength(this.file) / cs);
+    const base = Math.max(oldEntries * rbE, fileEnd);
+    // Choose table and block counts so the new blocks cover the new metadata and `need`.
+    let entries = Math.max(need + 1, Math.ceil(oldEntries * 1.5));
+    let tClusters = 0;
+    let nBlocks = 0;
+    for (;;) {
+      tClusters = Math.ceil((entries * 8) / cs);
+      const end = base + tClusters + nBlocks;
+      const lastTi = Math.max(need, Math.floor((end - 1) / rbE));
+      const wantBlocks = lastTi + 1 - oldEntries;
+      if (lastTi + 1 > entries) { entries = lastTi + 1; continue; }
+      if (wantBlocks === nBlocks) break;
+      nBlocks = wantBlocks;
+    }
+    const tableStart = base;
+    const blocksStart = base + tClusters;
+    const newBlocks = Array.from({ length: nBlocks }, () => Buffer.alloc(cs));
+    for (let c = tableStart; c < blocksStart + nBlocks; c++) {
+      const ti = Math.floor(c / rbE);
+      rcSet(newBlocks[ti - oldEntries]!, c % rbE, bits, 1);
+    }
+    const table = Buffer.alloc(tClusters * cs);
+    this.table.copy(table, 0, 0, oldEntries * 8);
+    for (let k = 0; k < nBlocks; k++) {
+      writeEntry(table, (oldEntries + k) * 8, (blocksStart + k) * cs, false);
+      await io.write(this.file, (blocksStart + k) * cs, newBlocks[k]!);
+      this.blocks.set((blocksStart + k) * cs, newBlocks[k]!);
+    }
+    await io.write(this.file, tableStart * cs, table);
+    await io.flush(this.file);
+    await this.header.setRefcountTable(tableStart * cs, tClusters);
+    this.table = table;
+    this.tableOffset = tableStart * cs;
+    this.freeHint = Math.max(this.freeHint, blocksStart + nBlocks);
+    await this.update(oldOffset / cs, oldClusters, -1);
+  }
+
+  /** Frees clusters [offset, offset + n clusters). */
+  async free(offset: number, n: number): Promise<void> {
+    await this.update(offset / this.geo.clusterSize, n, -1);
+  }
+}

@@ -1,0 +1,176 @@
+/**
+ * qcow2 writes: in place where the cluster is ours (COPIED), else a new cluster.
+ *
+ * Allocation order, for a crash at any write: the new cluster's refcount (refcount.ts),
+ * then the cluster's data (with the old contents copied around a partial write), then the
+ * L2 entry (a new L2 table is written before the L1 entry that links it), and only then
+ * the old cluster's refcount drops. A crash leaves at most leaked clusters.
+ */
+import { BlockError } from '../../error.js';
+import * as io from '../../io.js';
+import type { BlockNode } from '../../node.js';
+import type { IoCallback, IoVec } from '../../types.js';
+import { entryCopied, entryOffset, writeEntry, writeSubclusterBitmaps } from './entries.js';
+import { KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
+import { readGeneral, subAllAlloc } from './read.js';
+import { qstate, type Qcow2State } from './state.js';
+
+const scratch = newMapping();
+
+function toBlockError(e: unknown, node: BlockNode): BlockError {
+  return e instanceof BlockError ? e : new BlockError('EIO', `qcow2 '${node.name}': ${String(e)}`, { node: node.name }, e);
+}
+
+/** Whether guest bytes [inC, inC+n) of mapping `m` may be overwritten where they are. */
+function inPlace(s: Qcow2State, m: Mapping, inC: number, n: number): boolean {
+  if (m.kind !== KIND_NORMAL || !m.copied || !entryCopied(s.l1, m.l1Index * 8)) return false;
+  if (s.geo.l2EntrySize === 8) return true;
+  return subAllAlloc(m, inC >> s.geo.subclusterBits, (inC + n - 1) >> s.geo.subclusterBits);
+}
+
+/** Driver writev: in-place writes to cached, owned clusters go straight to the file. */
+export function qcow2Writev(node: BlockNode, offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void {
+  const s = qstate(node);
+  if (s.corrupt) return void process.nextTick(cb, new BlockError('EIO', `qcow2 '${node.name}' is marked corrupt; no further writes`, { node: node.name }));
+  const cs = s.geo.clusterSize;
+  const inC = offset % cs;
+  if (inC + bytes <= cs) {
+    const m = lookupCached(s, offset, scratch);
+    if (m && inPlace(s, m, inC, bytes)) {
+      io.writev(s.file, m.host + inC, bytes, iov, flags, cb);
+      return;
+    }
+  }
+  writeGeneral(node, offset, bytes, iov).then(() => cb(null), (e: unknown) => cb(toBlockError(e, node)));
+}
+
+function gather(iov: IoVec, bytes: number): Buffer {
+  if (iov.length === 1 && iov[0]!.length >= bytes) return Buffer.from(iov[0]!.buffer, iov[0]!.byteOffset, bytes);
+  const b = Buffer.alloc(bytes);
+  let o = 0;
+  for (const seg of iov) {
+    const n = Math.min(seg.length, bytes - o);
+    b.set(seg.subarray(0, n), o);
+    o += n;
+    if (o >= bytes) break;
+  }
+  return b;
+}
+
+async function writeGeneral(node: BlockNode, offset: number, bytes: number, iov: IoVec): Promise<void> {
+  const s = qstate(node);
+  const cs = s.geo.clusterSize;
+  const data = gather(iov, bytes);
+  const m = newMapping();
+  for (let pos = 0; pos < bytes; ) {
+    const guest = offset + pos;
+    const inC = guest % cs;
+    const n = Math.min(bytes - pos, cs - inC);
+    const chunk = data.subarray(pos, pos + n);
+    await lookup(s, guest, m);
+    if (inPlace(s, m, inC, n)) await io.write(s.file, m.host + inC, chunk);
+    else await s.lock.run(() => allocWrite(node, s, guest, chunk));
+    pos += n;
+  }
+}
+
+/** Writes `data` (within one cluster) where the mapping does not allow an in-place write. */
+async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: Buffer): Promise<void> {
+  const cs = s.geo.clusterSize;
+  const inC = guest % cs;
+  const m = await lookup(s, guest);
+  if (inPlace(s, m, inC, data.length)) return io.write(s.file, m.host + inC, data);
+  const ext = s.geo.l2EntrySize === 16;
+  if (ext && m.kind === KIND_NORMAL && m.copied && entryCopied(s.l1, m.l1Index * 8)) {
+    return writeSubclusters(node, s, m, guest, data);
+  }
+  const clusterStart = guest - inC;
+  const reuse = m.kind === KIND_ZERO && m.host !== 0 && m.copied && !ext;
+  const host = reuse ? m.host : await s.refcounts.alloc(1);
+  let buf = data;
+  if (data.length < cs) {
+    // Copy-on-write: the rest of the cluster keeps what reads returned before.
+    buf = Buffer.alloc(cs);
+    await readGeneral(node, clusterStart, cs, [buf]);
+    data.copy(buf, inC);
+  }
+  await io.write(s.file, host, buf);
+  const l2Offset = await ownL2Table(s, m);
+  const table = await s.l2.get(l2Offset);
+  const pos = m.l2Index * s.geo.l2EntrySize;
+  writeEntry(table, pos, host, true);
+  if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
+  await io.write(s.file, l2Offset + pos, table.subarray(pos, pos + s.geo.l2EntrySize));
+  if (!reuse) await releaseOld(s, m);
+}
+
+/** Extended L2, cluster already ours: write the subclusters, copying around partial ones. */
+async function writeSubclusters(node: BlockNode, s: Qcow2State, m: Mapping, guest: number, data: Buffer): Promise<void> {
+  const sb = s.geo.subclusterBits;
+  const scs = 1 << sb;
+  const inC = guest % s.geo.clusterSize;
+  const first = inC >> sb;
+  const last = (inC + data.length - 1) >> sb;
+  const start = first << sb;
+  const buf = Buffer.alloc((last + 1 - first) * scs);
+  // Edge subclusters that are not allocated yet keep their old contents (zero or backing).
+  const clusterStart = guest - inC;
+  if (inC > start && !(m.alloc & (1 << first))) await readGeneral(node, clusterStart + start, scs, [buf.subarray(0, scs)]);
+  const end = inC + data.length;
+  if (end < (last + 1) << sb && !(m.alloc & (1 << last))) {
+    await readGeneral(node, clusterStart + (last << sb), scs, [buf.subarray(buf.length - scs)]);
+  }
+  // Allocated edges we only touch where the guest wrote.
+  const lo = m.alloc & (1 << first) ? inC - start : 0;
+  const hi = m.alloc & (1 << last) ? end - start : buf.length;
+  data.copy(buf, inC - start);
+  await io.write(s.file, m.host + start + lo, buf.subarray(lo, hi));
+  let touched = 0;
+  for (let k = first; k <= last; k++) touched |= 1 << k;
+  const table = await s.l2.get(m.l2Offset);
+  const pos = m.l2Index * 16;
+  writeSubclusterBitmaps(table, pos, (m.alloc | touched) >>> 0, (m.zero & ~touched) >>> 0);
+  await io.write(s.file, m.l2Offset + pos, table.subarray(pos, pos + 16));
+}
+
+/**
+ * The L2 table for `m`, owned by the active L1 (COPIED): allocated if missing, copied if
+ * shared with a snapshot. Returns its host offset.
+ */
+export async function ownL2Table(s: Qcow2State, m: Mapping): Promise<number> {
+  const l1pos = m.l1Index * 8;
+  const old = entryOffset(s.l1, l1pos);
+  if (old && entryCopied(s.l1, l1pos)) return old;
+  const cs = s.geo.clusterSize;
+  const host = await s.refcounts.alloc(1);
+  const table = Buffer.alloc(cs);
+  if (old) {
+    (await s.l2.get(old)).copy(table);
+    // Entries of a copied table are shared with the snapshot: none is ours alone.
+    for (let i = 0; i < s.geo.l2Size; i++) {
+      const p = i * s.geo.l2EntrySize;
+      table[p] = table[p]! & 0x7f;
+    }
+  }
+  await io.write(s.file, host, table);
+  const e = Buffer.alloc(8);
+  writeEntry(e, 0, host, true);
+  await io.write(s.file, s.header.l1TableOffset + l1pos, e);
+  e.copy(s.l1, l1pos);
+  s.l2.insert(host, table);
+  if (old) await s.refcounts.free(old, 1);
+  m.l2Offset = host;
+  return host;
+}
+
+/** Drops this image's reference to the clusters the old mapping used. */
+export async function releaseOld(s: Qcow2State, m: Mapping): Promise<void> {
+  const cs = s.geo.clusterSize;
+  if (m.kind === KIND_COMPRESSED) {
+    const first = Math.floor(m.host / cs);
+    const last = Math.floor((m.host + m.compressedBytes - 1) / cs);
+    for (let c = first; c <= last; c++) await s.refcounts.free(c * cs, 1);
+  } else if ((m.kind === KIND_NORMAL || m.kind === KIND_ZERO) && m.host) {
+    await s.refcounts.free(m.host, 1);
+  }
+}
