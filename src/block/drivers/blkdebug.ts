@@ -36,6 +36,10 @@ interface BlkdebugState {
   /** Rules armed by an event, checked by the next request. */
   active: InjectRule[];
   align: number;
+  /** Spindle extension for crash tests: every modifying request after this many fails (-1: never). */
+  stopAfter: number;
+  /** Modifying requests seen (write, write-zeroes, discard, truncate). */
+  writes: number;
 }
 
 const ERRNO_BY_NUMBER: Record<number, ErrnoCode> = { 5: 'EIO', 28: 'ENOSPC', 1: 'EPERM', 22: 'EINVAL', 123: 'ENOMEDIUM', 95: 'ENOTSUP', 122: 'EDQUOT' };
@@ -92,6 +96,13 @@ function check(node: BlockNode, event: string, offset: number, bytes: number): n
   return 0;
 }
 
+/** Counts a modifying request; EIO once the configured number of them has gone through. */
+function stopped(node: BlockNode): number {
+  const s = stateOf<BlkdebugState>(node);
+  s.writes++;
+  return s.stopAfter >= 0 && s.writes > s.stopAfter ? 5 : 0;
+}
+
 function fail(node: BlockNode, errno: number, op: string, offset: number): BlockError {
   const code = ERRNO_BY_NUMBER[errno];
   return code ? ioError(-errnoOf(code), op, { node: node.name, offset }) : ioError(-errno, op, { node: node.name, offset });
@@ -105,7 +116,7 @@ export const blkdebugDriver: BlockDriver = {
   format: 'blkdebug',
   isFilter: true,
   // 'file' too: the child is named 'file', so that is the key its description uses.
-  optionKeys: ['image', 'file', 'inject-error', 'set-state', 'align', 'max-transfer', 'config'],
+  optionKeys: ['image', 'file', 'inject-error', 'set-state', 'align', 'max-transfer', 'config', 'x-stop-writes-after'],
 
   async open(node, o, ctx) {
     if (o['config'] !== undefined) throw new BlockError('ENOTSUP', "blkdebug: 'config' files are not supported; give rules as 'inject-error' and 'set-state'");
@@ -133,7 +144,8 @@ export const blkdebugDriver: BlockDriver = {
     const align = parseNum(o['align'], 'align', 0);
     if (align && (align & (align - 1))) throw new BlockError('EINVAL', `blkdebug: 'align' must be a power of two, not ${align}`);
     // The image child is named 'file' so the generic views (node.file) find it; 'image' is QEMU's option name.
-    node.opaque = { state: 1, inject, setState, active: [], align } satisfies BlkdebugState;
+    const stopAfter = o['x-stop-writes-after'] === undefined ? -1 : parseNum(o['x-stop-writes-after'], 'x-stop-writes-after', 0);
+    node.opaque = { state: 1, inject, setState, active: [], align, stopAfter, writes: 0 } satisfies BlkdebugState;
     await ctx.openChild(node, (o['image'] ?? o['file']) as never, 'file', ChildRole.DATA | ChildRole.FILTERED | ChildRole.PRIMARY);
   },
   refreshLimits(node) {
@@ -148,7 +160,7 @@ export const blkdebugDriver: BlockDriver = {
     io.readv(image(node), offset, bytes, iov, flags, cb);
   },
   writev(node, offset, bytes, iov, flags, cb) {
-    const err = check(node, 'write_aio', offset, bytes);
+    const err = stopped(node) || check(node, 'write_aio', offset, bytes);
     if (err) return void process.nextTick(cb, fail(node, err, 'write', offset));
     io.writev(image(node), offset, bytes, iov, flags, cb);
   },
@@ -157,16 +169,17 @@ export const blkdebugDriver: BlockDriver = {
     if (err) throw fail(node, err, 'flush', 0);
   },
   async discard(node, offset, bytes) {
-    const err = check(node, 'discard', offset, bytes);
+    const err = stopped(node) || check(node, 'discard', offset, bytes);
     if (err) throw fail(node, err, 'discard', offset);
     await io.discard(image(node), offset, bytes);
   },
   async writeZeroes(node, offset, bytes, flags) {
-    const err = check(node, 'write_zeroes', offset, bytes);
+    const err = stopped(node) || check(node, 'write_zeroes', offset, bytes);
     if (err) throw fail(node, err, 'write-zeroes', offset);
     await io.writeZeroes(image(node), offset, bytes, flags);
   },
   async truncate(node, length, exact) {
+    if (stopped(node)) throw fail(node, 5, 'truncate', length);
     await io.truncate(image(node), length, exact);
   },
   describe(node) {
@@ -178,6 +191,11 @@ export const blkdebugDriver: BlockDriver = {
     };
   },
 };
+
+/** Test hook: modifying requests seen so far. */
+export function blkdebugWrites(node: BlockNode): number {
+  return stateOf<BlkdebugState>(node).writes;
+}
 
 /** Test hook: the blkdebug state number. */
 export function blkdebugState(node: BlockNode): number {
