@@ -75,14 +75,14 @@ function failLater(cb: IoCallback, err: BlockError): void {
 
 /** Range check shared by every operation. Returns an error or null. */
 /** Files grow when written past the end; so do filters right above them. */
-function growable(node: BlockNode): boolean {
+export function isGrowable(node: BlockNode): boolean {
   if (node.driver.growable) return true;
   const f = node.driver.isFilter ? node.primary : undefined;
-  return f !== undefined && growable(f.node);
+  return f !== undefined && isGrowable(f.node);
 }
 
 export function checkRange(node: BlockNode, offset: number, bytes: number, op: string): BlockError | null {
-  if (growable(node)) {
+  if (isGrowable(node)) {
     return Number.isSafeInteger(offset) && Number.isSafeInteger(bytes) && offset >= 0 && bytes >= 0 ? null
       : new BlockError('EINVAL', `${op} on '${node.name}': invalid request offset ${offset}, length ${bytes}`, { node: node.name, offset, bytes, op });
   }

@@ -110,7 +110,7 @@ export const qcow2Driver: BlockDriver = {
     await io.read(file, h.refcountTableOffset, reftable);
     const cacheTables = Math.max(4, Math.min(h.l1Size, Math.floor(Number(o['l2-cache-size'] ?? 32 << 20) / cs)));
     const s: Qcow2State = {
-      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(),
+      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(),
       l2: new L2Cache(file, cs, cacheTables),
       refcounts: null!,
     };

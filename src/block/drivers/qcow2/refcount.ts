@@ -103,31 +103,81 @@ export class Refcounts {
     return rcGet(await this.loadBlock(off), c % this.geo.rbEntries, this.geo.refcountBits);
   }
 
-  /** Adds `delta` to the refcounts of clusters [c, c+n). The blocks must exist for raises. */
+  /** Adds `delta` to the refcounts of clusters [c, c+n), written through. */
   async update(c: number, n: number, delta: number): Promise<void> {
+    await this.loadSpan(c, n, delta);
+    await this.writeSpans(this.updateMem(c, n, delta));
+  }
+
+  /** Loads the blocks for clusters [c, c+n); they must exist. */
+  private async loadSpan(c: number, n: number, delta: number): Promise<void> {
+    const rbE = this.geo.rbEntries;
+    for (let ti = Math.floor(c / rbE); ti <= Math.floor((c + n - 1) / rbE); ti++) {
+      const off = ti < this.tableEntries ? entryOffset(this.table, ti * 8) : 0;
+      if (!off) {
+        if (delta > 0) throw this.corrupt(`no refcount block for cluster ${Math.max(c, ti * rbE)}`);
+        throw this.corrupt(`freeing cluster ${Math.max(c, ti * rbE)}, whose refcount is already 0`);
+      }
+      await this.loadBlock(off);
+    }
+  }
+
+  /** The in-memory half of an update (blocks loaded): synchronous, so no one sees it half done. */
+  private updateMem(c: number, n: number, delta: number): [number, Buffer][] {
     const rbE = this.geo.rbEntries;
     const bits = this.geo.refcountBits;
+    const spans: [number, Buffer][] = [];
     for (let i = c; i < c + n; ) {
       const ti = Math.floor(i / rbE);
       const end = Math.min(c + n, (ti + 1) * rbE);
-      const off = ti < this.tableEntries ? entryOffset(this.table, ti * 8) : 0;
-      if (!off) {
-        if (delta > 0) throw this.corrupt(`no refcount block for cluster ${i}`);
-        throw this.corrupt(`freeing cluster ${i}, whose refcount is already 0`);
-      }
-      const blk = await this.loadBlock(off);
+      const off = entryOffset(this.table, ti * 8);
+      const blk = this.blocks.get(off)!;
       const first = i % rbE;
       const last = end - 1 - ti * rbE;
       for (let k = first; k <= last; k++) {
         const v = rcGet(blk, k, bits) + delta;
         if (v < 0) throw this.corrupt(`refcount of cluster ${ti * rbE + k} would drop below 0`);
         if (v > this.maxRefcount) throw new BlockError('EINVAL', `qcow2 '${this.nodeName}': refcount of cluster ${ti * rbE + k} would overflow ${this.geo.refcountBits} bits`);
+      }
+      for (let k = first; k <= last; k++) {
+        const v = rcGet(blk, k, bits) + delta;
         rcSet(blk, k, bits, v);
         if (v === 0 && ti * rbE + k < this.freeHint) this.freeHint = ti * rbE + k;
       }
       const [b0, b1] = byteSpan(first, last, bits);
-      await io.write(this.file, off + b0, blk.subarray(b0, b1));
+      spans.push([off + b0, Buffer.from(blk.subarray(b0, b1))]);
       i = end;
+    }
+    return spans;
+  }
+
+  private async writeSpans(spans: [number, Buffer][]): Promise<void> {
+    for (const [off, bytes] of spans) await io.write(this.file, off, bytes);
+  }
+
+  /**
+   * Allocates `n` clusters like alloc(), but returns once the refcounts are raised in
+   * memory; `written` settles when they are on disk. The caller must await it before
+   * anything on disk points at the clusters. Sub-byte refcounts share bytes between
+   * clusters, so for them the write completes first.
+   */
+  async allocDeferred(n: number): Promise<{ offset: number; written: Promise<void> }> {
+    if (this.geo.refcountBits < 8) return { offset: await this.alloc(n), written: Promise.resolve() };
+    const cs = this.geo.clusterSize;
+    for (;;) {
+      const c = await this.findFree(n, this.freeHint);
+      const missing = await this.firstMissingBlock(c, n);
+      if (missing >= 0) {
+        await this.ensureBlock(missing);
+        continue;
+      }
+      await this.loadSpan(c, n, 1);
+      if ((await this.get(c)) !== 0) continue; // taken while loading
+      const spans = this.updateMem(c, n, 1);
+      this.freeHint = c + n;
+      const written = this.writeSpans(spans);
+      written.catch(() => undefined);
+      return { offset: c * cs, written };
     }
   }
 

@@ -22,6 +22,8 @@ export interface Qcow2State {
   corrupt: boolean;
   /** Serialises metadata changes (allocation, discard, resize). */
   lock: Mutex;
+  /** Guest clusters being allocated; later writes to them wait. */
+  allocating: Map<number, Promise<void>>;
 }
 
 export function qstate(node: BlockNode): Qcow2State {

@@ -11,7 +11,7 @@ import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
 import type { IoCallback, IoVec } from '../../types.js';
 import { entryCopied, entryOffset, writeEntry, writeSubclusterBitmaps } from './entries.js';
-import { KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
+import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
 import { readGeneral, subAllAlloc } from './read.js';
 import { qstate, type Qcow2State } from './state.js';
 
@@ -19,6 +19,17 @@ const scratch = newMapping();
 
 function toBlockError(e: unknown, node: BlockNode): BlockError {
   return e instanceof BlockError ? e : new BlockError('EIO', `qcow2 '${node.name}': ${String(e)}`, { node: node.name }, e);
+}
+
+/** Whether the whole guest cluster at `start` reads as zeroes under mapping `m`. */
+function readsZero(node: BlockNode, s: Qcow2State, m: Mapping, start: number): boolean {
+  if (s.geo.l2EntrySize === 16) return !m.host && (m.zero === 0xffffffff || noBacking(node, start));
+  if (m.kind === KIND_ZERO) return true;
+  return m.kind === KIND_UNALLOCATED && noBacking(node, start);
+}
+function noBacking(node: BlockNode, start: number): boolean {
+  const b = node.backing;
+  return !b || start >= b.node.length;
 }
 
 /** Whether guest bytes [inC, inC+n) of mapping `m` may be overwritten where they are. */
@@ -69,39 +80,67 @@ async function writeGeneral(node: BlockNode, offset: number, bytes: number, iov:
     const chunk = data.subarray(pos, pos + n);
     await lookup(s, guest, m);
     if (inPlace(s, m, inC, n)) await io.write(s.file, m.host + inC, chunk);
-    else await s.lock.run(() => allocWrite(node, s, guest, chunk));
+    else await allocWrite(node, s, guest, chunk);
     pos += n;
   }
 }
 
-/** Writes `data` (within one cluster) where the mapping does not allow an in-place write. */
+/**
+ * Writes `data` (within one cluster) where the mapping does not allow an in-place write.
+ *
+ * The guest cluster is claimed first, so later writes to it wait and then go in place;
+ * only the refcount and L2 updates hold the metadata lock, so allocations of different
+ * clusters copy and write their data in parallel.
+ */
 async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: Buffer): Promise<void> {
   const cs = s.geo.clusterSize;
   const inC = guest % cs;
-  const m = await lookup(s, guest);
-  if (inPlace(s, m, inC, data.length)) return io.write(s.file, m.host + inC, data);
-  const ext = s.geo.l2EntrySize === 16;
-  if (ext && m.kind === KIND_NORMAL && m.copied && entryCopied(s.l1, m.l1Index * 8)) {
-    return writeSubclusters(node, s, m, guest, data);
+  const gc = Math.floor(guest / cs);
+  for (let p = s.allocating.get(gc); p; p = s.allocating.get(gc)) await p;
+  let release!: () => void;
+  s.allocating.set(gc, new Promise<void>((r) => (release = r)));
+  try {
+    const m = await lookup(s, guest);
+    if (inPlace(s, m, inC, data.length)) return await io.write(s.file, m.host + inC, data);
+    const ext = s.geo.l2EntrySize === 16;
+    if (ext && m.kind === KIND_NORMAL && m.copied && entryCopied(s.l1, m.l1Index * 8)) {
+      return await s.lock.run(() => writeSubclusters(node, s, m, guest, data));
+    }
+    const reuse = m.kind === KIND_ZERO && m.host !== 0 && m.copied && !ext;
+    let host = m.host;
+    let rcWritten: Promise<void> = Promise.resolve();
+    if (!reuse) ({ offset: host, written: rcWritten } = await s.lock.run(() => s.refcounts.allocDeferred(1)));
+    if (data.length < cs && readsZero(node, s, m, guest - inC)) {
+      // Nothing to copy: past the end of the file a new cluster already reads as zeroes.
+      if (host < io.getLength(s.file)) await io.writeZeroes(s.file, host, cs, 0);
+      await io.write(s.file, host + inC, data);
+    } else {
+      let buf = data;
+      if (data.length < cs) {
+        // Copy-on-write: the rest of the cluster keeps what reads returned before.
+        buf = Buffer.alloc(cs);
+        await readGeneral(node, guest - inC, cs, [buf]);
+        data.copy(buf, inC);
+      }
+      await io.write(s.file, host, buf);
+    }
+    // The new cluster's refcount reaches the disk before the L2 entry that uses it.
+    await rcWritten;
+    await s.lock.run(async () => {
+      // The L2 table may have moved (copied from a snapshot) meanwhile: look again.
+      const now = await lookup(s, guest);
+      const l2Offset = await ownL2Table(s, now);
+      const table = await s.l2.get(l2Offset);
+      const pos = now.l2Index * s.geo.l2EntrySize;
+      writeEntry(table, pos, host, true);
+      if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
+      await io.write(s.file, l2Offset + pos, table.subarray(pos, pos + s.geo.l2EntrySize));
+      if (!reuse) await releaseOld(s, m);
+    });
+  } finally {
+    s.allocating.delete(gc);
+    release();
   }
-  const clusterStart = guest - inC;
-  const reuse = m.kind === KIND_ZERO && m.host !== 0 && m.copied && !ext;
-  const host = reuse ? m.host : await s.refcounts.alloc(1);
-  let buf = data;
-  if (data.length < cs) {
-    // Copy-on-write: the rest of the cluster keeps what reads returned before.
-    buf = Buffer.alloc(cs);
-    await readGeneral(node, clusterStart, cs, [buf]);
-    data.copy(buf, inC);
-  }
-  await io.write(s.file, host, buf);
-  const l2Offset = await ownL2Table(s, m);
-  const table = await s.l2.get(l2Offset);
-  const pos = m.l2Index * s.geo.l2EntrySize;
-  writeEntry(table, pos, host, true);
-  if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
-  await io.write(s.file, l2Offset + pos, table.subarray(pos, pos + s.geo.l2EntrySize));
-  if (!reuse) await releaseOld(s, m);
 }
 
 /** Extended L2, cluster already ours: write the subclusters, copying around partial ones. */
