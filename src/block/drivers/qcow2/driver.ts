@@ -19,26 +19,42 @@ import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
 import { Mutex, qstate, type Qcow2State } from './state.js';
-import { qcow2Writev } from './write.js';
+import { qcow2Flush, qcow2Writev } from './write.js';
 
 const MAX_L1_BYTES = 32 << 20;
 const MAX_REFTABLE_BYTES = 8 << 20;
 
+/** How open errors name the image: its file name when known, else the node name. */
+function imageName(node: BlockNode): string {
+  const f = node.file?.node.options['filename'];
+  return typeof f === 'string' ? f : node.name;
+}
+
 function bad(node: BlockNode, msg: string): BlockError {
-  return new BlockError('EINVAL', `Could not open qcow2 image '${node.name}': ${msg}`, { node: node.name });
+  return new BlockError('EINVAL', `Could not open qcow2 image '${imageName(node)}': ${msg}`, { node: node.name });
+}
+
+/** parseHeader's errors (bad magic, version, cluster size) with the image named. */
+function parseNamed(node: BlockNode, buf: Buffer): Qcow2Header {
+  try {
+    return parseHeader(buf);
+  } catch (e) {
+    if (!(e instanceof BlockError)) throw e;
+    throw new BlockError(e.code, `Could not open qcow2 image '${imageName(node)}': ${e.message.replace(/^qcow2: /, '')}`, { node: node.name }, e);
+  }
 }
 
 function checkHeader(node: BlockNode, h: Qcow2Header, fileLen: number): void {
   const unknown = unknownIncompatible(h);
-  if (unknown.length) throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': unsupported qcow2 feature(s): ${unknown.join(', ')}`, { node: node.name });
+  if (unknown.length) throw new BlockError('ENOTSUP', `Could not open qcow2 image '${imageName(node)}': unsupported qcow2 feature(s): ${unknown.join(', ')}`, { node: node.name });
   if (h.cryptMethod !== 0 || h.extensions.some((e) => e.type === EXT_CRYPTO)) {
-    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': encrypted images are not supported`, { node: node.name });
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${imageName(node)}': encrypted images are not supported`, { node: node.name });
   }
   if (h.incompatible & INCOMPAT.DATA_FILE || h.extensions.some((e) => e.type === EXT_DATA_FILE)) {
-    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': external data files are not supported`, { node: node.name });
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${imageName(node)}': external data files are not supported`, { node: node.name });
   }
   if (h.incompatible & INCOMPAT.COMPRESSION && h.compressionType !== 0) {
-    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${node.name}': compression type ${h.compressionType} (zstd) is not supported`, { node: node.name });
+    throw new BlockError('ENOTSUP', `Could not open qcow2 image '${imageName(node)}': compression type ${h.compressionType} (zstd) is not supported`, { node: node.name });
   }
   if (h.version === 2 && h.refcountOrder !== 4) throw bad(node, 'version 2 images must have 16-bit refcounts');
   const g = geometry(h);
@@ -72,7 +88,7 @@ function backingOptions(node: BlockNode, o: NodeOptions, h: Qcow2Header): NodeOp
   const path = isAbsolute(h.backingFile) ? h.backingFile : resolve(base, h.backingFile);
   const fmt = h.backingFormat;
   if (!fmt) {
-    throw new BlockError('EINVAL', `Could not open qcow2 image '${node.name}': its backing file '${h.backingFile}' has no recorded format, and Spindle does not guess raw; name it with backing.driver (or record it: spindle img rebase -u -F FMT)`, { node: node.name });
+    throw new BlockError('EINVAL', `Could not open qcow2 image '${imageName(node)}': its backing file '${h.backingFile}' has no recorded format, and Spindle does not guess raw; name it with backing.driver (or record it: spindle img rebase -u -F FMT)`, { node: node.name });
   }
   return { driver: fmt, file: { driver: 'file', filename: path } };
 }
@@ -87,22 +103,29 @@ export const qcow2Driver: BlockDriver = {
     const fileLen = io.getLength(file);
     const first = Buffer.alloc(Math.min(fileLen, 4096));
     await io.read(file, 0, first);
-    let h = parseHeader(first);
+    let h = parseNamed(node, first);
     const cs = 2 ** h.clusterBits;
     if (cs > first.length && fileLen > first.length) {
       const whole = Buffer.alloc(Math.min(cs, fileLen));
       await io.read(file, 0, whole);
-      h = parseHeader(whole);
+      h = parseNamed(node, whole);
     }
     checkHeader(node, h, fileLen);
     const g = geometry(h);
     let readOnly = node.readOnly;
     if (h.incompatible & INCOMPAT.CORRUPT && !readOnly) {
-      warn(`qcow2 image '${node.name}' is marked corrupt; opening it read-only (repair it with 'qemu-img check -r all')`);
+      warn(`qcow2 image '${imageName(node)}' is marked corrupt; opening it read-only (repair it with 'qemu-img check -r all')`);
       node.readOnly = readOnly = true;
     }
     if (h.incompatible & INCOMPAT.DIRTY && !readOnly) {
-      throw new BlockError('EINVAL', `Could not open qcow2 image '${node.name}' read-write: it is dirty (not closed cleanly with lazy refcounts); repair it with 'qemu-img check -r all' first`, { node: node.name });
+      throw new BlockError('EINVAL', `Could not open qcow2 image '${imageName(node)}' read-write: it is dirty (not closed cleanly with lazy refcounts); repair it with 'qemu-img check -r all' first`, { node: node.name });
+    }
+    if (!readOnly && h.autoclear !== 0n) {
+      // Spindle maintains no autoclear feature (bitmaps): clear the bits before it writes,
+      // so readers know that e.g. the bitmaps missed these writes (qcow2.txt, autoclear).
+      await io.write(file, 88, Buffer.alloc(8));
+      await io.flush(file);
+      h.autoclear = 0n;
     }
     const l1 = Buffer.alloc(h.l1Size * 8);
     if (h.l1Size) await io.read(file, h.l1TableOffset, l1);
@@ -110,7 +133,7 @@ export const qcow2Driver: BlockDriver = {
     await io.read(file, h.refcountTableOffset, reftable);
     const cacheTables = Math.max(4, Math.min(h.l1Size, Math.floor(Number(o['l2-cache-size'] ?? 32 << 20) / cs)));
     const s: Qcow2State = {
-      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(),
+      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(), pendingMeta: new Set(),
       l2: new L2Cache(file, cs, cacheTables),
       refcounts: null!,
     };
@@ -140,6 +163,7 @@ export const qcow2Driver: BlockDriver = {
   },
   readv: qcow2Readv,
   writev: qcow2Writev,
+  flush: qcow2Flush,
   discard: qcow2Discard,
   writeZeroes: qcow2WriteZeroes,
   blockStatus: qcow2BlockStatus,
@@ -148,6 +172,14 @@ export const qcow2Driver: BlockDriver = {
     const s = qstate(node);
     const h = s.header;
     if (length < h.size) throw new BlockError('ENOTSUP', `qcow2 '${node.name}': shrinking is not supported`, { node: node.name });
+    // A backing file longer than the old size would show through the new area: it must read
+    // as zeroes (as QEMU does it), which takes zero clusters (version 3).
+    const old = h.size;
+    const blen = node.backing ? node.backing.node.length : 0;
+    const hidden = length > old && blen > old;
+    if (hidden && h.version === 2) {
+      throw new BlockError('ENOTSUP', `qcow2 '${node.name}': cannot grow a version 2 image past its old size while its backing file is longer (the new area cannot be zeroed)`, { node: node.name });
+    }
     await s.lock.run(async () => {
       const need = l1EntriesFor(length, s.geo);
       if (need > h.l1Size) {
@@ -169,6 +201,18 @@ export const qcow2Driver: BlockDriver = {
         s.l1 = l1.subarray(0, need * 8);
         if (oldClusters) await s.refcounts.free(oldOffset, oldClusters);
       }
+    });
+    if (hidden) {
+      const cs = s.geo.clusterSize;
+      const head = Math.min(Math.ceil(old / cs) * cs, length);
+      if (head > old) {
+        const zeroes = Buffer.alloc(head - old);
+        await new Promise<void>((res, rej) => qcow2Writev(node, old, zeroes.length, [zeroes], 0, (e) => (e ? rej(e) : res())));
+      }
+      const end = Math.ceil(Math.min(length, blen) / cs) * cs;
+      if (end > head) await qcow2WriteZeroes(node, head, end - head, 0);
+    }
+    await s.lock.run(async () => {
       const b = Buffer.alloc(8);
       b.writeBigUInt64BE(BigInt(length));
       await writeHeaderField(s, 24, b);

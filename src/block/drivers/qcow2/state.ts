@@ -24,6 +24,8 @@ export interface Qcow2State {
   lock: Mutex;
   /** Guest clusters being allocated; later writes to them wait. */
   allocating: Map<number, Promise<void>>;
+  /** Metadata writes issued but not yet complete; flush waits for them. */
+  pendingMeta: Set<Promise<void>>;
 }
 
 export function qstate(node: BlockNode): Qcow2State {

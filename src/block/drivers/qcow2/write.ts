@@ -97,8 +97,13 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
   const inC = guest % cs;
   const gc = Math.floor(guest / cs);
   for (let p = s.allocating.get(gc); p; p = s.allocating.get(gc)) await p;
-  let release!: () => void;
-  s.allocating.set(gc, new Promise<void>((r) => (release = r)));
+  let wake!: () => void;
+  const claim = new Promise<void>((r) => (wake = r));
+  s.allocating.set(gc, claim);
+  const release = (): void => {
+    if (s.allocating.get(gc) === claim) s.allocating.delete(gc);
+    wake();
+  };
   try {
     const m = await lookup(s, guest);
     if (inPlace(s, m, inC, data.length)) return await io.write(s.file, m.host + inC, data);
@@ -126,7 +131,7 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
     }
     // The new cluster's refcount reaches the disk before the L2 entry that uses it.
     await rcWritten;
-    await s.lock.run(async () => {
+    const l2Written = await s.lock.run(async () => {
       // The L2 table may have moved (copied from a snapshot) meanwhile: look again.
       const now = await lookup(s, guest);
       const l2Offset = await ownL2Table(s, now);
@@ -134,13 +139,31 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
       const pos = now.l2Index * s.geo.l2EntrySize;
       writeEntry(table, pos, host, true);
       if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
-      await io.write(s.file, l2Offset + pos, table.subarray(pos, pos + s.geo.l2EntrySize));
-      if (!reuse) await releaseOld(s, m);
+      return trackMeta(s, io.write(s.file, l2Offset + pos, Buffer.from(table.subarray(pos, pos + s.geo.l2EntrySize))));
     });
+    // The mapping is live in memory: later writes to this cluster may go in place now,
+    // while the entry reaches the disk (a flush waits for it).
+    release();
+    await l2Written;
+    // Only once nothing on disk points at the old cluster may its refcount drop.
+    if (!reuse) await s.lock.run(() => releaseOld(s, m));
   } finally {
-    s.allocating.delete(gc);
     release();
   }
+}
+
+/** Tracks a metadata write that a flush must wait for. */
+function trackMeta(s: Qcow2State, p: Promise<void>): Promise<void> {
+  s.pendingMeta.add(p);
+  const done = (): void => void s.pendingMeta.delete(p);
+  p.then(done, done);
+  return p;
+}
+
+/** Driver flush: metadata writes still in flight finish first (the file is flushed after). */
+export async function qcow2Flush(node: BlockNode): Promise<void> {
+  const s = qstate(node);
+  while (s.pendingMeta.size) await Promise.all([...s.pendingMeta]);
 }
 
 /** Extended L2, cluster already ours: write the subclusters, copying around partial ones. */
