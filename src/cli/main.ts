@@ -41,11 +41,14 @@ function buildProgram(): Command {
     .command('create')
     .description('create a new disk image')
     .option('-f <fmt>', 'image format (default raw)')
-    .option('-o <options>', 'format options, e.g. size=1G (repeatable)', collect)
+    .option('-o <options>', 'format options, e.g. size=1G or cluster_size=64k (repeatable; -o help lists them)', collect)
+    .option('-b <backing_file>', 'backing file (qcow2)')
+    .option('-F <backing_fmt>', 'format of the backing file (required with -b)')
+    .option('-u', 'unsafe: do not open the backing file (SIZE is then required)')
     .option('-q', 'quiet')
-    .argument('<filename>')
+    .argument('[filename]')
     .argument('[size]', 'size in bytes, or with a k, M, G, T, P or E suffix')
-    .action((filename: string, size: string | undefined, o) => imgCreate(filename, size, o));
+    .action((filename: string | undefined, size: string | undefined, o) => imgCreate(filename, size, o));
 
   img
     .command('info')

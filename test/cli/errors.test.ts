@@ -35,7 +35,7 @@ describe('errors', () => {
     ok(spindle('img', 'create', f, '1M'));
     fails(['img', 'info', '-f', 'foo', f], /^spindle img: Unknown driver 'foo' \(known: .*raw.*\)\n$/);
     fails(['img', 'create', '-f', 'foo', f, '1M'], /^spindle img: Unknown driver 'foo' \(known: .*raw.*\)\n$/);
-    fails(['img', 'create', '-f', 'qcow2', f, '1M'], "spindle img: Format 'qcow2' is not supported yet");
+    fails(['img', 'create', '-f', 'qcow2', '-o', 'cluster_size=3k', f, '1M'], `spindle img: ${f}: Cluster size must be a power of two between 512 and 2048k`);
     fails(['img', 'convert', '-O', 'qcow2', f, join(t.dir, 'o.qcow2')], "spindle img: Format 'qcow2' is not supported yet");
   });
 

@@ -1,16 +1,15 @@
 /**
- * `img create`: a new image file. Only raw exists yet; creation is not hot, so it is a
- * plain open/truncate through the engine (O_TRUNC, then the size as a hole).
+ * `img create`: a new image file. Raw creation is not hot, so it is a plain open/truncate
+ * through the engine (the size as a hole); qcow2 is written by create-qcow2.ts.
  */
 import { getDriver } from '../../block/drivers/index.js';
 import { ftruncate, getEngine, testLock } from '../../native/engine.js';
 import { CliError, oneLine } from '../fail.js';
+import { imgCreateQcow2, qcow2Help, type Qcow2CliOptions } from './create-qcow2.js';
 import { parseSize } from './size.js';
 
-export interface CreateOptions {
+export interface CreateOptions extends Qcow2CliOptions {
   f?: string;
-  o?: string[];
-  q?: boolean;
 }
 
 /** Parses `-o a=b,c=d` lists (repeatable, merged), as the raw format knows them. */
@@ -35,7 +34,7 @@ function parseCreateOptions(lists: readonly string[]): { size?: number; help: bo
   return out;
 }
 
-/** Checks that `fmt` can be created here; qcow2 is announced, others are named. */
+/** Checks that `fmt` can be written here (convert's targets); qcow2 is announced, others are named. */
 export function checkCreatableFormat(fmt: string): void {
   if (fmt === 'qcow2') throw new CliError("Format 'qcow2' is not supported yet");
   getDriver(fmt); // unknown names: "Unknown driver 'x' (known: ...)"
@@ -71,14 +70,23 @@ export function createRawFile(path: string, size: number): void {
   }
 }
 
-export function imgCreate(filename: string, sizeArg: string | undefined, opts: CreateOptions): void {
+export async function imgCreate(filename: string | undefined, sizeArg: string | undefined, opts: CreateOptions): Promise<void> {
   const fmt = opts.f ?? 'raw';
+  if (fmt === 'qcow2') {
+    if (filename === undefined) {
+      if ((opts.o ?? []).some((l) => /(^|,)(help|\?)(,|$)/.test(l))) return void process.stdout.write(qcow2Help(false));
+      throw new CliError('Expecting image file name');
+    }
+    return imgCreateQcow2(filename, sizeArg, opts);
+  }
   checkCreatableFormat(fmt);
+  if (opts.b !== undefined || opts.F !== undefined) throw new CliError(`Format '${fmt}' does not support backing files`);
   const o = parseCreateOptions(opts.o ?? []);
   if (o.help) {
     process.stdout.write('Supported options:\n  preallocation=<str>    - Preallocation mode (allowed values: off)\n  size=<size>            - Virtual disk size\n');
     return;
   }
+  if (filename === undefined) throw new CliError('Expecting image file name');
   let size = o.size;
   if (sizeArg !== undefined) size = parseSize(sizeArg);
   if (size === undefined) throw new CliError('Image creation needs a size parameter');

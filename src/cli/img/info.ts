@@ -4,7 +4,9 @@
  */
 import type { BlockNode } from '../../block/node.js';
 import { CliError } from '../fail.js';
-import { openImage, parseJsonFilename } from './open.js';
+import { openImage, parseJsonFilename, probe } from './open.js';
+import { qcow2HeaderInfo } from './qcow2-info.js';
+import { qdictOrder } from './qdict.js';
 import { sizeToStr } from './size.js';
 
 export interface InfoOptions {
@@ -30,9 +32,8 @@ function spaced(v: unknown): string {
   return JSON.stringify(v);
 }
 
-export async function imgInfo(filename: string, opts: InfoOptions): Promise<void> {
-  const output = opts.output ?? 'human';
-  if (output !== 'human' && output !== 'json') throw new CliError('--output must be used with human or json as argument.');
+/** ImageInfo of an image opened through the block layer. */
+async function openedInfo(filename: string, opts: InfoOptions): Promise<Record<string, unknown>> {
   const img = await openImage({ filename, fmt: opts.f, readOnly: true, forceShare: opts.forceShare });
   try {
     const node = img.node;
@@ -44,19 +45,71 @@ export async function imgInfo(filename: string, opts: InfoOptions): Promise<void
     };
     info['actual-size'] = actualSize(node) ?? 0;
     // Formats (not protocols) report their dirty flag; raw has none to set.
-    if (!node.driver.protocol) info['dirty-flag'] = false;
-    if (output === 'json') {
-      process.stdout.write(`${JSON.stringify(info, null, 4)}\n`);
-      return;
+    if (!node.driver.protocol) {
+      info['dirty-flag'] = false;
+      // A format's own ImageInfo fields (cluster-size, format-specific, ...).
+      Object.assign(info, node.driver.info?.(node));
     }
-    const vs = info['virtual-size'] as number;
-    process.stdout.write(
-      `image: ${info.filename as string}\n` +
-        `file format: ${info.format as string}\n` +
-        `virtual size: ${sizeToStr(vs)} (${vs} bytes)\n` +
-        `disk size: ${sizeToStr(info['actual-size'] as number)}\n`,
-    );
+    return info;
   } finally {
     img.close();
   }
+}
+
+/**
+ * qcow2 images named by path are described from their header (one switch, here). Like
+ * qemu-img info, this does not open the backing chain (an overlay whose backing file is
+ * missing still has info), and it reports the backing fields the driver's info hook does
+ * not (yet). json: filenames go through the driver.
+ */
+function headerOnly(filename: string, fmt: string | undefined): boolean {
+  if (parseJsonFilename(filename)) return false;
+  return (fmt ?? probe(filename)) === 'qcow2';
+}
+
+/** qemu-img's dump of a format-specific value: '-' in keys shown as ' ', 4 spaces a level. */
+function dumpValue(v: unknown, indent: number): string {
+  if (Array.isArray(v)) {
+    return v.map((x, i) => {
+      const composite = typeof x === 'object' && x !== null;
+      return `${' '.repeat(indent * 4)}[${i}]:${composite ? '\n' : ' '}${dumpValue(x, indent + 1)}`;
+    }).join('');
+  }
+  if (typeof v === 'object' && v !== null) {
+    return Object.entries(v).map(([k, x]) => {
+      const composite = typeof x === 'object' && x !== null;
+      return `${' '.repeat(indent * 4)}${k.replace(/-/g, ' ')}:${composite ? '\n' : ' '}${dumpValue(x, indent + 1)}`;
+    }).join('');
+  }
+  return `${String(v)}\n`;
+}
+
+/** The human form, in qemu-img's line order. */
+function human(info: Record<string, unknown>): string {
+  const vs = info['virtual-size'] as number;
+  let out =
+    `image: ${info.filename as string}\n` +
+    `file format: ${info.format as string}\n` +
+    `virtual size: ${sizeToStr(vs)} (${vs} bytes)\n` +
+    `disk size: ${sizeToStr(info['actual-size'] as number)}\n`;
+  if (info['encrypted'] === true) out += 'encrypted: yes\n';
+  if (info['cluster-size'] !== undefined) out += `cluster_size: ${info['cluster-size'] as number}\n`;
+  if (info['dirty-flag'] === true) out += 'cleanly shut down: no\n';
+  const backing = info['backing-filename'] as string | undefined;
+  if (backing !== undefined) {
+    const full = info['full-backing-filename'] as string | undefined;
+    const note = full === undefined ? ' (cannot determine actual path)' : full !== backing ? ` (actual path: ${full})` : '';
+    out += `backing file: ${backing}${note}\n`;
+  }
+  if (info['backing-filename-format'] !== undefined) out += `backing file format: ${info['backing-filename-format'] as string}\n`;
+  const spec = info['format-specific'] as { data?: unknown } | undefined;
+  if (spec) out += `Format specific information:\n${dumpValue(spec.data, 1)}`;
+  return out;
+}
+
+export async function imgInfo(filename: string, opts: InfoOptions): Promise<void> {
+  const output = opts.output ?? 'human';
+  if (output !== 'human' && output !== 'json') throw new CliError('--output must be used with human or json as argument.');
+  const info = qdictOrder(headerOnly(filename, opts.f) ? await qcow2HeaderInfo(filename, opts.forceShare === true) : await openedInfo(filename, opts));
+  process.stdout.write(output === 'json' ? `${JSON.stringify(info, null, 4)}\n` : human(info));
 }

@@ -63,8 +63,8 @@ export function parseJsonFilename(filename: string): NodeOptions | undefined {
   return o as NodeOptions;
 }
 
-/** What a probe finds in the first bytes; only raw can be opened yet. */
-function probe(path: string): string {
+/** What a probe finds in the first bytes: qcow2 or raw. */
+export function probe(path: string): string {
   let fd: number;
   try {
     fd = openSync(path, 'r');

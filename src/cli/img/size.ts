@@ -14,7 +14,7 @@ const SHIFT: Record<string, bigint> = { B: 0n, K: 10n, M: 20n, G: 30n, T: 40n, P
 const INT64_MAX = (1n << 63n) - 1n;
 
 /** Parses an image size; throws CliError with qemu-img's message when it is not one. */
-export function parseSize(text: string): number {
+export function parseSize(text: string, fmt = 'raw'): number {
   const m = /^\s*(?:(0x[0-9a-f]+)|(\d+)(?:\.(\d+))?)\s*([bkmgtpe])?$/i.exec(text);
   // A fraction needs a unit, or "1.5" would silently mean 1 byte.
   if (!m || (m[3] !== undefined && (m[4] === undefined || /b/i.test(m[4])))) throw new CliError(SIZE_HELP);
@@ -29,7 +29,7 @@ export function parseSize(text: string): number {
     bytes = ((BigInt(m[2]!) * scale + BigInt(frac || '0')) << shift) / scale;
   }
   if (bytes > INT64_MAX) throw new CliError(`Invalid image size specified. Must be between 0 and ${INT64_MAX}.`);
-  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new CliError("The image size is too large for file format 'raw'");
+  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw new CliError(`The image size is too large for file format '${fmt}'`);
   return Number(bytes);
 }
 
