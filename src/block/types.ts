@@ -62,6 +62,8 @@ export const ReqFlags = {
   FUA: 0x4,
   /** Internal: this request is a read-modify-write part and already serialised. */
   SERIALISED: 0x8,
+  /** Store compressed (formats that can: qcow2); whole clusters only. */
+  COMPRESSED: 0x10,
 } as const;
 
 /** Answer of block-status for [offset, offset + bytes). */

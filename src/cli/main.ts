@@ -72,6 +72,8 @@ function buildProgram(): Command {
     .option('-n', 'skip target creation: write into the existing target')
     .option('-m <num>', 'requests in parallel (default 8)')
     .option('-W', 'allow out-of-order writes to the target')
+    .option('-c', 'compress the target (qcow2)')
+    .option('-o <options>', 'target format options (as for create)', (v: string, prev: string[] = []) => [...prev, v])
     .option('-U, --force-share', 'open the source with shared permissions')
     .argument('<filename>')
     .argument('<output_filename>')

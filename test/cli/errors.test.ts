@@ -36,7 +36,8 @@ describe('errors', () => {
     fails(['img', 'info', '-f', 'foo', f], /^spindle img: Unknown driver 'foo' \(known: .*raw.*\)\n$/);
     fails(['img', 'create', '-f', 'foo', f, '1M'], /^spindle img: Unknown driver 'foo' \(known: .*raw.*\)\n$/);
     fails(['img', 'create', '-f', 'qcow2', '-o', 'cluster_size=3k', f, '1M'], `spindle img: ${f}: Cluster size must be a power of two between 512 and 2048k`);
-    fails(['img', 'convert', '-O', 'qcow2', f, join(t.dir, 'o.qcow2')], "spindle img: Format 'qcow2' is not supported yet");
+    fails(['img', 'convert', '-O', 'null-co', f, join(t.dir, 'o.img')], "spindle img: Format driver 'null-co' does not support image creation");
+    fails(['img', 'convert', '-c', '-O', 'raw', f, join(t.dir, 'o.img')], "spindle img: Compression not supported for format 'raw'");
   });
 
   it('bad options and commands', () => {

@@ -11,7 +11,9 @@
 import { blockStatus } from '../../block/io.js';
 import { getEngine } from '../../native/engine.js';
 import { CliError } from '../fail.js';
+import { ReqFlags } from '../../block/types.js';
 import { checkCreatableFormat, createRawFile } from './create.js';
+import { imgCreateQcow2 } from './create-qcow2.js';
 import { checkCacheMode, openImage, type OpenImage } from './open.js';
 import { Progress } from './progress.js';
 import { parseCount } from './size.js';
@@ -27,6 +29,8 @@ export interface ConvertOptions {
   n?: boolean;
   m?: string;
   W?: boolean;
+  c?: boolean;
+  o?: string[];
   forceShare?: boolean;
 }
 
@@ -59,6 +63,8 @@ class Copier {
     readonly targetIsZero: boolean,
     readonly ordered: boolean,
     readonly progress: Progress,
+    /** Cluster size when writing compressed, else 0. */
+    readonly compressUnit = 0,
   ) {
     this.zeroBlock = Buffer.alloc(Math.max(sparse, 1));
   }
@@ -70,7 +76,7 @@ class Copier {
       const offset = this.#cursor;
       let bytes = Math.min(CHUNK, this.size - offset);
       let zero = false;
-      if (this.sparse > 0) {
+      if (this.sparse > 0 && !this.compressUnit) {
         const st = await blockStatus(this.src.backend.root!, offset, bytes);
         bytes = Math.min(bytes, st.bytes);
         zero = st.zero;
@@ -106,6 +112,7 @@ class Copier {
 
   /** Writes buf[0, bytes) at `offset`, leaving out all-zero blocks of `sparse` bytes. */
   async writeSparse(buf: Buffer, offset: number, bytes: number): Promise<void> {
+    if (this.compressUnit) return this.writeCompressed(buf, offset, bytes);
     const S = this.sparse;
     if (S === 0) return this.dst.io.write(offset, buf.subarray(0, bytes));
     let runStart = 0;
@@ -127,6 +134,23 @@ class Copier {
       }
     }
     await flush(bytes);
+  }
+
+  /** Whole target clusters, compressed; all-zero clusters are left out. */
+  async writeCompressed(buf: Buffer, offset: number, bytes: number): Promise<void> {
+    const unit = this.compressUnit;
+    const zero = Buffer.alloc(unit);
+    for (let pos = 0; pos < bytes; pos += unit) {
+      const n = Math.min(unit, bytes - pos);
+      if (buf.compare(zero, 0, n, pos, pos + n) === 0) {
+        if (!this.targetIsZero) await this.zeroes(offset + pos, n);
+        continue;
+      }
+      const piece = buf.subarray(pos, pos + n);
+      await new Promise<void>((resolve, reject) =>
+        this.dst.io.writev(offset + pos, n, [piece], ReqFlags.COMPRESSED, (e) => (e ? reject(e) : resolve())),
+      );
+    }
   }
 
   async worker(buf: Buffer): Promise<void> {
@@ -167,14 +191,20 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
   const buffers: Buffer[] = [];
   try {
     const size = src.io.getLength();
-    if (!opts.n) createRawFile(dstName, size);
+    if (opts.c && outFmt !== 'qcow2') throw new CliError(`Compression not supported for format '${outFmt}'`);
+    if (!opts.n && outFmt === 'qcow2') await imgCreateQcow2(dstName, String(size), { o: opts.o, q: true });
+    else if (!opts.n) {
+      if (opts.o?.length) throw new CliError(`Invalid options for format '${outFmt}': ${opts.o.join(',')}`);
+      createRawFile(dstName, size);
+    }
     dst = await openImage({ filename: dstName, fmt: outFmt, cache: dstCache, readOnly: false, discardUnmap: true });
     const dstSize = dst.io.getLength();
     if (opts.n && dstSize < size) {
       throw new CliError(`Output file '${dstName}' is smaller than the input (${dstSize} < ${size} bytes)`);
     }
     const progress = new Progress(!!opts.p && !opts.q);
-    const copier = new Copier(src, dst, size, sparse, !opts.n, !opts.W, progress);
+    const unit = opts.c ? Number(dst.backend.root!.node.driver.info?.(dst.backend.root!.node)['cluster-size'] ?? 65536) : 0;
+    const copier = new Copier(src, dst, size, sparse, !opts.n, !opts.W, progress, unit);
     // Aligned slab buffers, one per worker: O_DIRECT (-t/-T none) needs no bounce copies.
     for (let i = 0; i < parallel; i++) buffers.push(getEngine().allocBuffer(CHUNK, 4096));
     // Every worker ends (none is left in flight) before the images close.

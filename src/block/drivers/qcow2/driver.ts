@@ -12,8 +12,9 @@ import { ChildRole, Perm, type BlockDriver, type NodeOptions } from '../../types
 import { warn } from '../../warn.js';
 
 import {
-  COMPAT, EXT_CRYPTO, EXT_DATA_FILE, geometry, INCOMPAT, l1EntriesFor, parseHeader, unknownIncompatible, type Qcow2Header,
+  EXT_CRYPTO, EXT_DATA_FILE, geometry, INCOMPAT, l1EntriesFor, parseHeader, unknownIncompatible, type Qcow2Header,
 } from './format.js';
+import { qcow2FormatSpecific } from './info.js';
 import { L2Cache } from './l2-cache.js';
 import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
@@ -237,19 +238,7 @@ export const qcow2Driver: BlockDriver = {
   },
   info(node) {
     const h = qstate(node).header;
-    return {
-      'cluster-size': 2 ** h.clusterBits,
-      'format-specific': {
-        type: 'qcow2',
-        data: {
-          compat: h.version === 3 ? '1.1' : '0.10',
-          ...(h.version === 3 ? { 'compression-type': 'zlib', 'lazy-refcounts': (h.compatible & COMPAT.LAZY_REFCOUNTS) !== 0n } : {}),
-          'refcount-bits': 2 ** h.refcountOrder,
-          corrupt: (h.incompatible & INCOMPAT.CORRUPT) !== 0n,
-          'extended-l2': (h.incompatible & INCOMPAT.EXTL2) !== 0n,
-        },
-      },
-    };
+    return { 'cluster-size': 2 ** h.clusterBits, 'format-specific': qcow2FormatSpecific(h) };
   },
 };
 

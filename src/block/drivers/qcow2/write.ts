@@ -9,7 +9,8 @@
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
-import type { IoCallback, IoVec } from '../../types.js';
+import { ReqFlags, type IoCallback, type IoVec } from '../../types.js';
+import { writeCompressed } from './compress.js';
 import { entryCopied, entryOffset, writeEntry, writeSubclusterBitmaps } from './entries.js';
 import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
 import { readGeneral, subAllAlloc } from './read.js';
@@ -45,6 +46,13 @@ export function qcow2Writev(node: BlockNode, offset: number, bytes: number, iov:
   if (s.corrupt) return void process.nextTick(cb, new BlockError('EIO', `qcow2 '${node.name}' is marked corrupt; no further writes`, { node: node.name }));
   const cs = s.geo.clusterSize;
   const inC = offset % cs;
+  if (flags & ReqFlags.COMPRESSED) {
+    const data = gather(iov, bytes);
+    writeCompressed(node, offset, data)
+      .then((done) => (done ? undefined : writeGeneral(node, offset, bytes, iov)))
+      .then(() => cb(null), (e: unknown) => cb(toBlockError(e, node)));
+    return;
+  }
   if (inC + bytes <= cs) {
     const m = lookupCached(s, offset, scratch);
     if (m && inPlace(s, m, inC, bytes)) {
@@ -80,8 +88,80 @@ async function writeGeneral(node: BlockNode, offset: number, bytes: number, iov:
     const chunk = data.subarray(pos, pos + n);
     await lookup(s, guest, m);
     if (inPlace(s, m, inC, n)) await io.write(s.file, m.host + inC, chunk);
-    else await allocWrite(node, s, guest, chunk);
+    else {
+      const run = inC === 0 && bytes - pos >= 2 * cs ? await allocRun(node, s, guest, data.subarray(pos)) : 0;
+      if (run) {
+        pos += run;
+        continue;
+      }
+      await allocWrite(node, s, guest, chunk);
+    }
     pos += n;
+  }
+}
+
+/** Claims guest clusters for allocation; later writes to them wait. */
+function claimClusters(s: Qcow2State, first: number, max: number): { count: number; release: (from: number) => void } {
+  let wake!: () => void;
+  const claim = new Promise<void>((r) => (wake = r));
+  let count = 0;
+  while (count < max && !s.allocating.has(first + count)) s.allocating.set(first + count++, claim);
+  let released = count;
+  let woken = false;
+  return {
+    count,
+    release(from) {
+      for (let i = from; i < released; i++) if (s.allocating.get(first + i) === claim) s.allocating.delete(first + i);
+      released = Math.min(released, from);
+      if (released === 0 && !woken) {
+        woken = true;
+        wake();
+      }
+    },
+  };
+}
+
+/**
+ * Allocates a run of whole clusters of one L2 table at once: one refcount update, one
+ * contiguous data write, one L2 write. Returns the bytes written (0: not applicable, the
+ * caller goes cluster by cluster).
+ */
+async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buffer): Promise<number> {
+  const g = s.geo;
+  const cs = g.clusterSize;
+  if (g.l2EntrySize === 16) return 0;
+  const first = guest / cs;
+  const max = Math.min(Math.floor(data.length / cs), g.l2Size - (first % g.l2Size));
+  if (max < 2) return 0;
+  const c = claimClusters(s, first, max);
+  try {
+    const old: Mapping[] = [];
+    for (let k = 0; k < c.count; k++) {
+      const m = await lookup(s, (first + k) * cs);
+      if (inPlace(s, m, 0, cs)) break;
+      old.push({ ...m });
+    }
+    const n = old.length;
+    c.release(n);
+    if (n < 2) return 0;
+    const { offset: host, written } = await s.lock.run(() => s.refcounts.allocDeferred(n));
+    await Promise.all([io.write(s.file, host, data.subarray(0, n * cs)), written]);
+    const l2Written = await s.lock.run(async () => {
+      const now = await lookup(s, guest);
+      const l2Offset = await ownL2Table(s, now);
+      const table = await s.l2.get(l2Offset);
+      const pos = now.l2Index * 8;
+      for (let i = 0; i < n; i++) writeEntry(table, pos + i * 8, host + i * cs, true);
+      return trackMeta(s, io.write(s.file, l2Offset + pos, Buffer.from(table.subarray(pos, pos + n * 8))));
+    });
+    c.release(0);
+    await l2Written;
+    await s.lock.run(async () => {
+      for (const m of old) await releaseOld(s, m);
+    });
+    return n * cs;
+  } finally {
+    c.release(0);
   }
 }
 
