@@ -43,6 +43,16 @@ function engineFor(aio: unknown): IoEngine {
   return e;
 }
 
+/**
+ * io_uring runs buffered writes to one file one at a time (its workers hash them by inode),
+ * so large ones, which copy for long, go to the thread pool, where they overlap.
+ */
+const BULK_WRITE = 128 * 1024;
+function engineForRequest(s: FileState, write: boolean, bytes: number): IoEngine {
+  if (!write || bytes < BULK_WRITE || s.direct || s.engine.kind !== 'io_uring') return s.engine;
+  return engineFor('threads');
+}
+
 function openError(e: unknown, path: string): BlockError {
   if (e instanceof EngineError) return new BlockError((e.code as never) ?? 'EIO', e.message, { path }, e);
   return new BlockError('EIO', `Could not open '${path}': ${String(e)}`, { path }, e);
@@ -108,8 +118,9 @@ function fileDone(r: FileReq, res: number): void {
     // A short transfer inside the file (a signal, a busy device): go on with the rest.
     r.progress += res;
     const rest = sliceIov(r.vec, r.progress);
-    if (r.write) s.engine.writev(s.fd, rest, r.offset + r.progress, r.done);
-    else s.engine.readv(s.fd, rest, r.offset + r.progress, r.done);
+    const eng = engineForRequest(s, r.write, r.bytes);
+    if (r.write) eng.writev(s.fd, rest, r.offset + r.progress, r.done);
+    else eng.readv(s.fd, rest, r.offset + r.progress, r.done);
     return;
   }
   if (res >= 0) res += r.progress;
@@ -164,8 +175,9 @@ function submit(node: BlockNode, write: boolean, offset: number, bytes: number, 
     vec = [r.bounce];
   }
   r.vec = vec;
-  if (write) s.engine.writev(s.fd, vec, offset, r.done);
-  else s.engine.readv(s.fd, vec, offset, r.done);
+  const eng = engineForRequest(s, write, bytes);
+  if (write) eng.writev(s.fd, vec, offset, r.done);
+  else eng.readv(s.fd, vec, offset, r.done);
 }
 
 function asyncOp(s: FileState, fn: (done: (res: number) => void) => void, op: string, node: BlockNode, offset?: number): Promise<void> {
