@@ -7,9 +7,17 @@ import { Command, CommanderError } from 'commander';
 import { settleCloses } from '../block/graph.js';
 import { reportError } from './fail.js';
 import { imgBench } from './img/bench.js';
+import { imgCheck } from './img/check.js';
 import { imgConvert } from './img/convert.js';
 import { imgCreate } from './img/create.js';
 import { imgInfo } from './img/info.js';
+import { imgAmend } from './img/amend.js';
+import { imgCommit } from './img/commit.js';
+import { imgCompare } from './img/compare.js';
+import { imgMap } from './img/map.js';
+import { imgMeasure } from './img/measure.js';
+import { imgRebase } from './img/rebase.js';
+import { imgResize } from './img/resize.js';
 import { runTour } from './tour.js';
 import { packageVersion } from './version.js';
 
@@ -56,8 +64,20 @@ function buildProgram(): Command {
     .option('-f <fmt>', 'image format (default: probe)')
     .option('--output <ofmt>', 'human or json', 'human')
     .option('-U, --force-share', 'open the image with shared permissions')
+    .option('--backing-chain', 'also show every backing file of the image')
     .argument('<filename>')
     .action((filename: string, o) => imgInfo(filename, o));
+
+  img
+    .command('check')
+    .description('check an image for consistency, and optionally repair it')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('-r <mode>', 'repair: leaks (leaked clusters only) or all')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .option('-q', 'quiet')
+    .argument('<filename>')
+    .action((filename: string, o) => imgCheck(filename, o));
 
   img
     .command('convert')
@@ -75,6 +95,8 @@ function buildProgram(): Command {
     .option('-c', 'compress the target (qcow2)')
     .option('-o <options>', 'target format options (as for create)', (v: string, prev: string[] = []) => [...prev, v])
     .option('-U, --force-share', 'open the source with shared permissions')
+    .option('-B <backing_file>', 'backing file of the new image (qcow2): only what differs from it is written')
+    .option('-F <backing_fmt>', 'format of the -B backing file')
     .argument('<filename>')
     .argument('<output_filename>')
     .action((src: string, dst: string, o) => imgConvert(src, dst, o));
@@ -99,6 +121,93 @@ function buildProgram(): Command {
     .option('-U, --force-share', 'open the image with shared permissions')
     .argument('<filename>')
     .action((filename: string, o) => imgBench(filename, o));
+
+  img
+    .command('map')
+    .description('show where the data of an image comes from')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('--start-offset <offset>', 'first byte to map')
+    .option('--max-length <length>', 'bytes to map at most')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgMap(filename, o));
+
+  img
+    .command('compare')
+    .description('check whether two images read the same (exit 0 identical, 1 different, 2 error)')
+    .option('-f <fmt>', 'format of the first image (default: probe)')
+    .option('-F <fmt>', 'format of the second image (default: probe)')
+    .option('-s', 'strict: sizes and allocation must match too')
+    .option('-q', 'quiet')
+    .option('-p', 'show progress')
+    .option('-U, --force-share', 'open the images with shared permissions')
+    .argument('<filename1>')
+    .argument('<filename2>')
+    .action((a: string, b: string, o) => imgCompare(a, b, o));
+
+  img
+    .command('resize')
+    .description('change the virtual size of an image')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('--shrink', 'allow shrinking (data past the new end is lost)')
+    .option('--preallocation <mode>', 'off, falloc or full (raw) for the new area')
+    .option('-q', 'quiet')
+    .allowUnknownOption() // SIZE may be negative ("-1G"), as qemu-img takes it
+    .argument('<filename>')
+    .argument('<size>', '[+|-]size, with an optional k, M, G, T, P or E suffix')
+    .action((filename: string, size: string, o) => imgResize(filename, size, o));
+
+  img
+    .command('measure')
+    .description('compute the size a new image needs')
+    .option('-O <output_fmt>', 'target format (default raw)')
+    .option('-o <options>', 'target format options', collect)
+    .option('--size <size>', 'measure an empty image of this size')
+    .option('-f <fmt>', 'source format (default: probe)')
+    .option('--output <ofmt>', 'human or json', 'human')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('[filename...]')
+    .action((files: string[], o) => imgMeasure(files, o));
+
+  img
+    .command('rebase')
+    .description('change the backing file of an image')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('-F <backing_fmt>', 'format of the new backing file')
+    .option('-b <backing_file>', 'the new backing file ("" for none)')
+    .option('-u', 'unsafe: only rewrite the backing file name')
+    .option('-p', 'show progress')
+    .option('-q', 'quiet')
+    .option('-t <cache>', 'cache mode of the image')
+    .option('-T <src_cache>', 'cache mode of the backing files')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgRebase(filename, o));
+
+  img
+    .command('commit')
+    .description('write an image\'s data into its backing file')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('-b <base>', 'backing file to commit into (default: the immediate one)')
+    .option('-d', 'do not empty the image afterwards')
+    .option('-p', 'show progress')
+    .option('-q', 'quiet')
+    .option('-t <cache>', 'cache mode')
+    .option('-r <rate_limit>', 'rate limit (accepted, not applied)')
+    .argument('<filename>')
+    .action((filename: string, o) => imgCommit(filename, o));
+
+  img
+    .command('amend')
+    .description('change format options of an existing image')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('-o <options>', 'options to change (compat, lazy_refcounts, size)', collect)
+    .option('-p', 'show progress')
+    .option('-q', 'quiet')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgAmend(filename, o));
 
   return program;
 }

@@ -32,9 +32,13 @@ export interface ConvertOptions {
   c?: boolean;
   o?: string[];
   forceShare?: boolean;
+  /** -B: the new image's backing file (qcow2 targets); -F its format. */
+  B?: string;
+  F?: string;
 }
 
 const CHUNK = 2 << 20;
+const ZEROES = Buffer.alloc(CHUNK);
 
 /** One unit of work: a range that is either data to copy or zeroes. */
 interface Chunk {
@@ -65,6 +69,8 @@ class Copier {
     readonly progress: Progress,
     /** Cluster size when writing compressed, else 0. */
     readonly compressUnit = 0,
+    /** The target has a backing file: write only what differs from what it reads already. */
+    readonly againstBacking = false,
   ) {
     this.zeroBlock = Buffer.alloc(Math.max(sparse, 1));
   }
@@ -153,13 +159,37 @@ class Copier {
     }
   }
 
-  async worker(buf: Buffer): Promise<void> {
+  /**
+   * Writes the 512-byte sectors of the chunk that differ from what the target reads now
+   * (its backing file's data): data as data, zero runs as write-zeroes.
+   */
+  async writeDiff(c: Chunk, buf: Buffer, cur: Buffer): Promise<void> {
+    if (c.zero) buf.fill(0, 0, c.bytes);
+    await this.dst.io.read(c.offset, cur.subarray(0, c.bytes));
+    let run = -1;
+    for (let s = 0; s <= c.bytes; s += 512) {
+      const e = Math.min(c.bytes, s + 512);
+      const differs = s < c.bytes && buf.compare(cur, s, e, s, e) !== 0;
+      if (differs && run < 0) run = s;
+      if (differs || run < 0) continue;
+      const piece = buf.subarray(run, s);
+      if (piece.compare(ZEROES, 0, piece.length) === 0) {
+        await this.dst.io.writeZeroes(c.offset + run, piece.length, false);
+      } else {
+        await this.dst.io.write(c.offset + run, piece);
+      }
+      run = -1;
+    }
+  }
+
+  async worker(buf: Buffer, cur?: Buffer): Promise<void> {
     try {
       for (let c = await this.next(); c && !this.error; c = await this.next()) {
         if (!c.zero) await this.src.io.read(c.offset, buf.subarray(0, c.bytes));
         await this.turn(c.seq);
         if (this.error) return;
-        if (c.zero) await this.zeroes(c.offset, c.bytes);
+        if (this.againstBacking) await this.writeDiff(c, buf, cur!);
+        else if (c.zero) await this.zeroes(c.offset, c.bytes);
         else await this.writeSparse(buf, c.offset, c.bytes);
         this.written(c);
       }
@@ -192,7 +222,13 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
   try {
     const size = src.io.getLength();
     if (opts.c && outFmt !== 'qcow2') throw new CliError(`Compression not supported for format '${outFmt}'`);
-    if (!opts.n && outFmt === 'qcow2') await imgCreateQcow2(dstName, String(size), { o: opts.o, q: true });
+    if (opts.B !== undefined) {
+      if (outFmt !== 'qcow2') throw new CliError(`Backing file not supported for file format '${outFmt}'`);
+      if (opts.F === undefined) throw new CliError('Use of backing file requires explicit backing format');
+      if (opts.n) throw new CliError('-B cannot be used with -n (the target is not created) in Spindle');
+      if (opts.c) throw new CliError('-B cannot be used with -c in Spindle yet');
+    }
+    if (!opts.n && outFmt === 'qcow2') await imgCreateQcow2(dstName, String(size), { o: opts.o, q: true, b: opts.B, F: opts.F });
     else if (!opts.n) {
       if (opts.o?.length) throw new CliError(`Invalid options for format '${outFmt}': ${opts.o.join(',')}`);
       createRawFile(dstName, size);
@@ -204,11 +240,13 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
     }
     const progress = new Progress(!!opts.p && !opts.q);
     const unit = opts.c ? Number(dst.backend.root!.node.driver.info?.(dst.backend.root!.node)['cluster-size'] ?? 65536) : 0;
-    const copier = new Copier(src, dst, size, sparse, !opts.n, !opts.W, progress, unit);
+    const backed = dst.backend.root!.node.backing !== undefined;
+    if (backed && opts.c) throw new CliError('Compressing into an image with a backing file is not supported by Spindle yet');
+    const copier = new Copier(src, dst, size, sparse, !opts.n && !backed, !opts.W, progress, unit, backed);
     // Aligned slab buffers, one per worker: O_DIRECT (-t/-T none) needs no bounce copies.
-    for (let i = 0; i < parallel; i++) buffers.push(getEngine().allocBuffer(CHUNK, 4096));
+    for (let i = 0; i < parallel * (backed ? 2 : 1); i++) buffers.push(getEngine().allocBuffer(CHUNK, 4096));
     // Every worker ends (none is left in flight) before the images close.
-    await Promise.all(buffers.map((b) => copier.worker(b)));
+    await Promise.all(buffers.slice(0, parallel).map((b, i) => copier.worker(b, buffers[parallel + i])));
     if (copier.error) throw copier.error;
     await dst.io.flush();
     progress.finish();

@@ -4,6 +4,7 @@
  */
 import type { BlockNode } from '../../block/node.js';
 import { CliError } from '../fail.js';
+import { infoBackingChain } from './backing-chain.js';
 import { openImage, parseJsonFilename, probe } from './open.js';
 import { qcow2HeaderInfo } from './qcow2-info.js';
 import { qdictOrder } from './qdict.js';
@@ -13,6 +14,7 @@ export interface InfoOptions {
   f?: string;
   output?: string;
   forceShare?: boolean;
+  backingChain?: boolean;
 }
 
 /** Host bytes allocated: the first node down the primary chain whose driver knows. */
@@ -85,7 +87,7 @@ function dumpValue(v: unknown, indent: number): string {
 }
 
 /** The human form, in qemu-img's line order. */
-function human(info: Record<string, unknown>): string {
+export function humanInfo(info: Record<string, unknown>): string {
   const vs = info['virtual-size'] as number;
   let out =
     `image: ${info.filename as string}\n` +
@@ -107,9 +109,15 @@ function human(info: Record<string, unknown>): string {
   return out;
 }
 
+/** The ImageInfo of one image (not its backing files), keys in qemu's order. */
+export async function imageInfo(filename: string, opts: InfoOptions): Promise<Record<string, unknown>> {
+  return qdictOrder(headerOnly(filename, opts.f) ? await qcow2HeaderInfo(filename, opts.forceShare === true) : await openedInfo(filename, opts));
+}
+
 export async function imgInfo(filename: string, opts: InfoOptions): Promise<void> {
   const output = opts.output ?? 'human';
   if (output !== 'human' && output !== 'json') throw new CliError('--output must be used with human or json as argument.');
-  const info = qdictOrder(headerOnly(filename, opts.f) ? await qcow2HeaderInfo(filename, opts.forceShare === true) : await openedInfo(filename, opts));
-  process.stdout.write(output === 'json' ? `${JSON.stringify(info, null, 4)}\n` : human(info));
+  if (opts.backingChain) return infoBackingChain(filename, opts, output);
+  const info = await imageInfo(filename, opts);
+  process.stdout.write(output === 'json' ? `${JSON.stringify(info, null, 4)}\n` : humanInfo(info));
 }
