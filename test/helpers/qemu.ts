@@ -4,7 +4,8 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { expect } from 'vitest';
 
 export interface RunResult {
   status: number | null;
@@ -85,4 +86,41 @@ export function qemuInfo(path: string): ImageInfo {
 
 export function sha256(b: Uint8Array): string {
   return createHash('sha256').update(b).digest('hex');
+}
+
+/**
+ * A qcow2 image of compressed clusters (`qemu-img convert -c` of a raw file with runs of one
+ * byte and runs of noise, zero elsewhere); returns the raw data.
+ */
+export function compressedImage(out: string, size: number, seed: number, opts: string[] = []): Buffer {
+  const data = Buffer.alloc(size);
+  let x = seed >>> 0;
+  const r = (n: number): number => ((x = (Math.imul(x, 1103515245) + 12345) >>> 0), Math.floor((x / 4294967296) * n));
+  for (let i = 0; i < 60; i++) {
+    const n = 1 + r(80_000);
+    const off = r(size - n);
+    if (i % 2) data.fill(0x30 + i, off, off + n);
+    else for (let k = 0; k < n; k++) data[off + k] = r(256);
+  }
+  const raw = `${out}.src.raw`;
+  writeFileSync(raw, data);
+  qemuImg(['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', ...(opts.length ? ['-o', opts.join(',')] : []), raw, out]);
+  rmSync(raw, { force: true });
+  return data;
+}
+
+/** `qemu-img check` must be clean: no corruption and no leaks. */
+export function expectClean(path: string): void {
+  const r = qemuCheck(path);
+  expect(r.stdout + r.stderr, `qemu-img check ${path}`).toContain('No errors were found');
+  expect(r.status).toBe(0);
+}
+
+/** Byte-exact comparison that reports the first difference instead of two dumps. */
+export function expectEqual(got: Buffer, want: Buffer, what: string): void {
+  expect(got.length, `${what}: length`).toBe(want.length);
+  if (got.equals(want)) return;
+  let i = 0;
+  while (got[i] === want[i]) i++;
+  expect.fail(`${what}: first difference at byte ${i} (offset ${i % 65536} in its 64k): got ${got[i]}, want ${want[i]}`);
 }

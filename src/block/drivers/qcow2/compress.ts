@@ -55,7 +55,7 @@ export async function writeCompressed(node: BlockNode, offset: number, data: Buf
     const table = await s.l2.get(l2Offset);
     const pos = m.l2Index * s.geo.l2EntrySize;
     encodeCompressed(table, pos, s.geo.clusterBits, host, packed.length);
-    await io.write(s.file, l2Offset + pos, Buffer.from(table.subarray(pos, pos + 8)));
+    await s.l2.writeThrough(l2Offset, table, pos, pos + 8);
     await releaseOld(s, m);
   });
   return true;

@@ -60,6 +60,24 @@ export class L2Cache {
     this.evict();
   }
 
+  /**
+   * Writes bytes [start, end) of `table` (the cached table at `offset`) through to the file.
+   * The table stays cached until the write lands: evicted and reloaded meanwhile, it would
+   * come back from disk without these entries.
+   */
+  async writeThrough(offset: number, table: Buffer, start: number, end: number): Promise<void> {
+    const e = this.tables.get(offset);
+    if (e?.buf === table) e.pins++;
+    try {
+      await io.write(this.file, offset + start, Buffer.from(table.subarray(start, end)));
+    } finally {
+      if (e?.buf === table) {
+        e.pins--;
+        this.evict();
+      }
+    }
+  }
+
   pin(offset: number): void {
     const e = this.tables.get(offset);
     if (e) e.pins++;

@@ -43,7 +43,7 @@ async function rewriteClusters(node: BlockNode, offset: number, bytes: number, m
       } else {
         writeEntry(table, pos, keep ? m.host : 0, keep, zero);
       }
-      await io.write(s.file, l2Offset + pos, table.subarray(pos, pos + s.geo.l2EntrySize));
+      await s.l2.writeThrough(l2Offset, table, pos, pos + s.geo.l2EntrySize);
       if (!keep && (m.host || m.kind === KIND_COMPRESSED)) {
         await releaseOld(s, m.kind === KIND_COMPRESSED ? m : { ...m, kind: KIND_NORMAL });
       }

@@ -89,9 +89,26 @@ export class Refcounts {
     if (off % cs) throw this.corrupt(`refcount block offset ${off} is not cluster aligned`);
     b = Buffer.alloc(cs);
     await io.read(this.file, off, b);
-    if (this.blocks.size > 256) this.blocks.delete(this.blocks.keys().next().value!);
+    if (this.blocks.size > 256) this.evictOne();
     this.blocks.set(off, b);
     return b;
+  }
+
+  /** Refcount writes in flight, per block offset: such a block stays cached. */
+  private readonly writing = new Map<number, number>();
+
+  /**
+   * Drops the oldest cached block that no write is in flight for: evicted and reloaded
+   * before its write landed, a block would come back from disk without it (and a cluster
+   * just allocated would look free again).
+   */
+  private evictOne(): void {
+    for (const k of this.blocks.keys()) {
+      if (!this.writing.has(k)) {
+        this.blocks.delete(k);
+        return;
+      }
+    }
   }
 
   /** The refcount of cluster `c` (clusters past the table count as free). */
@@ -152,7 +169,28 @@ export class Refcounts {
   }
 
   private async writeSpans(spans: [number, Buffer][]): Promise<void> {
-    for (const [off, bytes] of spans) await io.write(this.file, off, bytes);
+    const cs = this.geo.clusterSize;
+    const blockOf = (off: number): number => off - (off % cs);
+    for (const [off] of spans) this.writing.set(blockOf(off), (this.writing.get(blockOf(off)) ?? 0) + 1);
+    let i = 0;
+    try {
+      for (; i < spans.length; i++) {
+        const [off, bytes] = spans[i]!;
+        try {
+          await io.write(this.file, off, bytes);
+        } finally {
+          this.doneWriting(blockOf(off));
+        }
+      }
+    } finally {
+      for (let k = i + 1; k < spans.length; k++) this.doneWriting(blockOf(spans[k]![0]));
+    }
+  }
+
+  private doneWriting(blk: number): void {
+    const n = (this.writing.get(blk) ?? 1) - 1;
+    if (n > 0) this.writing.set(blk, n);
+    else this.writing.delete(blk);
   }
 
   /**

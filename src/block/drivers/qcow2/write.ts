@@ -152,7 +152,7 @@ async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buf
       const table = await s.l2.get(l2Offset);
       const pos = now.l2Index * 8;
       for (let i = 0; i < n; i++) writeEntry(table, pos + i * 8, host + i * cs, true);
-      return trackMeta(s, io.write(s.file, l2Offset + pos, Buffer.from(table.subarray(pos, pos + n * 8))));
+      return trackMeta(s, s.l2.writeThrough(l2Offset, table, pos, pos + n * 8));
     });
     c.release(0);
     await l2Written;
@@ -219,7 +219,7 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
       const pos = now.l2Index * s.geo.l2EntrySize;
       writeEntry(table, pos, host, true);
       if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
-      return trackMeta(s, io.write(s.file, l2Offset + pos, Buffer.from(table.subarray(pos, pos + s.geo.l2EntrySize))));
+      return trackMeta(s, s.l2.writeThrough(l2Offset, table, pos, pos + s.geo.l2EntrySize));
     });
     // The mapping is live in memory: later writes to this cluster may go in place now,
     // while the entry reaches the disk (a flush waits for it).
@@ -272,7 +272,7 @@ async function writeSubclusters(node: BlockNode, s: Qcow2State, m: Mapping, gues
   const table = await s.l2.get(m.l2Offset);
   const pos = m.l2Index * 16;
   writeSubclusterBitmaps(table, pos, (m.alloc | touched) >>> 0, (m.zero & ~touched) >>> 0);
-  await io.write(s.file, m.l2Offset + pos, table.subarray(pos, pos + 16));
+  await s.l2.writeThrough(m.l2Offset, table, pos, pos + 16);
 }
 
 /**
