@@ -18,6 +18,7 @@ import { imgMap } from './img/map.js';
 import { imgMeasure } from './img/measure.js';
 import { imgRebase } from './img/rebase.js';
 import { imgResize } from './img/resize.js';
+import { imgSnapshot } from './img/snapshot.js';
 import { runTour } from './tour.js';
 import { packageVersion } from './version.js';
 
@@ -197,6 +198,19 @@ function buildProgram(): Command {
     .option('-r <rate_limit>', 'rate limit (accepted, not applied)')
     .argument('<filename>')
     .action((filename: string, o) => imgCommit(filename, o));
+
+  img
+    .command('snapshot')
+    .description('list, create, apply or delete internal snapshots (qcow2)')
+    .option('-f <fmt>', 'image format (default: probe)')
+    .option('-l', 'list the snapshots')
+    .option('-c <snapshot>', 'create a snapshot', collect)
+    .option('-a <snapshot>', 'apply a snapshot (revert the image to it)', collect)
+    .option('-d <snapshot>', 'delete a snapshot', collect)
+    .option('-q', 'quiet')
+    .option('-U, --force-share', 'open the image with shared permissions')
+    .argument('<filename>')
+    .action((filename: string, o) => imgSnapshot(filename, o));
 
   img
     .command('amend')

@@ -142,22 +142,31 @@ describe('qcow2 open: feature bits', () => {
     expect(sha256(readFileSync(p))).toBe(sum);
   });
 
-  it('refuses a read-write open of a dirty image, and reads it read-only', async () => {
+  it('repairs a dirty image on a read-write open, and leaves it alone read-only', async () => {
     const p = createImage(path('dirty.qcow2'), 2 * MiB, ['lazy_refcounts=on']);
     // qemu-io's abort leaves the lazy-refcounts image dirty, as a crash would.
     const r = run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x44 1000 70000', '-c', 'abort', p]);
     expect(r.status).not.toBe(0);
     expect(readFileSync(p)[79]! & 1).toBe(1);
-    const err = await openFails(p);
-    expect(err.code).toBe('EINVAL');
-    expect(err.message).toMatch(/dirty/);
-    expect(err.message).toContain('qemu-img check -r');
-    expect(err.message).toContain(p);
+    const expected = qemuRaw(p);
     const sum = sha256(readFileSync(p));
-    const n = await open(p, { 'read-only': true });
-    expect((await readAll(n)).equals(qemuRaw(p))).toBe(true);
-    await close(n);
-    expect(sha256(readFileSync(p))).toBe(sum);
+    const ro = await open(p, { 'read-only': true });
+    expect((await readAll(ro)).equals(expected)).toBe(true);
+    await close(ro);
+    expect(sha256(readFileSync(p)), 'a read-only open repairs nothing').toBe(sum);
+    const warnings: string[] = [];
+    const old = setWarningSink((m) => warnings.push(m));
+    try {
+      const rw = await open(p);
+      expect(warnings.join('\n')).toMatch(/not closed cleanly; repairing/);
+      expect((await readAll(rw)).equals(expected)).toBe(true);
+      await close(rw);
+    } finally {
+      setWarningSink(old);
+    }
+    expect(readFileSync(p)[79]! & 1, 'the dirty bit is cleared').toBe(0);
+    const check = run('qemu-img', ['check', p]);
+    expect(check.status, check.stdout).toBe(0);
   });
 
   it('clears unknown autoclear bits (bitmaps) on a read-write open, and only then', async () => {

@@ -9,6 +9,7 @@ import { openImage, parseJsonFilename, probe } from './open.js';
 import { qcow2HeaderInfo } from './qcow2-info.js';
 import { qdictOrder } from './qdict.js';
 import { sizeToStr } from './size.js';
+import { snapshotTable } from './snapshot.js';
 
 export interface InfoOptions {
   f?: string;
@@ -104,6 +105,8 @@ export function humanInfo(info: Record<string, unknown>): string {
     out += `backing file: ${backing}${note}\n`;
   }
   if (info['backing-filename-format'] !== undefined) out += `backing file format: ${info['backing-filename-format'] as string}\n`;
+  const snapshots = info['snapshots'] as Record<string, unknown>[] | undefined;
+  if (snapshots?.length) out += snapshotTable(snapshots);
   const spec = info['format-specific'] as { data?: unknown } | undefined;
   if (spec) out += `Format specific information:\n${dumpValue(spec.data, 1)}`;
   return out;

@@ -7,6 +7,7 @@
 import { isAbsolute } from 'node:path';
 import { INCOMPAT, MAX_CLUSTER_BITS, parseHeader, type Qcow2Header } from '../../block/drivers/qcow2/format.js';
 import { qcow2FormatSpecific } from '../../block/drivers/qcow2/info.js';
+import { readSnapshotTable, snapshotJson, type SnapshotInfo } from '../../block/drivers/qcow2/snapshot.js';
 import { attachRoot, detachRoot, openNode, unref } from '../../block/graph.js';
 import * as io from '../../block/io.js';
 import type { BlockParent } from '../../block/node.js';
@@ -35,10 +36,12 @@ export interface ImageHead {
   header: Qcow2Header;
   /** Host bytes allocated to the file. */
   actualSize: number;
+  /** The internal snapshots, when asked for. */
+  snapshots?: SnapshotInfo[];
 }
 
-/** Opens `path` read-only as a file node, reads and parses the qcow2 header cluster. */
-export async function readImageHead(path: string, forceShare: boolean): Promise<ImageHead> {
+/** Opens `path` read-only as a file node, reads and parses the qcow2 header cluster (and the snapshot table). */
+export async function readImageHead(path: string, forceShare: boolean, withSnapshots = false): Promise<ImageHead> {
   const node = await openNode({ driver: 'file', filename: path, 'read-only': true });
   try {
     const edge = attachRoot(READER, node, 'root', {
@@ -50,7 +53,8 @@ export async function readImageHead(path: string, forceShare: boolean): Promise<
       const buf = Buffer.alloc(Math.min(2 ** MAX_CLUSTER_BITS, io.getLength(edge)));
       await io.read(edge, 0, buf);
       const header = parseHeader(buf);
-      return { header, actualSize: node.driver.allocatedSize?.(node) ?? 0 };
+      const snapshots = withSnapshots ? (await readSnapshotTable(edge, header)).list : undefined;
+      return { header, actualSize: node.driver.allocatedSize?.(node) ?? 0, snapshots };
     } finally {
       detachRoot(edge);
     }
@@ -63,7 +67,7 @@ export async function readImageHead(path: string, forceShare: boolean): Promise<
 export async function qcow2HeaderInfo(filename: string, forceShare: boolean): Promise<Record<string, unknown>> {
   let head: ImageHead;
   try {
-    head = await readImageHead(filename, forceShare);
+    head = await readImageHead(filename, forceShare, true);
   } catch (e) {
     const msg = oneLine(e);
     if (/bad magic|too short for a header/.test(msg)) throw new CliError(`Could not open '${filename}': Image is not in qcow2 format`);
@@ -80,6 +84,7 @@ export async function qcow2HeaderInfo(filename: string, forceShare: boolean): Pr
     'dirty-flag': (h.incompatible & INCOMPAT.DIRTY) !== 0n,
   };
   if (h.cryptMethod) info['encrypted'] = true;
+  if (head.snapshots?.length) info['snapshots'] = head.snapshots.map(snapshotJson);
   if (h.backingFile) {
     info['backing-filename'] = h.backingFile;
     info['full-backing-filename'] = combinePath(filename, h.backingFile);

@@ -14,11 +14,13 @@ import { warn } from '../../warn.js';
 import {
   EXT_CRYPTO, EXT_DATA_FILE, geometry, INCOMPAT, l1EntriesFor, parseHeader, unknownIncompatible, type Qcow2Header,
 } from './format.js';
+import { checkQcow2 } from './check.js';
 import { qcow2FormatSpecific } from './info.js';
 import { L2Cache } from './l2-cache.js';
 import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
+import { readSnapshotTable, snapshotJson } from './snapshot.js';
 import { Mutex, qstate, type Qcow2State } from './state.js';
 import { qcow2Flush, qcow2Writev } from './write.js';
 
@@ -70,7 +72,14 @@ function checkHeader(node: BlockNode, h: Qcow2Header, fileLen: number): void {
     throw bad(node, `refcount table of ${h.refcountTableClusters} clusters is invalid`);
   }
   if (h.refcountTableOffset + h.refcountTableClusters * cs > fileLen) throw bad(node, 'refcount table lies past the end of the file');
-  if (h.nbSnapshots && h.snapshotsOffset % cs) throw bad(node, `snapshot table offset ${h.snapshotsOffset} is invalid`);
+  // Both tables are written in place: one on top of the other would corrupt both.
+  const rtEnd = h.refcountTableOffset + h.refcountTableClusters * cs;
+  if (h.l1Size && h.l1TableOffset < rtEnd && h.refcountTableOffset < h.l1TableOffset + h.l1Size * 8) {
+    throw bad(node, `L1 table (offset ${h.l1TableOffset}) overlaps the refcount table (offset ${h.refcountTableOffset})`);
+  }
+  if (h.incompatible & INCOMPAT.EXTL2 && h.clusterBits < 14) throw bad(node, 'extended L2 entries need clusters of at least 16 KiB');
+  if (h.nbSnapshots > 65536) throw bad(node, `${h.nbSnapshots} snapshots are too many (at most 65536)`);
+  if (h.nbSnapshots && (h.snapshotsOffset % cs || h.snapshotsOffset === 0)) throw bad(node, `snapshot table offset ${h.snapshotsOffset} is invalid`);
 }
 
 /** Writes bytes into the header (cluster 0). */
@@ -119,14 +128,17 @@ export const qcow2Driver: BlockDriver = {
       node.readOnly = readOnly = true;
     }
     if (h.incompatible & INCOMPAT.DIRTY && !readOnly) {
-      throw new BlockError('EINVAL', `Could not open qcow2 image '${imageName(node)}' read-write: it is dirty (not closed cleanly with lazy refcounts); repair it with 'qemu-img check -r all' first`, { node: node.name });
-    }
-    if (!readOnly && h.autoclear !== 0n) {
-      // Spindle maintains no autoclear feature (bitmaps): clear the bits before it writes,
-      // so readers know that e.g. the bitmaps missed these writes (qcow2.txt, autoclear).
-      await io.write(file, 88, Buffer.alloc(8));
-      await io.flush(file);
-      h.autoclear = 0n;
+      // Lazy refcounts were in use and the image was not closed: its refcounts may be
+      // stale. Repair them before writing anything, as QEMU does.
+      warn(`qcow2 image '${imageName(node)}' was not closed cleanly; repairing its refcounts`);
+      const r = await checkQcow2(file, { repair: 'all', filename: imageName(node) });
+      if (r.corruptions || r['check-errors']) {
+        throw new BlockError('EIO', `Could not open qcow2 image '${imageName(node)}' read-write: it was not closed cleanly and repairing it left ${r.corruptions ?? 0} errors; try 'spindle img check -r all'`, { node: node.name });
+      }
+      const again = Buffer.alloc(Math.min(cs, io.getLength(file)));
+      await io.read(file, 0, again);
+      h = parseNamed(node, again);
+      checkHeader(node, h, io.getLength(file));
     }
     const l1 = Buffer.alloc(h.l1Size * 8);
     if (h.l1Size) await io.read(file, h.l1TableOffset, l1);
@@ -148,9 +160,24 @@ export const qcow2Driver: BlockDriver = {
         h.refcountTableClusters = clusters;
       },
     }, node.name);
+    try {
+      // For info(); a table that cannot be read fails the snapshot operations, not the open.
+      if (h.nbSnapshots) s.snapshots = (await readSnapshotTable(file, h)).list;
+      else s.snapshots = [];
+    } catch {
+      s.snapshots = undefined;
+    }
     node.opaque = s;
     const bopts = backingOptions(node, o, h);
     if (bopts !== null) await ctx.openChild(node, bopts, 'backing', ChildRole.COW);
+    if (!readOnly && h.autoclear !== 0n) {
+      // Spindle maintains no autoclear feature (bitmaps): clear the bits before it writes,
+      // so readers know that e.g. the bitmaps missed these writes (qcow2.txt, autoclear).
+      // Last, so an open that fails earlier has written nothing.
+      await io.write(file, 88, Buffer.alloc(8));
+      await io.flush(file);
+      h.autoclear = 0n;
+    }
   },
   getLength: (node) => qstate(node).header.size,
   childPerms(node, child, perm, shared) {
@@ -237,8 +264,11 @@ export const qcow2Driver: BlockDriver = {
     return !node.backing && s.header.backingFile ? { backing: null } : {};
   },
   info(node) {
-    const h = qstate(node).header;
-    return { 'cluster-size': 2 ** h.clusterBits, 'format-specific': qcow2FormatSpecific(h) };
+    const s = qstate(node);
+    const h = s.header;
+    const info: Record<string, unknown> = { 'cluster-size': 2 ** h.clusterBits, 'format-specific': qcow2FormatSpecific(h) };
+    if (s.snapshots?.length) info['snapshots'] = s.snapshots.map(snapshotJson);
+    return info;
   },
 };
 

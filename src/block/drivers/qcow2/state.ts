@@ -6,6 +6,7 @@ import { stateOf } from '../../node.js';
 import type { Geometry, Qcow2Header } from './format.js';
 import type { L2Cache } from './l2-cache.js';
 import type { Refcounts } from './refcount.js';
+import type { SnapshotInfo } from './snapshot.js';
 
 export interface Qcow2State {
   header: Qcow2Header;
@@ -26,6 +27,8 @@ export interface Qcow2State {
   allocating: Map<number, Promise<void>>;
   /** Metadata writes issued but not yet complete; flush waits for them. */
   pendingMeta: Set<Promise<void>>;
+  /** The internal snapshots as last read (open, or a snapshot operation); undefined if unreadable. */
+  snapshots?: SnapshotInfo[];
 }
 
 export function qstate(node: BlockNode): Qcow2State {
