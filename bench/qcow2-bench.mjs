@@ -3,7 +3,8 @@
 //    image (reads, in-place writes) and on a fresh one (reads of nothing, allocating
 //    writes), queue depth 1 and 64;
 //  - `img convert` of a 1 GiB fully allocated qcow2 to raw and to qcow2.
-// Ratios above 1 mean Spindle is faster. Usage: npm run build && node bench/qcow2-bench.mjs
+// Ratios above 1 mean Spindle is faster. Both tools convert with their defaults (target cache
+// unsafe: no flush at the end). Usage: npm run build && node bench/qcow2-bench.mjs
 import { spawnSync } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,7 +12,8 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const spindle = join(root, 'dist', 'spindle.mjs');
+// SPINDLE_BIN: another build of the CLI (say, a saved copy to compare against).
+const spindle = process.env.SPINDLE_BIN ?? join(root, 'dist', 'spindle.mjs');
 const GiB = 1 << 30;
 if (spawnSync('qemu-img', ['--version']).status !== 0) {
   console.log('qemu-img not found (install qemu-utils)');
@@ -79,6 +81,9 @@ try {
     for (const name of ['spindle', 'qemu-img']) {
       const out = join(dir, `out-${name}.${fmtOut}`);
       rmSync(out, { force: true });
+      // Each run starts with no dirty pages (the other tool's output gone, others' data on
+      // disk): otherwise one tool's run pays for the writeback of what the one before left.
+      spawnSync('sync');
       times[name] = tool[name](['convert', '-f', 'qcow2', '-O', fmtOut, allocated, out]).secs;
       rmSync(out, { force: true });
     }

@@ -87,7 +87,7 @@ function buildProgram(): Command {
     .option('-O <output_fmt>', 'target format (default raw)')
     .option('-p', 'show progress')
     .option('-q', 'quiet')
-    .option('-t <cache>', 'target cache mode (default writeback)')
+    .option('-t <cache>', 'target cache mode (default unsafe, as qemu-img: no sync at the end)')
     .option('-T <src_cache>', 'source cache mode (default writeback)')
     .option('-S <sparse_size>', 'zero runs of this many bytes are left as holes (default 4k, 0 = fully allocate)')
     .option('-n', 'skip target creation: write into the existing target')

@@ -1,12 +1,17 @@
 /**
  * `img convert`: copy an image into a new (or, with -n, an existing) one.
  *
- * The source is walked in chunks of up to 2 MiB that block status says are homogeneous;
- * up to -m chunks are in flight. Ranges that read as zeroes (holes, or data blocks of -S
- * bytes that are all zero) are not written to a fresh target, which already reads as
- * zeroes and so stays sparse; with -n the target's old contents must go, so they become
- * write-zeroes (punching holes where the file system can). Without -W, writes land in
- * source order, as qemu-img does, while reads still overlap.
+ * Block status is asked once per homogeneous extent of the source (up to 1 GiB at a time)
+ * and the extent is cut locally into chunks: data chunks of up to 2 MiB ending on 2 MiB
+ * boundaries (so whole target clusters), zero chunks as long as the extent. Up to -m chunks
+ * are in flight. Ranges that read as zeroes (holes, or data blocks of -S bytes that are all
+ * zero) are not written to a fresh target, which already reads as zeroes and so stays
+ * sparse; with -n the target's old contents must go, so they become write-zeroes (punching
+ * holes where the file system can). A qcow2 target gets zero blocks inside a cluster that
+ * has data as data, so its writes stay whole clusters. Without -W, writes start in source
+ * order, as qemu-img's do, while reads and the zero scan overlap them. As in qemu-img, the
+ * target's cache mode defaults to unsafe (no flush at the end) and the source is read
+ * through the thread pool.
  */
 import { blockStatus } from '../../block/io.js';
 import { getEngine } from '../../native/engine.js';
@@ -37,8 +42,21 @@ export interface ConvertOptions {
   F?: string;
 }
 
+/** Bytes copied per read and write (qemu-img's buffer size). */
 const CHUNK = 2 << 20;
+/** In-order writes in flight at once into a raw target in the page cache. */
+const WRITE_DEPTH = 4;
+/** The largest -S. */
+const MAX_SPARSE = 2 << 20;
+/**
+ * Block status is asked for this much at once and split into chunks locally: one status
+ * round trip per homogeneous extent, not one per chunk.
+ */
+const STATUS_SPAN = 1 << 30;
+/** A chunk that reads as zeroes has nothing to read, so it may be this long. */
+const ZERO_SPAN = 1 << 30;
 const ZEROES = Buffer.alloc(CHUNK);
+
 
 /** One unit of work: a range that is either data to copy or zeroes. */
 interface Chunk {
@@ -51,9 +69,17 @@ interface Chunk {
 class Copier {
   #cursor = 0;
   #seq = 0;
+  /** The source extent [#cursor, #extentEnd) that block status described, and whether it reads as zeroes. */
+  #extentEnd = 0;
+  #extentZero = false;
+  /** A block status query in flight; other workers wait for it rather than ask again. */
+  #fetching: Promise<void> | null = null;
+  /** Every chunk before #nextStart has started writing, every one before #nextWrite is written. */
+  #nextStart = 0;
   #nextWrite = 0;
+  /** Chunks written while an earlier one was still in flight (write depth > 1). */
+  #written = new Set<number>();
   #writeWaiters = new Map<number, () => void>();
-  #claim: Promise<unknown> = Promise.resolve();
   done = 0;
   /** The first failure; the other workers stop at their next step. */
   error: unknown = null;
@@ -71,75 +97,147 @@ class Copier {
     readonly compressUnit = 0,
     /** The target has a backing file: write only what differs from what it reads already. */
     readonly againstBacking = false,
+    /**
+     * The target's allocation unit (qcow2 clusters), else 0. Zero blocks that do not cover
+     * whole units are written as data: the unit is allocated anyway, and the data writes
+     * stay whole-cluster (the target's multi-cluster allocation path, no copy-on-write).
+     */
+    readonly targetUnit = 0,
+    /** In-order writes that may be in flight at once (see imgConvert). */
+    readonly writeDepth = 1,
   ) {
     this.zeroBlock = Buffer.alloc(Math.max(sparse, 1));
   }
 
-  /** The next chunk; claims are serialised because block status is asynchronous. */
-  next(): Promise<Chunk | null> {
-    const p = this.#claim.then(async (): Promise<Chunk | null> => {
-      if (this.#cursor >= this.size) return null;
-      const offset = this.#cursor;
-      let bytes = Math.min(CHUNK, this.size - offset);
-      let zero = false;
-      if (this.sparse > 0 && !this.compressUnit) {
-        const st = await blockStatus(this.src.backend.root!, offset, bytes);
-        bytes = Math.min(bytes, st.bytes);
-        zero = st.zero;
+  /** The next chunk. Only a worker that needs fresh block status waits for it. */
+  async next(): Promise<Chunk | null> {
+    for (;;) {
+      while (this.#fetching) await this.#fetching;
+      if (this.#cursor >= this.size || this.error) return null;
+      if (this.#cursor < this.#extentEnd) return this.#cut();
+      const p = this.#fetchStatus();
+      this.#fetching = p;
+      try {
+        await p;
+      } finally {
+        this.#fetching = null;
       }
-      this.#cursor += bytes;
-      return { seq: this.#seq++, offset, bytes, zero };
-    });
-    this.#claim = p.catch(() => undefined);
-    return p;
+    }
   }
 
-  /** Resolves when every chunk before `seq` has been written (only without -W). */
+  async #fetchStatus(): Promise<void> {
+    const offset = this.#cursor;
+    if (this.sparse === 0 || this.compressUnit) {
+      this.#extentEnd = this.size;
+      this.#extentZero = false;
+      return;
+    }
+    const st = await blockStatus(this.src.backend.root!, offset, Math.min(STATUS_SPAN, this.size - offset));
+    // A driver that answers nothing useful: copy a chunk as data.
+    const ok = st.bytes > 0;
+    this.#extentEnd = Math.min(this.size, offset + (ok ? st.bytes : CHUNK));
+    this.#extentZero = ok && st.zero;
+  }
+
+  /** Cuts the next chunk from the current extent; data chunks end on CHUNK boundaries. */
+  #cut(): Chunk {
+    const offset = this.#cursor;
+    const zero = this.#extentZero;
+    const end = zero && !this.againstBacking
+      ? Math.min(this.#extentEnd, offset + ZERO_SPAN)
+      : Math.min(this.#extentEnd, (Math.floor(offset / CHUNK) + 1) * CHUNK);
+    this.#cursor = end;
+    return { seq: this.#seq++, offset, bytes: end - offset, zero };
+  }
+
+  /**
+   * Resolves when the chunk may be written (only without -W): writes start in source order,
+   * each once the writes of all but the last `writeDepth - 1` chunks before it are done
+   * (with a depth of 1, as qemu-img: once every chunk before it is written).
+   */
   async turn(seq: number): Promise<void> {
-    if (!this.ordered || seq === this.#nextWrite || this.error) return;
-    await new Promise<void>((r) => this.#writeWaiters.set(seq, r));
+    if (!this.ordered || this.error) return;
+    if (!this.#mayStart(seq)) await new Promise<void>((r) => this.#writeWaiters.set(seq, r));
+    if (this.error) return;
+    this.#nextStart = seq + 1;
+    this.#wakeNext();
+  }
+
+  #mayStart(seq: number): boolean {
+    return seq === this.#nextStart && seq < this.#nextWrite + this.writeDepth;
+  }
+
+  #wakeNext(): void {
+    const w = this.#writeWaiters.get(this.#nextStart);
+    if (w && this.#mayStart(this.#nextStart)) {
+      this.#writeWaiters.delete(this.#nextStart);
+      w();
+    }
   }
 
   written(c: Chunk): void {
     this.done += c.bytes;
     this.progress.update(this.done, this.size);
     if (!this.ordered) return;
-    this.#nextWrite = c.seq + 1;
-    const w = this.#writeWaiters.get(this.#nextWrite);
-    if (w) {
-      this.#writeWaiters.delete(this.#nextWrite);
-      w();
-    }
+    this.#written.add(c.seq);
+    while (this.#written.delete(this.#nextWrite)) this.#nextWrite++;
+    this.#wakeNext();
   }
 
   async zeroes(offset: number, bytes: number): Promise<void> {
     if (!this.targetIsZero) await this.dst.io.writeZeroes(offset, bytes, true);
   }
 
-  /** Writes buf[0, bytes) at `offset`, leaving out all-zero blocks of `sparse` bytes. */
-  async writeSparse(buf: Buffer, offset: number, bytes: number): Promise<void> {
-    if (this.compressUnit) return this.writeCompressed(buf, offset, bytes);
+  /**
+   * Splits buf[0, bytes) (guest bytes at `offset`) into runs of data and of all-zero blocks
+   * of `sparse` bytes, as a flat list of [start, end, zero] triples. Done before the chunk's
+   * turn to write, so in-order writes follow each other without a scan in between.
+   */
+  runs(buf: Buffer, offset: number, bytes: number): number[] {
     const S = this.sparse;
-    if (S === 0) return this.dst.io.write(offset, buf.subarray(0, bytes));
-    let runStart = 0;
-    let runZero = false;
-    const flush = async (end: number): Promise<void> => {
-      if (end === runStart) return;
-      if (runZero) await this.zeroes(offset + runStart, end - runStart);
-      else await this.dst.io.write(offset + runStart, buf.subarray(runStart, end));
-    };
+    if (S === 0) return [0, bytes, 0];
+    const out: number[] = [];
+    const zb = this.zeroBlock;
     for (let pos = 0; pos < bytes; pos += S) {
       const n = Math.min(S, bytes - pos);
-      // Buffer.compare is a memcmp: far faster than a JS loop over the bytes.
-      const isZero = buf.compare(this.zeroBlock, 0, n, pos, pos + n) === 0;
-      if (pos === 0) runZero = isZero;
-      else if (isZero !== runZero) {
-        await flush(pos);
-        runStart = pos;
-        runZero = isZero;
-      }
+      // A first or last byte that is not zero settles most data blocks without a memcmp.
+      const zero = buf[pos] === 0 && buf[pos + n - 1] === 0 && buf.compare(zb, 0, n, pos, pos + n) === 0 ? 1 : 0;
+      const k = out.length;
+      if (k && out[k - 1] === zero) out[k - 2] = pos + n;
+      else out.push(pos, pos + n, zero);
     }
-    await flush(bytes);
+    const T = this.targetUnit;
+    if (T <= S || out.length === 3) return out;
+    // Zero runs keep only the whole target units they cover; the rest joins the data.
+    const merged: number[] = [];
+    const push = (a: number, b: number, zero: number): void => {
+      if (b <= a) return;
+      const k = merged.length;
+      if (k && merged[k - 1] === zero && merged[k - 2] === a) merged[k - 2] = b;
+      else merged.push(a, b, zero);
+    };
+    for (let i = 0; i < out.length; i += 3) {
+      const a = out[i]!, b = out[i + 1]!;
+      if (!out[i + 2]) {
+        push(a, b, 0);
+        continue;
+      }
+      const za = Math.min(b, Math.ceil((offset + a) / T) * T - offset);
+      const zbEnd = Math.max(za, Math.floor((offset + b) / T) * T - offset);
+      push(a, za, 0);
+      push(za, zbEnd, 1);
+      push(zbEnd, b, 0);
+    }
+    return merged;
+  }
+
+  /** Writes the runs of buf: data as data, zero runs as zeroes (nothing on a fresh target). */
+  async writeRuns(buf: Buffer, offset: number, runs: number[]): Promise<void> {
+    for (let i = 0; i < runs.length; i += 3) {
+      const a = runs[i]!, b = runs[i + 1]!;
+      if (runs[i + 2]) await this.zeroes(offset + a, b - a);
+      else await this.dst.io.write(offset + a, buf.subarray(a, b));
+    }
   }
 
   /** Whole target clusters, compressed; all-zero clusters are left out. */
@@ -185,12 +283,17 @@ class Copier {
   async worker(buf: Buffer, cur?: Buffer): Promise<void> {
     try {
       for (let c = await this.next(); c && !this.error; c = await this.next()) {
-        if (!c.zero) await this.src.io.read(c.offset, buf.subarray(0, c.bytes));
+        let runs: number[] | null = null;
+        if (!c.zero) {
+          await this.src.io.read(c.offset, buf.subarray(0, c.bytes));
+          if (!this.againstBacking && !this.compressUnit) runs = this.runs(buf, c.offset, c.bytes);
+        }
         await this.turn(c.seq);
         if (this.error) return;
         if (this.againstBacking) await this.writeDiff(c, buf, cur!);
         else if (c.zero) await this.zeroes(c.offset, c.bytes);
-        else await this.writeSparse(buf, c.offset, c.bytes);
+        else if (this.compressUnit) await this.writeCompressed(buf, c.offset, c.bytes);
+        else await this.writeRuns(buf, c.offset, runs!);
         this.written(c);
       }
     } catch (e) {
@@ -211,12 +314,15 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
   const parallel = opts.m === undefined ? 8 : parseCount(opts.m, 'number of coroutines', 1);
   if (parallel > 16) throw new CliError('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
   const sparse = opts.S === undefined ? 4096 : parseCount(opts.S, 'buffer size for sparse output');
-  if (sparse > CHUNK) throw new CliError(`Invalid buffer size for sparse output specified (at most ${CHUNK})`);
-  const dstCache = checkCacheMode(opts.t ?? 'writeback');
+  if (sparse > MAX_SPARSE) throw new CliError(`Invalid buffer size for sparse output specified (at most ${MAX_SPARSE})`);
+  // qemu-img convert's target cache defaults to unsafe: no flush at the end.
+  const dstCache = checkCacheMode(opts.t ?? 'unsafe');
   const srcCache = checkCacheMode(opts.T ?? 'writeback');
   if (!opts.n) checkCreatableFormat(outFmt);
 
-  const src = await openImage({ filename: srcName, fmt: opts.f, cache: srcCache, readOnly: true, forceShare: opts.forceShare });
+  // The source's reads go to the thread pool, as qemu-img's do (aio=threads): io_uring copies
+  // page-cached buffered reads inline, on the event loop that has to keep the writes going.
+  const src = await openImage({ filename: srcName, fmt: opts.f, cache: srcCache, readOnly: true, forceShare: opts.forceShare, aio: 'threads' });
   let dst: OpenImage | undefined;
   const buffers: Buffer[] = [];
   try {
@@ -242,7 +348,16 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
     const unit = opts.c ? Number(dst.backend.root!.node.driver.info?.(dst.backend.root!.node)['cluster-size'] ?? 65536) : 0;
     const backed = dst.backend.root!.node.backing !== undefined;
     if (backed && opts.c) throw new CliError('Compressing into an image with a backing file is not supported by Spindle yet');
-    const copier = new Copier(src, dst, size, sparse, !opts.n && !backed, !opts.W, progress, unit, backed);
+    const dstNode = dst.backend.root!.node;
+    const targetUnit = outFmt === 'qcow2' && !opts.c ? Number(dstNode.driver.info?.(dstNode)['cluster-size'] ?? 0) : 0;
+    // In-order writes into the page cache (a raw target, not -t none/directsync) may overlap:
+    // the file system places the data when it writes the pages back, not in write() order,
+    // and one 2 MiB write at a time leaves the copy waiting on each write's latency. A qcow2
+    // target allocates its clusters as the writes arrive, so there order is kept strictly,
+    // as qemu-img keeps it everywhere (one write in flight).
+    const buffered = dstCache !== 'none' && dstCache !== 'directsync';
+    const depth = buffered && !targetUnit && !unit && !backed ? WRITE_DEPTH : 1;
+    const copier = new Copier(src, dst, size, sparse, !opts.n && !backed, !opts.W, progress, unit, backed, targetUnit, depth);
     // Aligned slab buffers, one per worker: O_DIRECT (-t/-T none) needs no bounce copies.
     for (let i = 0; i < parallel * (backed ? 2 : 1); i++) buffers.push(getEngine().allocBuffer(CHUNK, 4096));
     // Every worker ends (none is left in flight) before the images close.

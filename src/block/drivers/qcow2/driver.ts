@@ -17,6 +17,7 @@ import {
 import { checkQcow2 } from './check.js';
 import { qcow2FormatSpecific } from './info.js';
 import { L2Cache } from './l2-cache.js';
+import { bindRefcounts } from './map.js';
 import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
@@ -160,6 +161,7 @@ export const qcow2Driver: BlockDriver = {
         h.refcountTableClusters = clusters;
       },
     }, node.name);
+    bindRefcounts(s);
     try {
       // For info(); a table that cannot be read fails the snapshot operations, not the open.
       if (h.nbSnapshots) s.snapshots = (await readSnapshotTable(file, h)).list;

@@ -108,6 +108,9 @@ export function parseHeader(buf: Buffer): Qcow2Header {
     backingFile: null,
     backingFormat: null,
   };
+  // QEMU counts the disk in 512-byte sectors (total_sectors = size / 512): a size that is not
+  // a multiple of 512 reads, and is written back, rounded down.
+  h.size -= h.size % 512;
   if (h.clusterBits < MIN_CLUSTER_BITS || h.clusterBits > MAX_CLUSTER_BITS) {
     throw corrupt(`cluster size 2^${h.clusterBits} is outside 512 B to 2 MiB`);
   }

@@ -2,6 +2,7 @@
  * Guest-to-host mapping: L1 -> L2 -> cluster, with the entry's kind.
  */
 import { BlockError } from '../../error.js';
+import * as io from '../../io.js';
 import { compressedLocation, entryCompressed, entryCopied, entryOffset, entryZeroFlag, l2ReservedBits, subclusterBitmaps } from './entries.js';
 import type { Qcow2State } from './state.js';
 
@@ -26,9 +27,43 @@ export interface Mapping {
   l1Index: number;
 }
 
+/** How errors name the image: its file name when known, else the file node's name. */
+function imageName(s: Qcow2State): string {
+  const f = s.file.node.options['filename'];
+  return typeof f === 'string' ? f : s.file.node.name;
+}
+
+/** Marks the image corrupt (no further writes) and returns the error to report. */
 export function corruptError(s: Qcow2State, msg: string): BlockError {
   s.corrupt = true;
-  return new BlockError('EIO', `qcow2 image is corrupt: ${msg}`, { op: 'qcow2' });
+  return new BlockError('EIO', `qcow2 image '${imageName(s)}' is corrupt: ${msg}`, { op: 'qcow2' });
+}
+
+/**
+ * Corruption the refcount layer finds (it has no pointer to the state) marks the image
+ * corrupt too, and it must not hand out clusters of the L1 table or of L2 tables. Bound
+ * here, at the first lookup of each Refcounts instance, as every write starts with a lookup.
+ */
+export function bindRefcounts(s: Qcow2State): void {
+  const r = s.refcounts;
+  if (r.onCorrupt) return;
+  r.onCorrupt = () => void (s.corrupt = true);
+  r.metadataAt = (off, bytes) => l1OrL2At(s, off, bytes);
+}
+
+/** What of the active L1 table and its L2 tables lies in [off, off+bytes) ('' if nothing). */
+function l1OrL2At(s: Qcow2State, off: number, bytes: number): string {
+  const cs = s.geo.clusterSize;
+  if (off < s.header.l1TableOffset + s.l1.length && s.header.l1TableOffset < off + bytes) return 'the L1 table';
+  // The L2 tables of small L1 tables (up to 1024 entries: 512 GiB of disk with 64 KiB
+  // clusters) are checked, which costs little next to the allocation's own I/O.
+  if (s.l1.length <= 8192) {
+    for (let p = 0; p < s.l1.length; p += 8) {
+      const t = entryOffset(s.l1, p);
+      if (t && t < off + bytes && off < t + cs) return `the L2 table at ${t}`;
+    }
+  }
+  return '';
 }
 
 /** Decodes the L2 entry at `index` of `table`. */
@@ -49,6 +84,19 @@ export function decode(s: Qcow2State, table: Buffer, index: number, m: Mapping):
   m.host = entryOffset(table, pos);
   m.copied = entryCopied(table, pos);
   if (m.host % s.geo.clusterSize) throw corruptError(s, `cluster offset ${m.host} in the L2 table at ${m.l2Offset} is not aligned`);
+  // Nothing valid lies past the end of the file (qemu-img check calls it an error: a write
+  // would grow the file to wherever the entry points), nor on the tables (a write in place
+  // would overwrite them).
+  if (m.host) {
+    const cs = s.geo.clusterSize;
+    const h = s.header;
+    let what = '';
+    if (m.host >= io.getLength(s.file)) what = 'lies past the end of the file';
+    else if (m.host === m.l2Offset) what = 'is the L2 table itself';
+    else if (m.host < h.l1TableOffset + s.l1.length && h.l1TableOffset < m.host + cs) what = 'overlaps the L1 table';
+    else if (m.host < s.refcounts.tableOffset + s.refcounts.table.length && s.refcounts.tableOffset < m.host + cs) what = 'overlaps the refcount table';
+    if (what) throw corruptError(s, `cluster offset ${m.host} in the L2 table at ${m.l2Offset} ${what}`);
+  }
   if (s.geo.l2EntrySize === 16) {
     const bm = subclusterBitmaps(table, pos);
     m.alloc = bm.alloc;
@@ -84,7 +132,26 @@ export async function lookup(s: Qcow2State, guest: number, m: Mapping = newMappi
   }
   if (l2Offset % g.clusterSize) throw corruptError(s, `L2 table offset ${l2Offset} is not cluster aligned`);
   m.l2Offset = l2Offset;
+  bindRefcounts(s);
+  const cached = s.l2.peek(l2Offset);
+  if (cached) return decode(s, cached, m.l2Index, m);
+  checkL2Offset(s, l2Offset, m.l1Index);
   return decode(s, await s.l2.get(l2Offset), m.l2Index, m);
+}
+
+/**
+ * An L2 table about to be loaded must lie inside the file and clear of the header, the active
+ * L1 table and the refcount table: its entries are written back in place.
+ */
+function checkL2Offset(s: Qcow2State, off: number, l1Index: number): void {
+  const cs = s.geo.clusterSize;
+  const overlaps = (start: number, len: number): boolean => len > 0 && off < start + len && start < off + cs;
+  let what = '';
+  if (off >= io.getLength(s.file)) what = 'lies past the end of the file';
+  else if (overlaps(0, cs)) what = 'overlaps the image header';
+  else if (overlaps(s.header.l1TableOffset, s.l1.length)) what = 'overlaps the L1 table';
+  else if (overlaps(s.refcounts.tableOffset, s.refcounts.table.length)) what = 'overlaps the refcount table';
+  if (what) throw corruptError(s, `L2 table offset ${off} (L1 entry ${l1Index}) ${what}`);
 }
 
 /** The mapping from cache only, or null if the L2 table is not cached (fast path). */

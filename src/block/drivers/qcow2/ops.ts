@@ -10,7 +10,7 @@ import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
 import { ReqFlags, type BlockStatus } from '../../types.js';
 import { entryCopied, writeEntry, writeSubclusterBitmaps } from './entries.js';
-import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, newMapping } from './map.js';
+import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping } from './map.js';
 import { qstate } from './state.js';
 import { ownL2Table, releaseOld } from './write.js';
 
@@ -59,28 +59,36 @@ export async function qcow2WriteZeroes(node: BlockNode, offset: number, bytes: n
   await rewriteClusters(node, offset, bytes, 'zero', !(flags & ReqFlags.MAY_UNMAP));
 }
 
-/** Status of the run of clusters starting at `offset` that share one answer. */
+/**
+ * Status of the run of clusters starting at `offset` that share one answer. Clusters are
+ * classified from the cached L2 table without waiting; only a table that is not cached
+ * is loaded.
+ */
 export async function qcow2BlockStatus(node: BlockNode, offset: number, bytes: number): Promise<BlockStatus> {
   const s = qstate(node);
   const cs = s.geo.clusterSize;
   const ext = s.geo.l2EntrySize === 16;
-  const unit = ext ? 1 << s.geo.subclusterBits : cs;
+  const sb = s.geo.subclusterBits;
+  const unit = ext ? 1 << sb : cs;
   const m = newMapping();
-  const classify = async (g: number): Promise<[number, number]> => {
-    await lookup(s, g, m);
-    let kind = m.kind;
-    if (ext && kind !== KIND_COMPRESSED) {
-      const sc = (g % cs) >> s.geo.subclusterBits;
-      kind = m.alloc & (1 << sc) ? KIND_NORMAL : m.zero & (1 << sc) ? KIND_ZERO : KIND_UNALLOCATED;
+  let kind = -1;
+  let host = 0;
+  let n = 0;
+  for (let g = offset; n < bytes; g = offset + n) {
+    const mm = lookupCached(s, g, m) ?? (await lookup(s, g, m));
+    let k = mm.kind;
+    if (ext && k !== KIND_COMPRESSED) {
+      const sc = (g % cs) >> sb;
+      k = mm.alloc & (1 << sc) ? KIND_NORMAL : mm.zero & (1 << sc) ? KIND_ZERO : KIND_UNALLOCATED;
     }
-    return [kind, kind === KIND_NORMAL ? m.host + (g % cs) : 0];
-  };
-  const [kind, host] = await classify(offset);
-  let n = Math.min(bytes, unit - (offset % unit));
-  while (n < bytes) {
-    const [k, h] = await classify(offset + n);
-    if (k !== kind || (kind === KIND_NORMAL && h !== host + n)) break;
-    n = Math.min(bytes, n + unit);
+    const h = k === KIND_NORMAL ? mm.host + (g % cs) : 0;
+    if (kind < 0) {
+      kind = k;
+      host = h;
+    } else if (k !== kind || (kind === KIND_NORMAL && h !== host + n)) {
+      break;
+    }
+    n = Math.min(bytes, n + unit - (g % unit));
   }
   if (kind === KIND_UNALLOCATED) {
     const b = node.backing;

@@ -8,6 +8,7 @@ import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
 import type { IoCallback, IoVec } from '../../types.js';
 import { corruptError, KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
+import { entryOffset } from './entries.js';
 import { qstate, type Qcow2State } from './state.js';
 
 const scratch = newMapping();
@@ -28,16 +29,75 @@ export function qcow2Readv(node: BlockNode, offset: number, bytes: number, iov: 
   const cs = s.geo.clusterSize;
   const inC = offset % cs;
   if (inC + bytes <= cs) {
+    const ext = s.geo.l2EntrySize === 16;
     const m = lookupCached(s, offset, scratch);
-    if (m && m.kind === KIND_NORMAL) {
-      const ext = s.geo.l2EntrySize === 16;
-      if (!ext || subAllAlloc(m, inC >> s.geo.subclusterBits, (inC + bytes - 1) >> s.geo.subclusterBits)) {
-        io.readv(s.file, m.host + inC, bytes, iov, flags, cb);
-        return;
+    if (m) {
+      if (m.kind === KIND_NORMAL) {
+        if (!ext || subAllAlloc(m, inC >> s.geo.subclusterBits, (inC + bytes - 1) >> s.geo.subclusterBits)) {
+          io.readv(s.file, m.host + inC, bytes, iov, flags, cb);
+          return;
+        }
+      } else if (!ext && (m.kind === KIND_ZERO || (m.kind === KIND_UNALLOCATED && noBackingAt(node, offset)))) {
+        return zeroFill(iov, bytes, cb);
       }
+    } else if (!ext && noL2Table(s, offset) && noBackingAt(node, offset)) {
+      // No L2 table for this part of the image and nothing below it: zeroes.
+      return zeroFill(iov, bytes, cb);
     }
   }
   readGeneral(node, offset, bytes, iov).then(() => cb(null), (e: unknown) => cb(toBlockError(e, node)));
+}
+
+/** Whether the guest offset lies where no backing file supplies data. */
+function noBackingAt(node: BlockNode, guest: number): boolean {
+  const b = node.backing;
+  return !b || guest >= b.node.length;
+}
+
+/** Whether the L1 entry covering `guest` links no L2 table (a valid L1 index only). */
+function noL2Table(s: Qcow2State, guest: number): boolean {
+  const l1Index = Math.floor(Math.floor(guest / s.geo.clusterSize) / s.geo.l2Size);
+  return l1Index < s.l1.length / 8 && entryOffset(s.l1, l1Index * 8) === 0;
+}
+
+// Reads that need no I/O complete from a microtask (never inside readv), but at most
+// ZERO_BURST of them between two turns of the event loop; past that they wait for a
+// setImmediate batch (as null-co's do), so a caller that resubmits from its callback
+// cannot starve the loop.
+const ZERO_BURST = 16;
+let zeroBurst = 0;
+let zeroDone: IoCallback[] = [];
+let zeroScheduled = false;
+function flushZeroDone(): void {
+  const batch = zeroDone;
+  zeroDone = [];
+  zeroScheduled = false;
+  zeroBurst = 0;
+  for (let i = 0; i < batch.length; i++) batch[i]!(null);
+}
+function completeZero(cb: IoCallback): void {
+  if (!zeroScheduled) {
+    zeroScheduled = true;
+    setImmediate(flushZeroDone);
+  }
+  if (zeroBurst < ZERO_BURST) {
+    zeroBurst++;
+    queueMicrotask(() => cb(null));
+  } else {
+    zeroDone.push(cb);
+  }
+}
+
+/** Fills the request with zeroes and completes it. */
+function zeroFill(iov: IoVec, bytes: number, cb: IoCallback): void {
+  let left = bytes;
+  for (const seg of iov) {
+    const n = Math.min(seg.length, left);
+    seg.fill(0, 0, n);
+    left -= n;
+    if (!left) break;
+  }
+  completeZero(cb);
 }
 
 function scatter(src: Buffer, iov: IoVec): void {
@@ -124,32 +184,95 @@ async function readSubclusters(node: BlockNode, s: Qcow2State, m: Mapping, guest
   }
 }
 
-/** The general read path: cluster by cluster, merging host-contiguous allocated runs. */
+/** Waits for every read of a request (they fill the caller's buffer), then fails with the first error. */
+function settle(reads: Promise<void>[]): Promise<void> {
+  if (reads.length === 1) return reads[0]!;
+  return settleAll(reads);
+}
+async function settleAll(reads: Promise<void>[]): Promise<void> {
+  let failed = false;
+  let first: unknown;
+  await Promise.all(reads.map((p) => p.catch((e: unknown) => {
+    if (!failed) first = e;
+    failed = true;
+  })));
+  if (failed) throw first;
+}
+
+// What a run of clusters of a request reads from.
+const RUN_NONE = 0;
+/** Host-contiguous allocated clusters: one read of the file. */
+const RUN_HOST = 1;
+/** Unallocated clusters: one read of the backing node. */
+const RUN_BACKING = 2;
+/** Zero clusters: a fill. */
+const RUN_ZERO = 3;
+
+/**
+ * The general read path. The clusters of the request are looked up in order, from the
+ * cached L2 table without waiting where it is cached; neighbours that read alike (from
+ * consecutive host clusters, from the backing file, or as zeroes) are merged into one run,
+ * and the runs' reads are all issued before any is waited for.
+ */
 export async function readGeneral(node: BlockNode, offset: number, bytes: number, iov: IoVec): Promise<void> {
   const s = qstate(node);
   const cs = s.geo.clusterSize;
+  const ext = s.geo.l2EntrySize === 16;
+  const sb = s.geo.subclusterBits;
   const direct = iov.length === 1 && iov[0]!.length >= bytes;
   const out = direct ? Buffer.from(iov[0]!.buffer, iov[0]!.byteOffset, bytes) : Buffer.alloc(bytes);
   const m = newMapping();
-  const next = newMapping();
-  let pos = 0;
-  while (pos < bytes) {
-    const guest = offset + pos;
-    let n = Math.min(bytes - pos, cs - (guest % cs));
-    await lookup(s, guest, m);
-    if (m.kind === KIND_NORMAL && s.geo.l2EntrySize === 8) {
-      // Extend over clusters that follow in the file too: one read instead of many.
-      const start = m.host + (guest % cs);
-      while (pos + n < bytes) {
-        await lookup(s, guest + n, next);
-        if (next.kind !== KIND_NORMAL || next.host !== start + n) break;
-        n += Math.min(cs, bytes - pos - n);
+  const reads: Promise<void>[] = [];
+  // Reads run while later lookups are awaited: a failure must not go unhandled meanwhile
+  // (settle() below still reports the first one).
+  const issue = (p: Promise<void>): void => {
+    p.catch(() => undefined);
+    reads.push(p);
+  };
+  let run = RUN_NONE;
+  let runPos = 0;
+  let runLen = 0;
+  let runHost = 0;
+  const endRun = (): void => {
+    const part = out.subarray(runPos, runPos + runLen);
+    if (run === RUN_HOST) issue(io.read(s.file, runHost, part));
+    else if (run === RUN_BACKING && node.backing) issue(readBacking(node, offset + runPos, part));
+    else part.fill(0); // zero clusters, or unallocated ones with no backing file
+    run = RUN_NONE;
+  };
+  try {
+    for (let pos = 0; pos < bytes; ) {
+      const guest = offset + pos;
+      const inC = guest % cs;
+      const n = Math.min(bytes - pos, cs - inC);
+      const mm = lookupCached(s, guest, m) ?? (await lookup(s, guest, m));
+      let kind = RUN_NONE;
+      if (mm.kind === KIND_NORMAL) {
+        if (!ext || subAllAlloc(mm, inC >> sb, (inC + n - 1) >> sb)) kind = RUN_HOST;
+      } else if (!ext) {
+        if (mm.kind === KIND_UNALLOCATED) kind = RUN_BACKING;
+        else if (mm.kind === KIND_ZERO) kind = RUN_ZERO;
       }
-      await io.read(s.file, m.host + (guest % cs), out.subarray(pos, pos + n));
-    } else {
-      await readInCluster(node, s, m, guest, out.subarray(pos, pos + n));
+      if (run !== RUN_NONE && (kind !== run || (kind === RUN_HOST && runHost + runLen !== mm.host + inC))) endRun();
+      if (kind === RUN_NONE) {
+        // Compressed clusters and partly allocated subclusters: on their own, with their own mapping.
+        issue(readInCluster(node, s, { ...mm }, guest, out.subarray(pos, pos + n)));
+      } else if (run === RUN_NONE) {
+        run = kind;
+        runPos = pos;
+        runLen = n;
+        runHost = mm.host + inC;
+      } else {
+        runLen += n;
+      }
+      pos += n;
     }
-    pos += n;
+    if (run !== RUN_NONE) endRun();
+  } catch (e) {
+    // A lookup failed: the reads already issued land in the buffer before the error is returned.
+    await Promise.allSettled(reads);
+    throw e;
   }
+  if (reads.length) await settle(reads);
   if (!direct) scatter(out, iov);
 }

@@ -60,6 +60,17 @@ export class Refcounts {
   /** Lowest cluster index that may be free. */
   freeHint = 0;
   readonly maxRefcount: number;
+  /** Called once when corruption is found (the driver marks the image corrupt). */
+  onCorrupt: (() => void) | null = null;
+  /**
+   * What metadata outside the refcount structures (L1 table, L2 tables) lies in bytes
+   * [offset, offset+bytes), or '' if none known: such clusters are never handed out.
+   */
+  metadataAt: ((offset: number, bytes: number) => string) | null = null;
+  /** Set once corruption is found: the refcounts change no more. */
+  private broken: string | null = null;
+  /** Cluster indices of the refcount blocks, once the table has been checked (first allocation). */
+  private blockClusters: Set<number> | null = null;
 
   constructor(
     private readonly file: BlockChild,
@@ -78,15 +89,88 @@ export class Refcounts {
     return this.table.length / 8;
   }
 
+  /** Reports corruption: the image is marked corrupt and its refcounts change no more. */
   private corrupt(msg: string): BlockError {
-    return new BlockError('EIO', `qcow2 '${this.nodeName}': ${msg}`, { node: this.nodeName });
+    const f = this.file.node.options['filename'];
+    const full = `qcow2 image '${typeof f === 'string' ? f : this.nodeName}' is corrupt: ${msg}`;
+    if (this.broken === null) {
+      this.broken = full;
+      this.onCorrupt?.();
+    }
+    return new BlockError('EIO', full, { node: this.nodeName });
   }
 
-  private async loadBlock(off: number): Promise<Buffer> {
+  /** Refuses changes once corruption was found (they could only spread it). */
+  private checkUsable(): void {
+    if (this.broken !== null) throw new BlockError('EIO', `${this.broken}; no further refcount changes`, { node: this.nodeName });
+  }
+
+  /** What is wrong with a refcount block at `off` (entry `ti`), or '' if nothing. */
+  private badBlock(off: number, ti: number): string {
+    const cs = this.geo.clusterSize;
+    const at = `refcount block ${off} (refcount table entry ${ti})`;
+    if (off % cs) return `${at} is not cluster aligned`;
+    if (off >= io.getLength(this.file)) return `${at} lies past the end of the file`;
+    if (off < this.tableOffset + this.table.length && this.tableOffset < off + cs) return `${at} overlaps the refcount table`;
+    const other = this.metadataAt?.(off, cs);
+    return other ? `${at} overlaps ${other}` : '';
+  }
+
+  /** Offset of the refcount block of table entry `ti` (0: none). */
+  private blockOffset(ti: number): number {
+    if (ti >= this.tableEntries) return 0;
+    // Bits 56-63 belong to the offset too (qcow2.txt); no file reaches that far.
+    if (this.table[ti * 8] !== 0) throw this.corrupt(`refcount table entry ${ti} points past 2^56`);
+    return entryOffset(this.table, ti * 8);
+  }
+
+  /**
+   * Checks the whole table once before the first change: every block inside the file, clear
+   * of the other metadata, and no block named twice (a corrupt table could otherwise make the
+   * search for a free cluster run through the same full block again and again).
+   */
+  private checkTable(): Set<number> {
+    if (this.blockClusters) return this.blockClusters;
+    const cs = this.geo.clusterSize;
+    const seen = new Set<number>();
+    for (let ti = 0; ti < this.tableEntries; ti++) {
+      const off = this.blockOffset(ti);
+      if (!off) continue;
+      const bad = this.badBlock(off, ti);
+      if (bad) throw this.corrupt(bad);
+      if (seen.has(off / cs)) throw this.corrupt(`refcount block ${off} is named twice in the refcount table`);
+      seen.add(off / cs);
+    }
+    this.blockClusters = seen;
+    return seen;
+  }
+
+  /**
+   * Clusters [c, c+n) are free by their refcounts: refuse them if they hold metadata (a corrupt
+   * refcount of 0 would make the next write overwrite it).
+   */
+  private checkFree(c: number, n: number): void {
+    const cs = this.geo.clusterSize;
+    const start = c * cs;
+    const end = (c + n) * cs;
+    const hit = (o: number, len: number): boolean => len > 0 && start < o + len && o < end;
+    let what = '';
+    if (c === 0) what = 'the image header';
+    else if (hit(this.tableOffset, this.table.length)) what = 'the refcount table';
+    else {
+      what = this.metadataAt?.(start, end - start) ?? '';
+      const blocks = this.checkTable();
+      for (let k = c; k < c + n && !what; k++) if (blocks.has(k)) what = 'a refcount block';
+    }
+    if (what) throw this.corrupt(`cluster ${start} has refcount 0 but holds ${what}`);
+  }
+
+  private async loadBlock(off: number, ti = -1): Promise<Buffer> {
     let b = this.blocks.get(off);
     if (b) return b;
     const cs = this.geo.clusterSize;
-    if (off % cs) throw this.corrupt(`refcount block offset ${off} is not cluster aligned`);
+    const bad = this.badBlock(off, ti);
+    if (bad) throw this.corrupt(bad);
     b = Buffer.alloc(cs);
     await io.read(this.file, off, b);
     if (this.blocks.size > 256) this.evictOne();
@@ -114,14 +198,16 @@ export class Refcounts {
   /** The refcount of cluster `c` (clusters past the table count as free). */
   async get(c: number): Promise<number> {
     const ti = Math.floor(c / this.geo.rbEntries);
-    if (ti >= this.tableEntries) return 0;
-    const off = entryOffset(this.table, ti * 8);
+    const off = this.blockOffset(ti);
     if (!off) return 0;
-    return rcGet(await this.loadBlock(off), c % this.geo.rbEntries, this.geo.refcountBits);
+    return rcGet(await this.loadBlock(off, ti), c % this.geo.rbEntries, this.geo.refcountBits);
   }
 
   /** Adds `delta` to the refcounts of clusters [c, c+n), written through. */
   async update(c: number, n: number, delta: number): Promise<void> {
+    this.checkUsable();
+    this.checkTable();
+    if (!Number.isSafeInteger(c) || c < 0) throw this.corrupt(`refcount update for an invalid cluster index ${c}`);
     await this.loadSpan(c, n, delta);
     await this.writeSpans(this.updateMem(c, n, delta));
   }
@@ -130,12 +216,12 @@ export class Refcounts {
   private async loadSpan(c: number, n: number, delta: number): Promise<void> {
     const rbE = this.geo.rbEntries;
     for (let ti = Math.floor(c / rbE); ti <= Math.floor((c + n - 1) / rbE); ti++) {
-      const off = ti < this.tableEntries ? entryOffset(this.table, ti * 8) : 0;
+      const off = this.blockOffset(ti);
       if (!off) {
         if (delta > 0) throw this.corrupt(`no refcount block for cluster ${Math.max(c, ti * rbE)}`);
         throw this.corrupt(`freeing cluster ${Math.max(c, ti * rbE)}, whose refcount is already 0`);
       }
-      await this.loadBlock(off);
+      await this.loadBlock(off, ti);
     }
   }
 
@@ -201,6 +287,7 @@ export class Refcounts {
    */
   async allocDeferred(n: number): Promise<{ offset: number; written: Promise<void> }> {
     if (this.geo.refcountBits < 8) return { offset: await this.alloc(n), written: Promise.resolve() };
+    this.checkUsable();
     const cs = this.geo.clusterSize;
     for (;;) {
       const c = await this.findFree(n, this.freeHint);
@@ -211,6 +298,7 @@ export class Refcounts {
       }
       await this.loadSpan(c, n, 1);
       if ((await this.get(c)) !== 0) continue; // taken while loading
+      this.checkFree(c, n);
       const spans = this.updateMem(c, n, 1);
       this.freeHint = c + n;
       const written = this.writeSpans(spans);
@@ -219,15 +307,34 @@ export class Refcounts {
     }
   }
 
-  /** First run of `n` free clusters at or after `from`. */
+  /**
+   * First run of `n` free clusters at or after `from`: a block at a time, synchronously inside
+   * a loaded block; clusters without a block (or past the table) are free.
+   */
   private async findFree(n: number, from: number): Promise<number> {
+    this.checkTable();
+    const rbE = this.geo.rbEntries;
+    const bits = this.geo.refcountBits;
     let start = from;
     let run = 0;
-    for (let c = from; ; c++) {
-      if ((await this.get(c)) === 0) {
+    for (let c = from; ; ) {
+      const ti = Math.floor(c / rbE);
+      const end = (ti + 1) * rbE;
+      const off = this.blockOffset(ti);
+      if (!off) {
         if (run === 0) start = c;
-        if (++run === n) return start;
-      } else run = 0;
+        run += end - c;
+        if (run >= n) return start;
+        c = end;
+        continue;
+      }
+      const blk = await this.loadBlock(off, ti);
+      for (; c < end; c++) {
+        if (rcGet(blk, c - ti * rbE, bits) === 0) {
+          if (run === 0) start = c;
+          if (++run === n) return start;
+        } else run = 0;
+      }
     }
   }
 
@@ -236,11 +343,13 @@ export class Refcounts {
    * the host offset of the first. Context: under the driver's allocation lock.
    */
   async alloc(n: number): Promise<number> {
+    this.checkUsable();
     const cs = this.geo.clusterSize;
     for (;;) {
       const c = await this.findFree(n, this.freeHint);
       const missing = await this.firstMissingBlock(c, n);
       if (missing < 0) {
+        this.checkFree(c, n);
         await this.update(c, n, 1);
         this.freeHint = c + n;
         return c * cs;
@@ -253,7 +362,7 @@ export class Refcounts {
   private async firstMissingBlock(c: number, n: number): Promise<number> {
     const rbE = this.geo.rbEntries;
     for (let ti = Math.floor(c / rbE); ti <= Math.floor((c + n - 1) / rbE); ti++) {
-      if (ti >= this.tableEntries || !entryOffset(this.table, ti * 8)) return ti;
+      if (!this.blockOffset(ti)) return ti;
     }
     return -1;
   }
@@ -267,6 +376,7 @@ export class Refcounts {
     const rbE = this.geo.rbEntries;
     const cs = this.geo.clusterSize;
     const c = await this.findFree(1, this.freeHint);
+    this.checkFree(c, 1);
     const blk = Buffer.alloc(cs);
     if (Math.floor(c / rbE) === ti) {
       // The new block describes itself.
@@ -282,6 +392,7 @@ export class Refcounts {
     writeEntry(e, 0, c * cs, false);
     await io.write(this.file, this.tableOffset + ti * 8, e);
     e.copy(this.table, ti * 8);
+    this.blockClusters?.add(c);
     if (c + 1 > this.freeHint) this.freeHint = c + 1;
   }
 
@@ -322,6 +433,7 @@ export class Refcounts {
     const table = Buffer.alloc(tClusters * cs);
     this.table.copy(table, 0, 0, oldEntries * 8);
     for (let k = 0; k < nBlocks; k++) {
+      this.blockClusters?.add(blocksStart + k);
       writeEntry(table, (oldEntries + k) * 8, (blocksStart + k) * cs, false);
       await io.write(this.file, (blocksStart + k) * cs, newBlocks[k]!);
       this.blocks.set((blocksStart + k) * cs, newBlocks[k]!);
@@ -337,6 +449,6 @@ export class Refcounts {
 
   /** Frees clusters [offset, offset + n clusters). */
   async free(offset: number, n: number): Promise<void> {
-    await this.update(offset / this.geo.clusterSize, n, -1);
+    await this.update(Math.floor(offset / this.geo.clusterSize), n, -1);
   }
 }

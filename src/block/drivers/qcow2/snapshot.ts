@@ -16,6 +16,7 @@
  * reaches it, so sharing an L2 table between two L1 tables adds one to the table and one to
  * every cluster it maps (as qemu-img check counts them).
  */
+import { bindRefcounts } from './map.js';
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import type { BlockChild, BlockNode } from '../../node.js';
@@ -350,6 +351,7 @@ async function commit(node: BlockNode, s: Qcow2State, p: Plan): Promise<void> {
       h.refcountTableClusters = clusters;
     },
   }, node.name);
+  bindRefcounts(s);
   await io.flush(s.file);
   // Nothing on disk names the old refcount structure any more.
   for (const off of oldBlocks) await s.refcounts.free(off, 1);

@@ -145,7 +145,10 @@ async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buf
     c.release(n);
     if (n < 2) return 0;
     const { offset: host, written } = await s.lock.run(() => s.refcounts.allocDeferred(n));
-    await Promise.all([io.write(s.file, host, data.subarray(0, n * cs)), written]);
+    await Promise.all([io.write(s.file, host, data.subarray(0, n * cs)).catch(async (e: unknown) => {
+      await written.catch(() => undefined);
+      throw e;
+    }), written]);
     const l2Written = await s.lock.run(async () => {
       const now = await lookup(s, guest);
       const l2Offset = await ownL2Table(s, now);
@@ -195,19 +198,25 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
     let host = m.host;
     let rcWritten: Promise<void> = Promise.resolve();
     if (!reuse) ({ offset: host, written: rcWritten } = await s.lock.run(() => s.refcounts.allocDeferred(1)));
-    if (data.length < cs && readsZero(node, s, m, guest - inC)) {
-      // Nothing to copy: past the end of the file a new cluster already reads as zeroes.
-      if (host < io.getLength(s.file)) await io.writeZeroes(s.file, host, cs, 0);
-      await io.write(s.file, host + inC, data);
-    } else {
-      let buf = data;
-      if (data.length < cs) {
-        // Copy-on-write: the rest of the cluster keeps what reads returned before.
-        buf = Buffer.alloc(cs);
-        await readGeneral(node, guest - inC, cs, [buf]);
-        data.copy(buf, inC);
+    try {
+      if (data.length < cs && readsZero(node, s, m, guest - inC)) {
+        // Nothing to copy: past the end of the file a new cluster already reads as zeroes.
+        if (host < io.getLength(s.file)) await io.writeZeroes(s.file, host, cs, 0);
+        await io.write(s.file, host + inC, data);
+      } else {
+        let buf = data;
+        if (data.length < cs) {
+          // Copy-on-write: the rest of the cluster keeps what reads returned before.
+          buf = Buffer.alloc(cs);
+          await readGeneral(node, guest - inC, cs, [buf]);
+          data.copy(buf, inC);
+        }
+        await io.write(s.file, host, buf);
       }
-      await io.write(s.file, host, buf);
+    } catch (e) {
+      // Fail only once nothing of this request is still being written (its refcount).
+      await rcWritten.catch(() => undefined);
+      throw e;
     }
     // The new cluster's refcount reaches the disk before the L2 entry that uses it.
     await rcWritten;
