@@ -1,18 +1,13 @@
 // img commit: Spindle commits one copy of a 3-deep chain, qemu-img another; QEMU compares
 // every layer pairwise, checks Spindle's, and compares what the emptied image maps to.
-import { spawnSync } from 'node:child_process';
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBuilt, ok, qemuImg, spindle, tempDir } from './helpers.js';
+import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
 
-function qemuIo(fmt: string, img: string, ...cmds: string[]): void {
-  const r = spawnSync('qemu-io', ['-f', fmt, ...cmds.flatMap((c) => ['-c', c]), img], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`qemu-io: ${r.stdout}${r.stderr}`);
-}
 
 beforeAll(async () => {
   await ensureBuilt();

@@ -35,6 +35,12 @@ export function spindle(...args: string[]): Run {
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** Runs qemu-io commands on an image; throws with its output if one fails. */
+export function qemuIo(fmt: string, img: string, ...cmds: string[]): void {
+  const r = spawnSync('qemu-io', ['-f', fmt, ...cmds.flatMap((c) => ['-c', c]), img], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`qemu-io: ${r.stdout}${r.stderr}`);
+}
+
 export function qemuImg(...args: string[]): Run {
   const r = spawnSync('qemu-img', args, { encoding: 'utf8', timeout: 60_000 });
   if (r.error) throw new Error(`qemu-img is needed by these tests (Debian qemu-utils): ${r.error.message}`);

@@ -2,9 +2,10 @@
  * null-co: a node of a given size that reads zeroes and drops writes, with optional latency.
  * The standard test double, and the peer-neutral target for benchmarks.
  */
+import { completeSoon, zeroIov } from '../complete.js';
 import { BlockError } from '../error.js';
 import { stateOf } from '../node.js';
-import { Perm, type BlockDriver, type IoCallback, type IoVec } from '../types.js';
+import { Perm, type BlockDriver, type IoCallback } from '../types.js';
 
 interface NullState {
   size: number;
@@ -12,36 +13,9 @@ interface NullState {
   readZeroes: boolean;
 }
 
-// Completions are batched into one setImmediate per tick (not a microtask: a benchmark that
-// resubmits from its callback would otherwise starve the event loop).
-let pending: IoCallback[] = [];
-let scheduled = false;
-function flushPending(): void {
-  const batch = pending;
-  pending = [];
-  scheduled = false;
-  for (let i = 0; i < batch.length; i++) batch[i]!(null);
-}
 function complete(s: NullState, cb: IoCallback): void {
-  if (s.latencyNs > 0) {
-    setTimeout(cb, s.latencyNs / 1e6, null);
-    return;
-  }
-  pending.push(cb);
-  if (!scheduled) {
-    scheduled = true;
-    setImmediate(flushPending);
-  }
-}
-
-function zeroIov(iov: IoVec, bytes: number): void {
-  let left = bytes;
-  for (const seg of iov) {
-    const n = Math.min(seg.length, left);
-    seg.fill(0, 0, n);
-    left -= n;
-    if (!left) break;
-  }
+  if (s.latencyNs > 0) setTimeout(cb, s.latencyNs / 1e6, null);
+  else completeSoon(cb);
 }
 
 function parseBool(v: unknown, name: string, dflt: boolean): boolean {

@@ -3,6 +3,7 @@
  * general path (backing files, zero and compressed clusters, subclusters, cache misses).
  */
 import { inflateRawSync } from 'node:zlib';
+import { completeSoon, zeroIov } from '../../complete.js';
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
@@ -60,44 +61,10 @@ function noL2Table(s: Qcow2State, guest: number): boolean {
   return l1Index < s.l1.length / 8 && entryOffset(s.l1, l1Index * 8) === 0;
 }
 
-// Reads that need no I/O complete from a microtask (never inside readv), but at most
-// ZERO_BURST of them between two turns of the event loop; past that they wait for a
-// setImmediate batch (as null-co's do), so a caller that resubmits from its callback
-// cannot starve the loop.
-const ZERO_BURST = 16;
-let zeroBurst = 0;
-let zeroDone: IoCallback[] = [];
-let zeroScheduled = false;
-function flushZeroDone(): void {
-  const batch = zeroDone;
-  zeroDone = [];
-  zeroScheduled = false;
-  zeroBurst = 0;
-  for (let i = 0; i < batch.length; i++) batch[i]!(null);
-}
-function completeZero(cb: IoCallback): void {
-  if (!zeroScheduled) {
-    zeroScheduled = true;
-    setImmediate(flushZeroDone);
-  }
-  if (zeroBurst < ZERO_BURST) {
-    zeroBurst++;
-    queueMicrotask(() => cb(null));
-  } else {
-    zeroDone.push(cb);
-  }
-}
-
 /** Fills the request with zeroes and completes it. */
 function zeroFill(iov: IoVec, bytes: number, cb: IoCallback): void {
-  let left = bytes;
-  for (const seg of iov) {
-    const n = Math.min(seg.length, left);
-    seg.fill(0, 0, n);
-    left -= n;
-    if (!left) break;
-  }
-  completeZero(cb);
+  zeroIov(iov, bytes);
+  completeSoon(cb);
 }
 
 function scatter(src: Buffer, iov: IoVec): void {
