@@ -93,6 +93,7 @@ function buildProgram(): Command {
     .option('-n', 'skip target creation: write into the existing target')
     .option('-m <num>', 'requests in parallel (default 8)')
     .option('-W', 'allow out-of-order writes to the target')
+    .option('--target-is-zero', 'the existing target (-n) already reads as zeroes: skip zeroing it')
     .option('-c', 'compress the target (qcow2)')
     .option('-o <options>', 'target format options (as for create)', (v: string, prev: string[] = []) => [...prev, v])
     .option('-U, --force-share', 'open the source with shared permissions')

@@ -72,4 +72,18 @@ describe('img convert with qcow2', () => {
     ok(spindle('img', 'convert', '-O', 'raw', q, out));
     identical(src, out);
   });
+
+  it('--target-is-zero skips zeroing an existing target, and needs -n', () => {
+    const q = join(t.dir, 'tz.qcow2');
+    expect(qemuImg('create', '-f', 'qcow2', q, String(16 * MiB)).status).toBe(0);
+    ok(spindle('img', 'convert', '-n', '--target-is-zero', '-f', 'raw', '-O', 'qcow2', src, q));
+    clean(q);
+    identical(src, q);
+    // Nothing was written for the source's zero ranges: they stay unallocated.
+    const map = JSON.parse(qemuImg('map', '--output=json', q).stdout) as { start: number; length: number; present: boolean }[];
+    expect(map.some((e) => !e.present && e.start <= 2 * MiB && e.start + e.length >= 3 * MiB)).toBe(true);
+    const r = spindle('img', 'convert', '--target-is-zero', '-f', 'raw', '-O', 'qcow2', src, join(t.dir, 'no.qcow2'));
+    expect(r.status).toBe(1);
+    expect(r.stderr).toBe('spindle img: --target-is-zero requires use of -n flag\n');
+  });
 });

@@ -34,6 +34,7 @@ export interface ConvertOptions {
   n?: boolean;
   m?: string;
   W?: boolean;
+  targetIsZero?: boolean;
   c?: boolean;
   o?: string[];
   forceShare?: boolean;
@@ -318,6 +319,7 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
   // qemu-img convert's target cache defaults to unsafe: no flush at the end.
   const dstCache = checkCacheMode(opts.t ?? 'unsafe');
   const srcCache = checkCacheMode(opts.T ?? 'writeback');
+  if (opts.targetIsZero && !opts.n) throw new CliError('--target-is-zero requires use of -n flag');
   if (!opts.n) checkCreatableFormat(outFmt);
 
   // The source's reads go to the thread pool, as qemu-img's do (aio=threads): io_uring copies
@@ -357,7 +359,7 @@ export async function imgConvert(srcName: string, dstName: string, opts: Convert
     // as qemu-img keeps it everywhere (one write in flight).
     const buffered = dstCache !== 'none' && dstCache !== 'directsync';
     const depth = buffered && !targetUnit && !unit && !backed ? WRITE_DEPTH : 1;
-    const copier = new Copier(src, dst, size, sparse, !opts.n && !backed, !opts.W, progress, unit, backed, targetUnit, depth);
+    const copier = new Copier(src, dst, size, sparse, (!opts.n || !!opts.targetIsZero) && !backed, !opts.W, progress, unit, backed, targetUnit, depth);
     // Aligned slab buffers, one per worker: O_DIRECT (-t/-T none) needs no bounce copies.
     for (let i = 0; i < parallel * (backed ? 2 : 1); i++) buffers.push(getEngine().allocBuffer(CHUNK, 4096));
     // Every worker ends (none is left in flight) before the images close.
