@@ -62,8 +62,9 @@ export function issue(r: PendingReq): void {
   const root = core.root;
   r.counted = root !== null;
   if (!root) return void process.nextTick(r.done, noMedium(core));
-  // The device sees the medium's length: even a growable node below must not grow through it.
-  const len = io.getLength(root);
+  // The device sees the medium's length: a growable root (a bare file) must not grow through
+  // it. Other roots refuse such requests themselves (io.checkRange), so they skip this check.
+  const len = io.isGrowable(root.node) ? io.getLength(root) : Infinity;
   if (r.offset + r.bytes > len && Number.isSafeInteger(r.offset + r.bytes)) {
     r.counted = false;
     const err = new BlockError('EINVAL', `${r.write ? 'write' : 'read'} on block device '${core.name}': request [${r.offset}, ${r.offset + r.bytes}) is past the end of the ${len}-byte medium`, { offset: r.offset, bytes: r.bytes });

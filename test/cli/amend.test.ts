@@ -8,7 +8,6 @@ import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
 
-
 beforeAll(async () => {
   await ensureBuilt();
   const zeroes = ['write -P 7 0 256k', 'write -z 64k 64k', 'write -z -u 128k 64k', 'write -z 512k 64k', 'write -P 9 777777 3333'];

@@ -6,7 +6,6 @@ import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
 
-
 beforeAll(async () => {
   await ensureBuilt();
   ok(qemuImg('create', '-f', 'qcow2', p('base.qcow2'), '4M'));

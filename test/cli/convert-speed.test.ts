@@ -3,20 +3,15 @@
 // data) on images that take every branch: clusters scattered in the file, zero and
 // discarded clusters, a backing chain, compressed clusters, extended L2. No timing here:
 // bench/qcow2-bench.mjs measures; this checks that the results are exact.
-import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { allocated, ensureBuilt, ok, qemuImg, spindle, tempDir } from './helpers.js';
+import { allocated, ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();
 const MiB = 1 << 20;
 const p = (name: string) => join(t.dir, name);
 
-function qemuIo(img: string, ...cmds: string[]): void {
-  const r = spawnSync('qemu-io', ['-f', 'qcow2', ...cmds.flatMap((c) => ['-c', c]), img], { encoding: 'utf8', timeout: 60_000 });
-  if (r.status !== 0) throw new Error(`qemu-io failed: ${r.stdout}${r.stderr}`);
-}
 function identical(a: string, fa: string, b: string, fb: string): void {
   const r = qemuImg('compare', '-f', fa, '-F', fb, a, b);
   expect(r.stdout + r.stderr).toBe('Images are identical.\n');
@@ -30,7 +25,7 @@ beforeAll(async () => {
   await ensureBuilt();
   // Clusters scattered in the file: 2 MiB pieces written out of guest order.
   ok(qemuImg('create', '-q', '-f', 'qcow2', p('frag.qcow2'), '64M'));
-  qemuIo(p('frag.qcow2'), ...[31, 3, 17, 9, 0, 25, 12, 6, 28, 1].map((i) => `write -P ${i + 1} ${i * 2}M 2M`),
+  qemuIo('qcow2', p('frag.qcow2'), ...[31, 3, 17, 9, 0, 25, 12, 6, 28, 1].map((i) => `write -P ${i + 1} ${i * 2}M 2M`),
     'write -P 7 100k 50k', 'write -z 4M 1M', 'discard 8M 512k', 'write -z -u 30M 2M');
   // A chain: base (raw data) <- mid <- top, the top longer than the base.
   const raw = p('base.raw');
@@ -41,9 +36,9 @@ beforeAll(async () => {
   ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, p('base.qcow2')));
   ok(qemuImg('resize', '-q', '-f', 'qcow2', p('base.qcow2'), '48M'));
   ok(qemuImg('create', '-q', '-f', 'qcow2', '-b', p('base.qcow2'), '-F', 'qcow2', p('mid.qcow2')));
-  qemuIo(p('mid.qcow2'), 'write -P 0xaa 1M 3M', 'write -z 6M 1M');
+  qemuIo('qcow2', p('mid.qcow2'), 'write -P 0xaa 1M 3M', 'write -z 6M 1M');
   ok(qemuImg('create', '-q', '-f', 'qcow2', '-b', p('mid.qcow2'), '-F', 'qcow2', p('top.qcow2'), '64M'));
-  qemuIo(p('top.qcow2'), 'write -P 0xcc 2M 100k', 'write -P 0xdd 60M 1M', 'discard 40M 512k');
+  qemuIo('qcow2', p('top.qcow2'), 'write -P 0xcc 2M 100k', 'write -P 0xdd 60M 1M', 'discard 40M 512k');
 });
 afterAll(t.cleanup);
 
@@ -74,7 +69,7 @@ describe('img convert fast paths', () => {
     ok(spindle('img', 'convert', '-f', 'qcow2', '-O', 'raw', p('comp.qcow2'), p('comp.raw')));
     identical(p('frag.qcow2'), 'qcow2', p('comp.raw'), 'raw');
     ok(qemuImg('create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', p('base.qcow2'), '-F', 'qcow2', p('ext.qcow2')));
-    qemuIo(p('ext.qcow2'), 'write -P 0x11 4k 8k', 'write -P 0x12 5M 200k', 'write -z 6M 6k', 'write -P 0x13 40M 1M');
+    qemuIo('qcow2', p('ext.qcow2'), 'write -P 0x11 4k 8k', 'write -P 0x12 5M 200k', 'write -z 6M 6k', 'write -P 0x13 40M 1M');
     ok(spindle('img', 'convert', '-f', 'qcow2', '-O', 'raw', p('ext.qcow2'), p('ext.raw')));
     identical(p('ext.qcow2'), 'qcow2', p('ext.raw'), 'raw');
   });

@@ -38,7 +38,8 @@ export function spindle(...args: string[]): Run {
 /** Runs qemu-io commands on an image; throws with its output if one fails. */
 export function qemuIo(fmt: string, img: string, ...cmds: string[]): void {
   const r = spawnSync('qemu-io', ['-f', fmt, ...cmds.flatMap((c) => ['-c', c]), img], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`qemu-io: ${r.stdout}${r.stderr}`);
+  // qemu-io can exit 0 after a failed command: its message is the only sign.
+  if (r.status !== 0 || /error|fail/i.test(r.stdout + r.stderr)) throw new Error(`qemu-io ${cmds.join('; ')}: ${r.stdout}${r.stderr}`);
 }
 
 export function qemuImg(...args: string[]): Run {

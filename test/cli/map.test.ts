@@ -1,17 +1,11 @@
 // img map, checked against qemu-img map on the same images: a 3-deep qcow2 chain with data
 // at odd offsets, zero clusters (with and without their allocation), discards, a raw image.
-import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBuilt, ok, qemuImg, spindle, tempDir } from './helpers.js';
+import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
-
-function qemuIo(fmt: string, img: string, ...cmds: string[]): void {
-  const r = spawnSync('qemu-io', ['-f', fmt, ...cmds.flatMap((c) => ['-c', c]), img], { encoding: 'utf8' });
-  if (r.status !== 0 || /error|fail/i.test(r.stdout + r.stderr)) throw new Error(`qemu-io ${cmds.join('; ')}: ${r.stdout}${r.stderr}`);
-}
 
 beforeAll(async () => {
   await ensureBuilt();

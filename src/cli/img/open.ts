@@ -6,7 +6,7 @@
  * pseudo-protocol whose JSON is the full blockdev-add options of the tree.
  */
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
-import { createBackend, type BlockBackend } from '../../backend/backend.js';
+import { createBackend, type BackendOptions, type BlockBackend } from '../../backend/backend.js';
 import type { BackendIO } from '../../backend/io.js';
 import { driverNames, getDriver } from '../../block/drivers/index.js';
 import { openNode, unref } from '../../block/graph.js';
@@ -146,26 +146,33 @@ export function imageOptions(spec: ImageSpec, warn = true): NodeOptions {
  * image locks conflict with other users exactly as qemu-img's do.
  */
 export async function openImage(spec: ImageSpec): Promise<OpenImage> {
-  const options = imageOptions(spec);
+  const perm = spec.readOnly ? Perm.CONSISTENT_READ : Perm.CONSISTENT_READ | Perm.WRITE;
+  const shared = spec.forceShare ? Perm.ALL : Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
+  const mode = spec.cache ?? 'writeback';
+  // writethrough/directsync: the backend flushes after every write.
+  return openUnderBackend(spec.filename, imageOptions(spec), { perm, shared, writeCache: mode !== 'writethrough' && mode !== 'directsync' });
+}
+
+/**
+ * Opens `options` under an anonymous backend taking `want` and attaches the tool as its
+ * device; errors name `filename`. The backend's root edge holds the only node reference.
+ */
+export async function openUnderBackend(filename: string, options: NodeOptions, want: BackendOptions): Promise<OpenImage> {
   let node: BlockNode;
   try {
     node = await openNode(options);
   } catch (e) {
     const msg = oneLine(e);
-    throw new CliError(msg.startsWith('Could not open') ? msg : `Could not open '${spec.filename}': ${msg}`);
+    throw new CliError(msg.startsWith('Could not open') ? msg : `Could not open '${filename}': ${msg}`);
   }
-  const perm = spec.readOnly ? Perm.CONSISTENT_READ : Perm.CONSISTENT_READ | Perm.WRITE;
-  const shared = spec.forceShare ? Perm.ALL : Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
-  const mode = spec.cache ?? 'writeback';
   let backend: BlockBackend;
   try {
-    // writethrough/directsync: the backend flushes after every write.
-    backend = createBackend({ perm, shared, writeCache: mode !== 'writethrough' && mode !== 'directsync' }, node);
+    backend = createBackend(want, node);
   } catch (e) {
     unref(node);
-    throw new CliError(`Could not open '${spec.filename}': ${oneLine(e)}`);
+    throw new CliError(`Could not open '${filename}': ${oneLine(e)}`);
   }
-  unref(node); // the backend's root edge keeps it
+  unref(node);
   const io = backend.attachDevice(DEVICE, {});
   return {
     backend, io, node,

@@ -7,14 +7,11 @@
  * Also the shared way the data-changing commands (resize, commit, rebase, amend) open an
  * image for writing: `openWritable`.
  */
-import { createBackend, type BlockBackend } from '../../backend/backend.js';
 import type { BackendIO } from '../../backend/io.js';
-import { openNode, unref } from '../../block/graph.js';
 import * as io from '../../block/io.js';
-import type { BlockNode } from '../../block/node.js';
 import { Perm, type NodeOptions } from '../../block/types.js';
 import { CliError, oneLine } from '../fail.js';
-import { imageOptions, type ImageSpec, type OpenImage } from './open.js';
+import { imageOptions, openUnderBackend, type ImageSpec, type OpenImage } from './open.js';
 import { parseSize } from './size.js';
 
 export interface WritableOptions {
@@ -26,37 +23,13 @@ export interface WritableOptions {
   edit?: (o: NodeOptions) => void;
 }
 
-const DEVICE = { id: 'img' } as const;
-
 /** Opens the image read-write under an anonymous backend, as openImage does, with more say. */
 export async function openWritable(spec: Omit<ImageSpec, 'readOnly'>, w: WritableOptions = {}): Promise<OpenImage> {
   const options = imageOptions({ ...spec, readOnly: false });
   w.edit?.(options);
-  let node: BlockNode;
-  try {
-    node = await openNode(options);
-  } catch (e) {
-    const msg = oneLine(e);
-    throw new CliError(msg.startsWith('Could not open') ? msg : `Could not open '${spec.filename}': ${msg}`);
-  }
   const perm = Perm.CONSISTENT_READ | Perm.WRITE | (w.perm ?? 0);
   const shared = spec.forceShare ? Perm.ALL : Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | (w.shareWrites ? Perm.WRITE | Perm.RESIZE : 0);
-  let backend: BlockBackend;
-  try {
-    backend = createBackend({ perm, shared }, node);
-  } catch (e) {
-    unref(node);
-    throw new CliError(`Could not open '${spec.filename}': ${oneLine(e)}`);
-  }
-  unref(node);
-  const dev: BackendIO = backend.attachDevice(DEVICE, {});
-  return {
-    backend, io: dev, node,
-    close() {
-      backend.detachDevice(DEVICE);
-      backend.unref();
-    },
-  };
+  return openUnderBackend(spec.filename, options, { perm, shared });
 }
 
 export interface ResizeOptions {
