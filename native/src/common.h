@@ -35,6 +35,9 @@ enum Op : int32_t {
   OP_FDATASYNC = 6,
   OP_FALLOCATE = 7,
 };
+// Or'ed into a write's op: the file is page-cached, so the write may run at once
+// on the calling thread (see NativeEngine::TryInline).
+constexpr int32_t kOpInline = 0x100;
 // Vectored slab segments live in a second Int32Array as (slab, offset, len).
 constexpr int kIovInts = 3;
 

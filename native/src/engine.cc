@@ -3,6 +3,7 @@
 // (one native call and one kernel entry per batch), and watches the backend's
 // eventfd with a uv_poll_t on Node's own loop, so completions are delivered
 // without any completion thread or uv_async hop.
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -17,6 +18,16 @@ namespace spindle {
 namespace {
 
 constexpr int kDrainRounds = 16;
+// An inline write that takes longer than this (the kernel throttled it, or waited
+// on the journal) stops inline writes for kInlineBackoffNs: the loop must not stall.
+constexpr int64_t kInlineSlowNs = 1000000;
+constexpr int64_t kInlineBackoffNs = 1000000000;
+
+int64_t NowNs() {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
 
 class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
  public:
@@ -61,6 +72,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::ArrayBuffer sub = Napi::ArrayBuffer::New(env, entries_ * kDescInts * 4);
     Napi::ArrayBuffer iov = Napi::ArrayBuffer::New(env, entries_ * 4 * kIovInts * 4);
     Napi::ArrayBuffer comp = Napi::ArrayBuffer::New(env, entries_ * 2 * 4);
+    Napi::ArrayBuffer icomp = Napi::ArrayBuffer::New(env, entries_ * 2 * 4);
+    icomp_ = (int32_t*)icomp.Data();
     sub_ = (int32_t*)sub.Data();
     iov_ = (int32_t*)iov.Data();
     comp_ = (int32_t*)comp.Data();
@@ -68,6 +81,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     areas_.Value().Set("sub", sub);
     areas_.Value().Set("iov", iov);
     areas_.Value().Set("comp", comp);
+    areas_.Value().Set("icomp", icomp);
     iovs_.resize(entries_);
 
     uv_loop_t* loop = nullptr;
@@ -91,10 +105,12 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     if (count > entries_) count = entries_;
     const std::vector<Slab>& slabs = data_->slabs;
     uint32_t iov_cap = entries_ * 4;
+    uint32_t done_inline = 0;
     for (uint32_t i = 0; i < count; i++) {
       const int32_t* d = sub_ + i * kDescInts;
       Request r;
-      r.op = d[kOp];
+      bool inl = (d[kOp] & kOpInline) != 0;
+      r.op = d[kOp] & ~kOpInline;
       r.id = d[kId];
       r.fd = d[kFd];
       r.off = (uint64_t)((const double*)d)[3];
@@ -130,12 +146,34 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
         r.mode = d[kSlab];
         r.flen = (uint64_t)((const double*)d)[2];
       }
+      if (inl && TryInline(r, icomp_ + 2 * done_inline)) {
+        done_inline++;
+        continue;
+      }
       if (!backend_->Prepare(r)) return Bad(env, "submission queue full");
       inflight_++;
     }
-    int rc = backend_->Flush();
+    backend_->Flush();
     if (inflight_ > 0) uv_ref((uv_handle_t*)poll_);
-    return Napi::Number::New(env, rc);
+    // The writes done inline: their (id, result) pairs are in `icomp`.
+    return Napi::Number::New(env, done_inline);
+  }
+
+  // A write to a page-cached file costs a few microseconds in the kernel, far less
+  // than a trip through io_uring's workers (ext4 cannot do buffered writes without
+  // blocking, so io_uring always hands them to a worker thread) or the thread pool.
+  // Such writes run here, unless a recent one was slow.
+  bool TryInline(const Request& r, int32_t* out) {
+    if (r.op != OP_WRITE && r.op != OP_WRITEV) return false;
+    int64_t t0 = NowNs();
+    if (t0 < inline_off_until_) return false;
+    ssize_t n = r.op == OP_WRITE ? pwrite(r.fd, r.ptr, r.len, (off_t)r.off)
+                                 : pwritev(r.fd, r.iov, r.nseg, (off_t)r.off);
+    int64_t t1 = NowNs();
+    if (t1 - t0 > kInlineSlowNs) inline_off_until_ = t1 + kInlineBackoffNs;
+    out[0] = r.id;
+    out[1] = n < 0 ? -errno : (int32_t)n;
+    return true;
   }
 
   // submitExternal(op, id, fd, offset, bufs: ArrayBufferView[]): the slow path
@@ -147,6 +185,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Request r{};
     r.slab = -1;
     r.op = info[0].As<Napi::Number>().Int32Value();
+    bool inl = (r.op & kOpInline) != 0;
+    r.op &= ~kOpInline;
     r.id = info[1].As<Napi::Number>().Int32Value();
     r.fd = info[2].As<Napi::Number>().Int32Value();
     r.off = (uint64_t)info[3].As<Napi::Number>().DoubleValue();
@@ -175,6 +215,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     r.op = (r.op == OP_READ || r.op == OP_READV) ? OP_READV : OP_WRITEV;
     r.iov = v.data();
     r.nseg = (int)n;
+    int32_t res[2];
+    // Done inline: the result (the JS side delivers it from its next flush).
+    if (inl && TryInline(r, res)) return Napi::Number::New(env, res[1]);
     if (!backend_->Prepare(r)) return Bad(env, "submission queue full");
     inflight_++;
     uv_ref((uv_handle_t*)poll_);
@@ -312,7 +355,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   Napi::FunctionReference callback_;
   std::unique_ptr<Napi::AsyncContext> async_ctx_;
   Napi::ObjectReference areas_;
-  int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr;
+  int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr, *icomp_ = nullptr;
+  int64_t inline_off_until_ = 0;
   std::vector<std::vector<iovec>> iovs_;  // per request id, reused
   int inflight_ = 0;
   double last_enters_ = 0, last_fixed_ = 0;

@@ -12,6 +12,7 @@ import { getDriver } from './drivers/index.js';
 import { BlockError } from './error.js';
 import { BlockChild, BlockNode, type BlockParent } from './node.js';
 import { refreshPerms } from './perms.js';
+import { warn } from './warn.js';
 import { ChildRole, Perm, type ChildRef, type NodeOptions, type OpenContext, type PermPair, type RoleMask } from './types.js';
 
 const nodes = new Map<string, BlockNode>();
@@ -378,12 +379,19 @@ export function unref(node: BlockNode): void {
   // Requests still in flight below (a parent let go without draining) finish first:
   // closing a file under them would complete them against a dead descriptor.
   const idle = idleBelow(node);
-  if (!idle) {
+  const before = idle ? idle.then(() => beforeClose(node)) : beforeClose(node);
+  if (!before) {
     closeDeleted(node);
     return;
   }
-  const p: Promise<void> = idle.then(() => closeDeleted(node)).catch(() => undefined).finally(() => closing.delete(p));
+  const p: Promise<void> = before.then(() => closeDeleted(node)).catch(() => undefined).finally(() => closing.delete(p));
   closing.add(p);
+}
+
+/** The driver's last writes before its children go; a failure is reported, the close goes on. */
+function beforeClose(node: BlockNode): Promise<void> | undefined {
+  const p = node.driver.beforeClose?.(node);
+  return p?.catch((e: unknown) => warn(`closing '${node.name}': ${e instanceof Error ? e.message : String(e)}`));
 }
 
 function closeDeleted(node: BlockNode): void {

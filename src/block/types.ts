@@ -146,6 +146,11 @@ export interface BlockDriver {
   readonly optionKeys: readonly string[];
 
   open(node: BlockNode, options: NodeOptions, ctx: OpenContext): Promise<void>;
+  /**
+   * Called once the last reference is gone and nothing is in flight, with the children still
+   * attached: state cached in memory goes to them now (a promise delays the close).
+   */
+  beforeClose?(node: BlockNode): Promise<void> | undefined;
   close?(node: BlockNode): Promise<void> | void;
   /** Current length in bytes (cached by the driver; cheap). */
   getLength(node: BlockNode): number;

@@ -14,8 +14,9 @@ export interface NativeEngineHandle {
   /** Turn `count` descriptors into requests; returns 0 or -errno from the kernel entry. */
   submit(count: number): number;
   /** Slow path for buffers outside the slabs (bufs are held by the caller until completion). */
-  submitExternal(op: number, id: number, fd: number, offset: number, bufs: readonly Uint8Array[]): void;
-  areas(): { sub: ArrayBuffer; iov: ArrayBuffer; comp: ArrayBuffer };
+  /** A number: the write ran inline and this is its result. */
+  submitExternal(op: number, id: number, fd: number, offset: number, bufs: readonly Uint8Array[]): number | undefined;
+  areas(): { sub: ArrayBuffer; iov: ArrayBuffer; comp: ArrayBuffer; icomp: ArrayBuffer };
   enters(): number;
   /** [fixedRequests, setupFlags, fixedSlots] */
   features(): [number, number, number];

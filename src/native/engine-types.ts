@@ -39,7 +39,12 @@ export interface IoEngine {
   open(path: string, opts: OpenOptions): number;
   close(fd: number): void;
   readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void;
-  writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void;
+  /**
+   * inline: the file is page-cached (not O_DIRECT), so the write may run at once on this
+   * thread, a few microseconds instead of a trip to a worker; `done` still runs later,
+   * never inside this call. Slow inline writes turn the inline path off for a while.
+   */
+  writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone, inline?: boolean): void;
   fsync(fd: number, datasync: boolean, done: IoDone): void;
   /** mode: FALLOC_FL_* bits (see FALLOC). */
   fallocate(fd: number, mode: number, offset: number, len: number, done: IoDone): void;

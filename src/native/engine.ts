@@ -24,6 +24,8 @@ export type {
 // Descriptor layout, shared with native/src/common.h.
 const OP_READ = 1, OP_WRITE = 2, OP_READV = 3, OP_WRITEV = 4;
 const OP_FSYNC = 5, OP_FDATASYNC = 6, OP_FALLOCATE = 7;
+/** Or'ed into a write's op: may run at once on this thread (a page-cached file). */
+const OP_INLINE = 0x100;
 const DESC_INTS = 8;
 const IOV_INTS = 3;
 const MAX_OFFSET = Number.MAX_SAFE_INTEGER;
@@ -39,6 +41,10 @@ class Engine implements IoEngine {
   private readonly subF: Float64Array;
   private readonly iovArea: Int32Array;
   private readonly comp: Int32Array;
+  /** (id, result) pairs of the writes the last submit did inline. */
+  private readonly icomp: Int32Array;
+  /** (id, result) pairs of slow-path writes done inline, delivered by the next flush. */
+  private readonly inlineDone: number[] = [];
   private readonly dones: (IoDone | undefined)[];
   /** Non-slab buffers held until completion, so their memory stays alive. */
   private readonly keep: (readonly Uint8Array[] | undefined)[];
@@ -72,6 +78,7 @@ class Engine implements IoEngine {
     this.subF = new Float64Array(a.sub);
     this.iovArea = new Int32Array(a.iov);
     this.comp = new Int32Array(a.comp);
+    this.icomp = new Int32Array(a.icomp);
     this.dones = new Array<IoDone | undefined>(entries).fill(undefined);
     this.keep = new Array<readonly Uint8Array[] | undefined>(entries).fill(undefined);
     this.freeIds = new Int32Array(entries);
@@ -92,8 +99,8 @@ class Engine implements IoEngine {
     this.rw(OP_READ, fd, iov, offset, done);
   }
 
-  writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void {
-    this.rw(OP_WRITE, fd, iov, offset, done);
+  writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone, inline = false): void {
+    this.rw(inline ? OP_WRITE | OP_INLINE : OP_WRITE, fd, iov, offset, done);
   }
 
   fsync(fd: number, datasync: boolean, done: IoDone): void {
@@ -146,7 +153,7 @@ class Engine implements IoEngine {
 
   destroy(): void {
     if (this.destroyed) return;
-    if (this.nDesc > 0) this.flush(); // written this tick: let them run like the rest
+    if (this.nDesc > 0 || this.inlineDone.length > 0) this.flush(); // written this tick: let them run like the rest
     this.destroyed = true;
     const rest = this.h.destroy();
     const queued = this.overflow.slice(this.overflowHead);
@@ -204,7 +211,7 @@ class Engine implements IoEngine {
     }
     const sub = this.sub;
     const base = this.nDesc * DESC_INTS;
-    if (op >= OP_FSYNC) {
+    if ((op & ~OP_INLINE) >= OP_FSYNC) {
       sub[base] = op;
       sub[base + 1] = id;
       sub[base + 2] = fd;
@@ -230,7 +237,7 @@ class Engine implements IoEngine {
         return;
       }
     } else if (this.nIov + n <= this.iovArea.length / IOV_INTS && this.encodeIov(iov)) {
-      sub[base] = op === OP_READ ? OP_READV : OP_WRITEV;
+      sub[base] = op === OP_READ ? OP_READV : OP_WRITEV | (op & OP_INLINE);
       sub[base + 1] = id;
       sub[base + 2] = fd;
       sub[base + 3] = this.nIov;
@@ -245,7 +252,8 @@ class Engine implements IoEngine {
     const held = n === 1 ? iov : iov.slice();
     this.keep[id] = held;
     try {
-      this.h.submitExternal(op, id, fd, offset, held);
+      const res = this.h.submitExternal(op, id, fd, offset, held);
+      if (typeof res === 'number') this.inlineDone.push(id, res); // a flush is queued: it delivers
     } catch (e) {
       this.retire(id); // e.g. a segment that is not a Uint8Array
       this.nCompleted--;
@@ -279,7 +287,27 @@ class Engine implements IoEngine {
     this.nBatches++;
     // A failed kernel entry leaves the SQEs queued; the backend retries them
     // on its next flush or completion pass.
-    this.h.submit(n);
+    const k = this.h.submit(n); // with n = 0 too: it enters the kernel for slow-path requests
+    if (k > 0 || this.inlineDone.length > 0) this.completeInline(k);
+  }
+
+  /** Delivers the writes done inline: `k` from the last submit, then the slow-path ones. */
+  private completeInline(k: number): void {
+    let first: unknown;
+    let failed = false;
+    const deliver = (id: number, res: number): void => {
+      const done = this.dones[id]!;
+      this.retire(id);
+      try { done(res); } catch (e) { if (!failed) { failed = true; first = e; } }
+    };
+    // Copied out first: a callback's own requests may start a submit that reuses the area.
+    const ic = k > 0 ? this.icomp.slice(0, 2 * k) : null;
+    const ext = this.inlineDone.length > 0 ? this.inlineDone.splice(0) : null;
+    if (ic) for (let i = 0; i < ic.length; i += 2) deliver(ic[i]!, ic[i + 1]!);
+    if (ext) for (let i = 0; i < ext.length; i += 2) deliver(ext[i]!, ext[i + 1]!);
+    if (this.overflowHead < this.overflow.length) this.drainOverflow();
+    if (this.idleWaiters.length > 0 && this.inFlight() === 0) this.wakeIdle();
+    if (failed) throw first;
   }
 
   private retire(id: number): void {

@@ -92,6 +92,41 @@ describe.each(kinds)('%s engine', (kind) => {
     e.freeBuffer(b);
   });
 
+  it('runs page-cache writes inline: results and data as queued writes, callbacks never inside the call', async () => {
+    const path = join(dir, 'inline.img');
+    const fd = e.open(path, { write: true, create: true, truncate: true });
+    const slab = e.allocBuffer(8192);
+    pattern(21, 8192).copy(slab);
+    const heap = pattern(22, 3000);
+    const parts = [e.allocBuffer(4096), Buffer.from(pattern(23, 100))];
+    pattern(24, 4096).copy(parts[0]!);
+    const before = e.stats().completed;
+    const results: number[] = [];
+    let inCall = true;
+    const done = (res: number): void => {
+      expect(inCall, 'a callback ran inside writev').toBe(false);
+      results.push(res);
+    };
+    // One batch: a slab write, a heap (slow-path) write, a vectored one, and a queued one.
+    e.writev(fd, [slab], 0, done, true);
+    e.writev(fd, [heap], 8192, done, true);
+    e.writev(fd, parts, 11192, done, true);
+    e.writev(fd, [slab.subarray(0, 512)], 20000, done);
+    inCall = false;
+    await e.idle();
+    expect(results.sort((a, b) => a - b)).toEqual([512, 3000, 4196, 8192]);
+    expect(e.stats().completed - before).toBe(4);
+    const want = Buffer.concat([pattern(21, 8192), heap, pattern(24, 4096), pattern(23, 100), Buffer.alloc(20000 - 15388), pattern(21, 512)]);
+    expect(readFileSync(path).equals(want)).toBe(true);
+    // Errors come back as results too, from the inline path as from the queue.
+    const rfd = e.open(path, { write: false });
+    expect(await new Promise((r) => e.writev(rfd, [slab], 0, r, true))).toBe(EBADF);
+    expect(await new Promise((r) => e.writev(rfd, [heap], 0, r, true))).toBe(EBADF);
+    e.close(rfd);
+    e.close(fd);
+    for (const b of [slab, parts[0]!]) e.freeBuffer(b);
+  });
+
   it('throws EngineError with code, errno and a message naming the path', () => {
     const missing = join(dir, 'no', 'such.img');
     expect(() => e.open(missing, { write: false })).toThrow(

@@ -176,7 +176,8 @@ function submit(node: BlockNode, write: boolean, offset: number, bytes: number, 
   }
   r.vec = vec;
   const eng = engineForRequest(s, write, bytes);
-  if (write) eng.writev(s.fd, vec, offset, r.done);
+  // A small write into the page cache runs inline (the engine backs off if one is slow).
+  if (write) eng.writev(s.fd, vec, offset, r.done, !s.direct && bytes < BULK_WRITE);
   else eng.readv(s.fd, vec, offset, r.done);
 }
 

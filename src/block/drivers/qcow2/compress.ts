@@ -11,23 +11,24 @@ import type { BlockNode } from '../../node.js';
 import { encodeCompressed } from './entries.js';
 import { lookup } from './map.js';
 import { qstate, type Qcow2State } from './state.js';
-import { ownL2Table, releaseOld } from './write.js';
+import { holdsClusters, ownL2Table, releaseOld } from './write.js';
+import { writeBackIfFull, writeBackMeta } from './writeback.js';
 
 /** Where the next compressed extent may start (0: start a new host cluster). */
 const tails = new WeakMap<Qcow2State, number>();
 
-/** Places `len` compressed bytes: raises refcounts first, returns the host offset. */
+/** Places `len` compressed bytes: raises their refcounts (in memory), returns the host offset. */
 async function placeCompressed(s: Qcow2State, len: number): Promise<number> {
   const cs = s.geo.clusterSize;
   const tail = tails.get(s) ?? 0;
   const fileEnd = io.getLength(s.file);
   if (tail && tail % cs !== 0 && (tail % cs) + len <= cs && tail <= fileEnd + cs) {
-    await s.refcounts.update(Math.floor(tail / cs), 1, 1);
+    await s.refcounts.raiseDirty(Math.floor(tail / cs), 1);
     tails.set(s, tail + len);
     return tail;
   }
   const n = Math.ceil(len / cs);
-  const host = await s.refcounts.alloc(n);
+  const host = await s.refcounts.allocDirty(n);
   tails.set(s, host + len);
   return host;
 }
@@ -55,8 +56,13 @@ export async function writeCompressed(node: BlockNode, offset: number, data: Buf
     const table = await s.l2.get(l2Offset);
     const pos = m.l2Index * s.geo.l2EntrySize;
     encodeCompressed(table, pos, s.geo.clusterBits, host, packed.length);
-    await s.l2.writeThrough(l2Offset, table, pos, pos + 8);
-    await releaseOld(s, m);
+    s.l2.markDirty(l2Offset, pos, pos + 8);
+    if (holdsClusters(m)) {
+      // Only once nothing on disk names the old clusters may their refcounts drop.
+      await writeBackMeta(s);
+      await releaseOld(s, m);
+    }
+    await writeBackIfFull(s);
   });
   return true;
 }

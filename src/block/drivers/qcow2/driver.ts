@@ -23,7 +23,8 @@ import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
 import { readSnapshotTable, snapshotJson } from './snapshot.js';
 import { Mutex, qstate, type Qcow2State } from './state.js';
-import { qcow2Flush, qcow2Writev } from './write.js';
+import { qcow2Writev } from './write.js';
+import { metaDirty, qcow2BeforeClose, qcow2Flush, writeBackMeta } from './writeback.js';
 
 const MAX_L1_BYTES = 32 << 20;
 const MAX_REFTABLE_BYTES = 8 << 20;
@@ -147,7 +148,7 @@ export const qcow2Driver: BlockDriver = {
     await io.read(file, h.refcountTableOffset, reftable);
     const cacheTables = Math.max(4, Math.min(h.l1Size, Math.floor(Number(o['l2-cache-size'] ?? 32 << 20) / cs)));
     const s: Qcow2State = {
-      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(), pendingMeta: new Set(),
+      header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(),
       l2: new L2Cache(file, cs, cacheTables),
       refcounts: null!,
     };
@@ -194,6 +195,7 @@ export const qcow2Driver: BlockDriver = {
   readv: qcow2Readv,
   writev: qcow2Writev,
   flush: qcow2Flush,
+  beforeClose: qcow2BeforeClose,
   discard: qcow2Discard,
   writeZeroes: qcow2WriteZeroes,
   blockStatus: qcow2BlockStatus,
@@ -250,11 +252,13 @@ export const qcow2Driver: BlockDriver = {
     });
   },
   reopen: {
-    prepare(st) {
+    async prepare(st) {
       const s = qstate(st.node);
       if (!st.readOnly && s.header.incompatible & (INCOMPAT.CORRUPT | INCOMPAT.DIRTY)) {
         throw new BlockError('EPERM', `qcow2 image '${st.node.name}' is marked corrupt or dirty and cannot be made writable`, { node: st.node.name });
       }
+      // Read-only from now on: what is cached goes to the disk first.
+      if (st.readOnly && !s.readOnly && metaDirty(s)) await s.lock.run(() => writeBackMeta(s));
     },
     commit(st) {
       qstate(st.node).readOnly = st.readOnly;

@@ -70,3 +70,34 @@ export function writeSubclusterBitmaps(buf: Buffer, pos: number, alloc: number, 
   buf.writeUInt32BE(zero >>> 0, pos + 8);
   buf.writeUInt32BE(alloc >>> 0, pos + 12);
 }
+
+/** Refcount `i` of a refcount block whose entries are `bits` wide. */
+export function rcGet(block: Buffer, i: number, bits: number): number {
+  if (bits >= 8) {
+    const bytes = bits / 8;
+    const o = i * bytes;
+    if (bytes === 1) return block[o]!;
+    if (bytes === 2) return block.readUInt16BE(o);
+    if (bytes === 4) return block.readUInt32BE(o);
+    return Number(block.readBigUInt64BE(o));
+  }
+  const per = 8 / bits;
+  return (block[Math.floor(i / per)]! >> ((i % per) * bits)) & ((1 << bits) - 1);
+}
+
+export function rcSet(block: Buffer, i: number, bits: number, v: number): void {
+  if (bits >= 8) {
+    const bytes = bits / 8;
+    const o = i * bytes;
+    if (bytes === 1) block[o] = v;
+    else if (bytes === 2) block.writeUInt16BE(v, o);
+    else if (bytes === 4) block.writeUInt32BE(v, o);
+    else block.writeBigUInt64BE(BigInt(v), o);
+    return;
+  }
+  const per = 8 / bits;
+  const shift = (i % per) * bits;
+  const mask = ((1 << bits) - 1) << shift;
+  const b = Math.floor(i / per);
+  block[b] = (block[b]! & ~mask) | ((v << shift) & mask);
+}

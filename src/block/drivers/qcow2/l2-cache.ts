@@ -1,24 +1,34 @@
 /**
  * A bounded cache of L2 tables, keyed by host offset. Loads of one table share one read;
- * the least recently used unpinned table goes when the cache is full. Tables are written
- * through by their users, so eviction never writes.
+ * the least recently used table that is clean and not being written goes when the cache is
+ * full.
+ *
+ * Tables are written back: an allocation changes its table here and marks the bytes dirty;
+ * writeBack() (from the driver's metadata write-back, after the refcounts) writes them out.
+ * A dirty table stays cached: evicted and reloaded, it would come back without its entries.
  */
 import * as io from '../../io.js';
 import type { BlockChild } from '../../node.js';
 
 interface Entry {
   buf: Buffer;
+  /** Writes in flight from this table. */
   pins: number;
+  /** Dirty byte range [lo, hi); lo >= hi when clean. */
+  lo: number;
+  hi: number;
 }
 
 export class L2Cache {
   private readonly tables = new Map<number, Entry>();
   private readonly loading = new Map<number, Promise<Buffer>>();
+  /** Offsets of the tables with dirty bytes. */
+  private readonly dirty = new Set<number>();
 
   constructor(
     private readonly file: BlockChild,
     private readonly tableSize: number,
-    private readonly capacity: number,
+    readonly capacity: number,
   ) {}
 
   /** The table if cached (the synchronous fast path); refreshes its LRU position. */
@@ -53,45 +63,80 @@ export class L2Cache {
     return buf;
   }
 
-  /** Puts a table (new or just written) in the cache. */
+  /** Puts a table (new, or just written whole) in the cache, clean. */
   insert(offset: number, buf: Buffer): void {
+    const old = this.tables.get(offset);
+    if (old && old.lo < old.hi) throw new Error(`L2 table ${offset} replaced while dirty`);
     this.tables.delete(offset);
-    this.tables.set(offset, { buf, pins: 0 });
+    this.tables.set(offset, { buf, pins: 0, lo: 0, hi: 0 });
     this.evict();
   }
 
+  /** Marks bytes [start, end) of the cached table at `offset` as changed, to be written back. */
+  markDirty(offset: number, start: number, end: number): void {
+    const e = this.tables.get(offset);
+    if (!e) throw new Error(`L2 table ${offset} marked dirty but not cached`);
+    if (e.lo >= e.hi) {
+      e.lo = start;
+      e.hi = end;
+      this.dirty.add(offset);
+    } else {
+      e.lo = Math.min(e.lo, start);
+      e.hi = Math.max(e.hi, end);
+    }
+  }
+
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
   /**
-   * Writes bytes [start, end) of `table` (the cached table at `offset`) through to the file.
-   * The table stays cached until the write lands: evicted and reloaded meanwhile, it would
-   * come back from disk without these entries.
+   * Writes every dirty range out, in parallel; a range is clean once its write lands. The
+   * caller holds the metadata lock, so no table changes meanwhile.
+   */
+  async writeBack(): Promise<void> {
+    if (!this.dirty.size) return;
+    const writes: Promise<void>[] = [];
+    for (const off of this.dirty) {
+      const e = this.tables.get(off)!;
+      const lo = e.lo, hi = e.hi;
+      writes.push(this.writeRange(off, e, lo, hi).then(() => {
+        if (e.lo === lo && e.hi === hi) {
+          e.lo = e.hi = 0;
+          this.dirty.delete(off);
+        }
+      }));
+    }
+    const results = await Promise.allSettled(writes);
+    this.evict();
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  /**
+   * Writes bytes [start, end) of `table` (the cached table at `offset`) through to the file,
+   * now: for changes that must reach the disk before the caller goes on.
    */
   async writeThrough(offset: number, table: Buffer, start: number, end: number): Promise<void> {
     const e = this.tables.get(offset);
-    if (e?.buf === table) e.pins++;
+    await this.writeRange(offset, e?.buf === table ? e : undefined, start, end, table);
+  }
+
+  /** The table stays cached until its write lands (a reload would miss the bytes). */
+  private async writeRange(offset: number, e: Entry | undefined, start: number, end: number, table = e!.buf): Promise<void> {
+    if (e) e.pins++;
     try {
       await io.write(this.file, offset + start, Buffer.from(table.subarray(start, end)));
     } finally {
-      if (e?.buf === table) {
+      if (e) {
         e.pins--;
         this.evict();
       }
     }
   }
 
-  pin(offset: number): void {
-    const e = this.tables.get(offset);
-    if (e) e.pins++;
-  }
-  unpin(offset: number): void {
-    const e = this.tables.get(offset);
-    if (e && e.pins > 0) e.pins--;
-  }
-
-  drop(offset: number): void {
-    this.tables.delete(offset);
-  }
-
+  /** Forgets every table; the caller has written back the dirty ones. */
   clear(): void {
+    if (this.dirty.size) throw new Error('L2 cache cleared while tables are dirty');
     this.tables.clear();
   }
 
@@ -99,7 +144,7 @@ export class L2Cache {
     if (this.tables.size <= this.capacity) return;
     for (const [off, e] of this.tables) {
       if (this.tables.size <= this.capacity) break;
-      if (e.pins === 0) this.tables.delete(off);
+      if (e.pins === 0 && e.lo >= e.hi) this.tables.delete(off);
     }
   }
 }

@@ -1,8 +1,8 @@
 /**
  * qcow2 discard, write-zeroes and block-status.
  *
- * Discard and zeroing rewrite whole L2 entries (written first) and only then drop the old
- * clusters' refcounts; partial clusters are left to the generic layer (ENOTSUP: it writes
+ * Discard and zeroing rewrite whole L2 entries; the old clusters' refcounts drop only once
+ * those entries are written back (writeback.ts); partial clusters are left to the generic layer (ENOTSUP: it writes
  * zeroes instead, or, for discard, ignores them).
  */
 import { BlockError } from '../../error.js';
@@ -10,9 +10,10 @@ import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
 import { ReqFlags, type BlockStatus } from '../../types.js';
 import { entryCopied, writeEntry, writeSubclusterBitmaps } from './entries.js';
-import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping } from './map.js';
+import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
 import { qstate } from './state.js';
-import { ownL2Table, releaseOld } from './write.js';
+import { holdsClusters, ownL2Table, releaseOld } from './write.js';
+import { writeBackIfFull, writeBackMeta } from './writeback.js';
 
 /** Rewrites the entries of whole clusters in [offset, offset+bytes) to read as zero or as unallocated. */
 async function rewriteClusters(node: BlockNode, offset: number, bytes: number, mode: 'discard' | 'zero', keepAlloc: boolean): Promise<void> {
@@ -28,6 +29,7 @@ async function rewriteClusters(node: BlockNode, offset: number, bytes: number, m
     const m = newMapping();
     // After a discard, a v3 image with a backing file reads zeroes rather than the backing data.
     const zero = mode === 'zero' || (v3 && node.backing !== undefined);
+    const freed: Mapping[] = [];
     for (let g = start; g < end; g += cs) {
       await lookup(s, g, m);
       const keep = keepAlloc && m.kind === KIND_NORMAL && m.copied && entryCopied(s.l1, m.l1Index * 8);
@@ -43,11 +45,15 @@ async function rewriteClusters(node: BlockNode, offset: number, bytes: number, m
       } else {
         writeEntry(table, pos, keep ? m.host : 0, keep, zero);
       }
-      await s.l2.writeThrough(l2Offset, table, pos, pos + s.geo.l2EntrySize);
-      if (!keep && (m.host || m.kind === KIND_COMPRESSED)) {
-        await releaseOld(s, m.kind === KIND_COMPRESSED ? m : { ...m, kind: KIND_NORMAL });
-      }
+      s.l2.markDirty(l2Offset, pos, pos + s.geo.l2EntrySize);
+      if (!keep && (m.host || m.kind === KIND_COMPRESSED)) freed.push(m.kind === KIND_COMPRESSED ? { ...m } : { ...m, kind: KIND_NORMAL });
     }
+    if (freed.some(holdsClusters)) {
+      // Only once nothing on disk names the old clusters may their refcounts drop.
+      await writeBackMeta(s);
+      for (const f of freed) await releaseOld(s, f);
+    }
+    await writeBackIfFull(s);
   });
 }
 

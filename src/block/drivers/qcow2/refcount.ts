@@ -1,47 +1,20 @@
 /**
  * Refcounts: the refcount table, its blocks (cached), and cluster allocation.
  *
- * Every change is written through, in an order that survives a crash at any write: a
- * cluster's refcount is raised (and written) before anything points at it, and lowered
- * only after nothing on disk points at it any more; a new refcount block is written before
- * the table entry that links it, and a new table before the header that names it. A crash
- * in between leaves leaked clusters at worst, never a reference to a free cluster.
+ * Changes reach the disk in an order that survives a crash at any write: a cluster's
+ * refcount is raised before anything on disk points at it (allocations for data are raised
+ * in memory and written back before the L2 tables that use them, see writeback.ts; the
+ * rest is written through), and lowered only after nothing on disk points at it any more;
+ * a new refcount block is written before the table entry that links it, and a new table
+ * before the header that names it. A crash in between leaves leaked clusters at worst,
+ * never a reference to a free cluster.
  */
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import type { BlockChild } from '../../node.js';
-import { entryOffset, writeEntry } from './entries.js';
+import { entryOffset, rcGet, rcSet, writeEntry } from './entries.js';
 import type { Geometry } from './format.js';
-
-export function rcGet(block: Buffer, i: number, bits: number): number {
-  if (bits >= 8) {
-    const bytes = bits / 8;
-    const o = i * bytes;
-    if (bytes === 1) return block[o]!;
-    if (bytes === 2) return block.readUInt16BE(o);
-    if (bytes === 4) return block.readUInt32BE(o);
-    return Number(block.readBigUInt64BE(o));
-  }
-  const per = 8 / bits;
-  return (block[Math.floor(i / per)]! >> ((i % per) * bits)) & ((1 << bits) - 1);
-}
-
-export function rcSet(block: Buffer, i: number, bits: number, v: number): void {
-  if (bits >= 8) {
-    const bytes = bits / 8;
-    const o = i * bytes;
-    if (bytes === 1) block[o] = v;
-    else if (bytes === 2) block.writeUInt16BE(v, o);
-    else if (bytes === 4) block.writeUInt32BE(v, o);
-    else block.writeBigUInt64BE(BigInt(v), o);
-    return;
-  }
-  const per = 8 / bits;
-  const shift = (i % per) * bits;
-  const mask = ((1 << bits) - 1) << shift;
-  const b = Math.floor(i / per);
-  block[b] = (block[b]! & ~mask) | ((v << shift) & mask);
-}
+import { badRefcountBlock, metadataInFree, planTableGrowth, type MetadataAt } from './refcount-layout.js';
 
 /** Byte range of a block that holds entries [first, last]. */
 function byteSpan(first: number, last: number, bits: number): [number, number] {
@@ -66,7 +39,7 @@ export class Refcounts {
    * What metadata outside the refcount structures (L1 table, L2 tables) lies in bytes
    * [offset, offset+bytes), or '' if none known: such clusters are never handed out.
    */
-  metadataAt: ((offset: number, bytes: number) => string) | null = null;
+  metadataAt: MetadataAt = null;
   /** Set once corruption is found: the refcounts change no more. */
   private broken: string | null = null;
   /** Cluster indices of the refcount blocks, once the table has been checked (first allocation). */
@@ -107,13 +80,7 @@ export class Refcounts {
 
   /** What is wrong with a refcount block at `off` (entry `ti`), or '' if nothing. */
   private badBlock(off: number, ti: number): string {
-    const cs = this.geo.clusterSize;
-    const at = `refcount block ${off} (refcount table entry ${ti})`;
-    if (off % cs) return `${at} is not cluster aligned`;
-    if (off >= io.getLength(this.file)) return `${at} lies past the end of the file`;
-    if (off < this.tableOffset + this.table.length && this.tableOffset < off + cs) return `${at} overlaps the refcount table`;
-    const other = this.metadataAt?.(off, cs);
-    return other ? `${at} overlaps ${other}` : '';
+    return badRefcountBlock(this.geo.clusterSize, off, ti, io.getLength(this.file), this.tableOffset, this.table.length, this.metadataAt);
   }
 
   /** Offset of the refcount block of table entry `ti` (0: none). */
@@ -150,19 +117,8 @@ export class Refcounts {
    * refcount of 0 would make the next write overwrite it).
    */
   private checkFree(c: number, n: number): void {
-    const cs = this.geo.clusterSize;
-    const start = c * cs;
-    const end = (c + n) * cs;
-    const hit = (o: number, len: number): boolean => len > 0 && start < o + len && o < end;
-    let what = '';
-    if (c === 0) what = 'the image header';
-    else if (hit(this.tableOffset, this.table.length)) what = 'the refcount table';
-    else {
-      what = this.metadataAt?.(start, end - start) ?? '';
-      const blocks = this.checkTable();
-      for (let k = c; k < c + n && !what; k++) if (blocks.has(k)) what = 'a refcount block';
-    }
-    if (what) throw this.corrupt(`cluster ${start} has refcount 0 but holds ${what}`);
+    const what = metadataInFree(this.geo.clusterSize, c, n, this.tableOffset, this.table.length, this.metadataAt, () => this.checkTable());
+    if (what) throw this.corrupt(`cluster ${c * this.geo.clusterSize} has refcount 0 but holds ${what}`);
   }
 
   private async loadBlock(off: number, ti = -1): Promise<Buffer> {
@@ -180,6 +136,8 @@ export class Refcounts {
 
   /** Refcount writes in flight, per block offset: such a block stays cached. */
   private readonly writing = new Map<number, number>();
+  /** Byte ranges [lo, hi) of cached blocks raised in memory but not written yet. */
+  private readonly dirty = new Map<number, [number, number]>();
 
   /**
    * Drops the oldest cached block that no write is in flight for: evicted and reloaded
@@ -188,7 +146,7 @@ export class Refcounts {
    */
   private evictOne(): void {
     for (const k of this.blocks.keys()) {
-      if (!this.writing.has(k)) {
+      if (!this.writing.has(k) && !this.dirty.has(k)) {
         this.blocks.delete(k);
         return;
       }
@@ -280,15 +238,21 @@ export class Refcounts {
   }
 
   /**
-   * Allocates `n` clusters like alloc(), but returns once the refcounts are raised in
-   * memory; `written` settles when they are on disk. The caller must await it before
-   * anything on disk points at the clusters. Sub-byte refcounts share bytes between
-   * clusters, so for them the write completes first.
+   * Allocates `n` contiguous clusters like alloc(), but raises their refcounts in memory
+   * only: writeBack() writes them, and must, before anything on disk points at them.
+   * Sub-byte refcounts share bytes between clusters, so for them the write happens now.
    */
-  async allocDeferred(n: number): Promise<{ offset: number; written: Promise<void> }> {
-    if (this.geo.refcountBits < 8) return { offset: await this.alloc(n), written: Promise.resolve() };
+  async allocDirty(n: number): Promise<number> {
+    if (this.geo.refcountBits < 8) return this.alloc(n);
     this.checkUsable();
-    const cs = this.geo.clusterSize;
+    const c = await this.findRun(n);
+    this.markDirty(this.updateMem(c, n, 1));
+    this.freeHint = c + n;
+    return c * this.geo.clusterSize;
+  }
+
+  /** A run of `n` free clusters whose refcount blocks exist and are loaded. */
+  private async findRun(n: number): Promise<number> {
     for (;;) {
       const c = await this.findFree(n, this.freeHint);
       const missing = await this.firstMissingBlock(c, n);
@@ -299,12 +263,51 @@ export class Refcounts {
       await this.loadSpan(c, n, 1);
       if ((await this.get(c)) !== 0) continue; // taken while loading
       this.checkFree(c, n);
-      const spans = this.updateMem(c, n, 1);
-      this.freeHint = c + n;
-      const written = this.writeSpans(spans);
-      written.catch(() => undefined);
-      return { offset: c * cs, written };
+      return c;
     }
+  }
+
+  /** Raises the refcounts of clusters [c, c+n) (in use already) by one, in memory, like allocDirty(). */
+  async raiseDirty(c: number, n: number): Promise<void> {
+    if (this.geo.refcountBits < 8) return this.update(c, n, 1);
+    this.checkUsable();
+    this.checkTable();
+    await this.loadSpan(c, n, 1);
+    this.markDirty(this.updateMem(c, n, 1));
+  }
+
+  private markDirty(spans: [number, Buffer][]): void {
+    const cs = this.geo.clusterSize;
+    for (const [off, bytes] of spans) {
+      const blk = off - (off % cs);
+      const lo = off - blk, hi = lo + bytes.length;
+      const d = this.dirty.get(blk);
+      if (d) {
+        d[0] = Math.min(d[0], lo);
+        d[1] = Math.max(d[1], hi);
+      } else this.dirty.set(blk, [lo, hi]);
+    }
+  }
+
+  /** Refcount blocks with raised counts not written yet. */
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /**
+   * Writes every raised count that is only in memory, in parallel. Context: under the
+   * driver's metadata lock (nothing changes meanwhile).
+   */
+  async writeBack(): Promise<void> {
+    if (!this.dirty.size) return;
+    const spans: [number, Buffer][] = [];
+    for (const [blk, [lo, hi]] of this.dirty) spans.push([blk + lo, Buffer.from(this.blocks.get(blk)!.subarray(lo, hi))]);
+    const cs = this.geo.clusterSize;
+    const results = await Promise.allSettled(spans.map((sp) => this.writeSpans([sp])));
+    results.forEach((r, i) => {
+      if (r.status === 'fulfilled') this.dirty.delete(spans[i]![0] - (spans[i]![0] % cs));
+    });
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
   /**
@@ -344,18 +347,11 @@ export class Refcounts {
    */
   async alloc(n: number): Promise<number> {
     this.checkUsable();
-    const cs = this.geo.clusterSize;
-    for (;;) {
-      const c = await this.findFree(n, this.freeHint);
-      const missing = await this.firstMissingBlock(c, n);
-      if (missing < 0) {
-        this.checkFree(c, n);
-        await this.update(c, n, 1);
-        this.freeHint = c + n;
-        return c * cs;
-      }
-      await this.ensureBlock(missing);
-    }
+    const c = await this.findRun(n);
+    const spans = this.updateMem(c, n, 1);
+    this.freeHint = c + n;
+    await this.writeSpans(spans);
+    return c * this.geo.clusterSize;
   }
 
   /** Table index of the first refcount block missing for clusters [c, c+n), or -1. */
@@ -410,19 +406,7 @@ export class Refcounts {
     const oldClusters = this.table.length / cs;
     const fileEnd = Math.ceil(io.getLength(this.file) / cs);
     const base = Math.max(oldEntries * rbE, fileEnd);
-    // Choose table and block counts so the new blocks cover the new metadata and `need`.
-    let entries = Math.max(need + 1, Math.ceil(oldEntries * 1.5));
-    let tClusters = 0;
-    let nBlocks = 0;
-    for (;;) {
-      tClusters = Math.ceil((entries * 8) / cs);
-      const end = base + tClusters + nBlocks;
-      const lastTi = Math.max(need, Math.floor((end - 1) / rbE));
-      const wantBlocks = lastTi + 1 - oldEntries;
-      if (lastTi + 1 > entries) { entries = lastTi + 1; continue; }
-      if (wantBlocks === nBlocks) break;
-      nBlocks = wantBlocks;
-    }
+    const { tClusters, nBlocks } = planTableGrowth(this.geo, oldEntries, base, need);
     const tableStart = base;
     const blocksStart = base + tClusters;
     const newBlocks = Array.from({ length: nBlocks }, () => Buffer.alloc(cs));

@@ -20,10 +20,11 @@ import { bindRefcounts } from './map.js';
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import type { BlockChild, BlockNode } from '../../node.js';
-import { compressedLocation, entryCompressed, entryCopied, entryOffset, writeEntry } from './entries.js';
+import { compressedLocation, entryCompressed, entryCopied, entryOffset, rcGet, rcSet, writeEntry } from './entries.js';
 import { l1EntriesFor, MAX_L1_BYTES, type Qcow2Header } from './format.js';
-import { rcGet, rcSet, Refcounts } from './refcount.js';
+import { Refcounts } from './refcount.js';
 import { qstate, type Qcow2State } from './state.js';
+import { writeBackMeta } from './writeback.js';
 
 export interface SnapshotInfo {
   id: string;
@@ -363,6 +364,8 @@ export async function createSnapshot(node: BlockNode, name: string, opts: Create
   const s = qstate(node);
   return s.lock.run(async () => {
     writable(node, s);
+    // The tables are read and copied from the disk: it must match memory first.
+    await writeBackMeta(s);
     const h = s.header;
     const { list, bytes } = await loadTable(s);
     if (list.length >= MAX_SNAPSHOTS) throw new BlockError('EFBIG', `qcow2 '${node.name}': too many snapshots`, { node: node.name });
@@ -391,6 +394,8 @@ export async function applySnapshot(node: BlockNode, nameOrId: string, opts: { m
   const before = s.header.size;
   await s.lock.run(async () => {
     writable(node, s);
+    // The tables are read and copied from the disk: it must match memory first.
+    await writeBackMeta(s);
     const [h, cs] = [s.header, s.geo.clusterSize];
     const { list } = await loadTable(s);
     const sn = list[find(node, list, nameOrId, opts.match ?? 'either')]!;
@@ -411,6 +416,8 @@ export async function deleteSnapshot(node: BlockNode, nameOrId: string, opts: { 
   const s = qstate(node);
   await s.lock.run(async () => {
     writable(node, s);
+    // The tables are read and copied from the disk: it must match memory first.
+    await writeBackMeta(s);
     const [h, cs] = [s.header, s.geo.clusterSize];
     const { list, bytes } = await loadTable(s);
     const i = find(node, list, nameOrId, opts.match ?? 'either');

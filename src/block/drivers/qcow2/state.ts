@@ -25,8 +25,6 @@ export interface Qcow2State {
   lock: Mutex;
   /** Guest clusters being allocated; later writes to them wait. */
   allocating: Map<number, Promise<void>>;
-  /** Metadata writes issued but not yet complete; flush waits for them. */
-  pendingMeta: Set<Promise<void>>;
   /** The internal snapshots as last read (open, or a snapshot operation); undefined if unreadable. */
   snapshots?: SnapshotInfo[];
 }

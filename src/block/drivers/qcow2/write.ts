@@ -1,10 +1,12 @@
 /**
  * qcow2 writes: in place where the cluster is ours (COPIED), else a new cluster.
  *
- * Allocation order, for a crash at any write: the new cluster's refcount (refcount.ts),
- * then the cluster's data (with the old contents copied around a partial write), then the
- * L2 entry (a new L2 table is written before the L1 entry that links it), and only then
- * the old cluster's refcount drops. A crash leaves at most leaked clusters.
+ * An allocation raises the new cluster's refcount in memory, writes the cluster's data (with
+ * the old contents copied around a partial write), then sets the L2 entry in memory; both
+ * reach the disk on the next write-back (writeback.ts: refcounts before L2 tables). A new
+ * L2 table is written before the L1 entry that links it, and an old cluster's refcount
+ * drops only once the L2 entry that named it is on disk. A crash leaves at most leaked
+ * clusters.
  */
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
@@ -15,6 +17,7 @@ import { entryCopied, entryOffset, writeEntry, writeSubclusterBitmaps } from './
 import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
 import { readGeneral, subAllAlloc } from './read.js';
 import { qstate, type Qcow2State } from './state.js';
+import { qcow2Flush, writeBackIfFull, writeBackMeta } from './writeback.js';
 
 const scratch = newMapping();
 
@@ -60,7 +63,14 @@ export function qcow2Writev(node: BlockNode, offset: number, bytes: number, iov:
       return;
     }
   }
-  writeGeneral(node, offset, bytes, iov).then(() => cb(null), (e: unknown) => cb(toBlockError(e, node)));
+  const done = flags & ReqFlags.FUA ? writeGeneral(node, offset, bytes, iov).then(() => stable(node)) : writeGeneral(node, offset, bytes, iov);
+  done.then(() => cb(null), (e: unknown) => cb(toBlockError(e, node)));
+}
+
+/** FUA on an allocating write: its metadata, and then the file, made stable. */
+async function stable(node: BlockNode): Promise<void> {
+  await qcow2Flush(node);
+  await io.flush(qstate(node).file);
 }
 
 function gather(iov: IoVec, bytes: number): Buffer {
@@ -144,23 +154,24 @@ async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buf
     const n = old.length;
     c.release(n);
     if (n < 2) return 0;
-    const { offset: host, written } = await s.lock.run(() => s.refcounts.allocDeferred(n));
-    await Promise.all([io.write(s.file, host, data.subarray(0, n * cs)).catch(async (e: unknown) => {
-      await written.catch(() => undefined);
-      throw e;
-    }), written]);
-    const l2Written = await s.lock.run(async () => {
+    const host = await s.lock.run(() => s.refcounts.allocDirty(n));
+    await io.write(s.file, host, data.subarray(0, n * cs));
+    await s.lock.run(async () => {
       const now = await lookup(s, guest);
       const l2Offset = await ownL2Table(s, now);
       const table = await s.l2.get(l2Offset);
       const pos = now.l2Index * 8;
       for (let i = 0; i < n; i++) writeEntry(table, pos + i * 8, host + i * cs, true);
-      return trackMeta(s, s.l2.writeThrough(l2Offset, table, pos, pos + n * 8));
-    });
-    c.release(0);
-    await l2Written;
-    await s.lock.run(async () => {
-      for (const m of old) await releaseOld(s, m);
+      s.l2.markDirty(l2Offset, pos, pos + n * 8);
+      // The mapping is live: later writes to these clusters go in place.
+      c.release(0);
+      const freed = old.filter(holdsClusters);
+      if (freed.length) {
+        // Only once nothing on disk names the old clusters may their refcounts drop.
+        await writeBackMeta(s);
+        for (const m of freed) await releaseOld(s, m);
+      }
+      await writeBackIfFull(s);
     });
     return n * cs;
   } finally {
@@ -196,31 +207,31 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
     }
     const reuse = m.kind === KIND_ZERO && m.host !== 0 && m.copied && !ext;
     let host = m.host;
-    let rcWritten: Promise<void> = Promise.resolve();
-    if (!reuse) ({ offset: host, written: rcWritten } = await s.lock.run(() => s.refcounts.allocDeferred(1)));
-    try {
-      if (data.length < cs && readsZero(node, s, m, guest - inC)) {
-        // Nothing to copy: past the end of the file a new cluster already reads as zeroes.
-        if (host < io.getLength(s.file)) await io.writeZeroes(s.file, host, cs, 0);
-        await io.write(s.file, host + inC, data);
-      } else {
-        let buf = data;
-        if (data.length < cs) {
-          // Copy-on-write: the rest of the cluster keeps what reads returned before.
-          buf = Buffer.alloc(cs);
-          await readGeneral(node, guest - inC, cs, [buf]);
-          data.copy(buf, inC);
-        }
-        await io.write(s.file, host, buf);
-      }
-    } catch (e) {
-      // Fail only once nothing of this request is still being written (its refcount).
-      await rcWritten.catch(() => undefined);
-      throw e;
+    // A cluster past the end of the file when allocated reads as zeroes until its owner
+    // writes it (other clusters' writes past it leave a hole), whatever the length is by then.
+    let pastEnd = false;
+    if (!reuse) {
+      host = await s.lock.run(async () => {
+        const at = await s.refcounts.allocDirty(1);
+        pastEnd = at >= io.getLength(s.file);
+        return at;
+      });
     }
-    // The new cluster's refcount reaches the disk before the L2 entry that uses it.
-    await rcWritten;
-    const l2Written = await s.lock.run(async () => {
+    if (data.length < cs && readsZero(node, s, m, guest - inC)) {
+      // Nothing to copy; a cluster that may hold old data is zeroed first.
+      if (!pastEnd) await io.writeZeroes(s.file, host, cs, 0);
+      await io.write(s.file, host + inC, data);
+    } else {
+      let buf = data;
+      if (data.length < cs) {
+        // Copy-on-write: the rest of the cluster keeps what reads returned before.
+        buf = Buffer.alloc(cs);
+        await readGeneral(node, guest - inC, cs, [buf]);
+        data.copy(buf, inC);
+      }
+      await io.write(s.file, host, buf);
+    }
+    await s.lock.run(async () => {
       // The L2 table may have moved (copied from a snapshot) meanwhile: look again.
       const now = await lookup(s, guest);
       const l2Offset = await ownL2Table(s, now);
@@ -228,31 +239,19 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
       const pos = now.l2Index * s.geo.l2EntrySize;
       writeEntry(table, pos, host, true);
       if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
-      return trackMeta(s, s.l2.writeThrough(l2Offset, table, pos, pos + s.geo.l2EntrySize));
+      s.l2.markDirty(l2Offset, pos, pos + s.geo.l2EntrySize);
+      // The mapping is live: later writes to this cluster go in place.
+      release();
+      if (!reuse && holdsClusters(m)) {
+        // Only once nothing on disk names the old cluster may its refcount drop.
+        await writeBackMeta(s);
+        await releaseOld(s, m);
+      }
+      await writeBackIfFull(s);
     });
-    // The mapping is live in memory: later writes to this cluster may go in place now,
-    // while the entry reaches the disk (a flush waits for it).
-    release();
-    await l2Written;
-    // Only once nothing on disk points at the old cluster may its refcount drop.
-    if (!reuse) await s.lock.run(() => releaseOld(s, m));
   } finally {
     release();
   }
-}
-
-/** Tracks a metadata write that a flush must wait for. */
-function trackMeta(s: Qcow2State, p: Promise<void>): Promise<void> {
-  s.pendingMeta.add(p);
-  const done = (): void => void s.pendingMeta.delete(p);
-  p.then(done, done);
-  return p;
-}
-
-/** Driver flush: metadata writes still in flight finish first (the file is flushed after). */
-export async function qcow2Flush(node: BlockNode): Promise<void> {
-  const s = qstate(node);
-  while (s.pendingMeta.size) await Promise.all([...s.pendingMeta]);
 }
 
 /** Extended L2, cluster already ours: write the subclusters, copying around partial ones. */
@@ -281,7 +280,7 @@ async function writeSubclusters(node: BlockNode, s: Qcow2State, m: Mapping, gues
   const table = await s.l2.get(m.l2Offset);
   const pos = m.l2Index * 16;
   writeSubclusterBitmaps(table, pos, (m.alloc | touched) >>> 0, (m.zero & ~touched) >>> 0);
-  await s.l2.writeThrough(m.l2Offset, table, pos, pos + 16);
+  s.l2.markDirty(m.l2Offset, pos, pos + 16);
 }
 
 /**
@@ -312,6 +311,11 @@ export async function ownL2Table(s: Qcow2State, m: Mapping): Promise<number> {
   if (old) await s.refcounts.free(old, 1);
   m.l2Offset = host;
   return host;
+}
+
+/** Whether the mapping names host clusters that releaseOld() would free. */
+export function holdsClusters(m: Mapping): boolean {
+  return m.kind === KIND_COMPRESSED || ((m.kind === KIND_NORMAL || m.kind === KIND_ZERO) && m.host !== 0);
 }
 
 /** Drops this image's reference to the clusters the old mapping used. */
