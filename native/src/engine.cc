@@ -21,7 +21,7 @@ constexpr int kDrainRounds = 16;
 // An inline write that takes longer than this (the kernel throttled it, or waited
 // on the journal) stops inline writes for kInlineBackoffNs: the loop must not stall.
 constexpr int64_t kInlineSlowNs = 1000000;
-constexpr int64_t kInlineBackoffNs = 1000000000;
+constexpr int64_t kInlineBackoffNs = 100000000;
 
 int64_t NowNs() {
   struct timespec t;
@@ -170,7 +170,11 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     ssize_t n = r.op == OP_WRITE ? pwrite(r.fd, r.ptr, r.len, (off_t)r.off)
                                  : pwritev(r.fd, r.iov, r.nseg, (off_t)r.off);
     int64_t t1 = NowNs();
-    if (t1 - t0 > kInlineSlowNs) inline_off_until_ = t1 + kInlineBackoffNs;
+    inline_writes_++;
+    if (t1 - t0 > kInlineSlowNs) {
+      inline_off_until_ = t1 + kInlineBackoffNs;
+      inline_backoffs_++;
+    }
     out[0] = r.id;
     out[1] = n < 0 ? -errno : (int32_t)n;
     return true;
@@ -230,15 +234,17 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     return Napi::Number::New(info.Env(), backend_ ? (double)backend_->enters : last_enters_);
   }
 
-  // features() -> [fixedRequests, setupFlags, fixedSlots]
+  // features() -> [fixedRequests, setupFlags, fixedSlots, inlineWrites, inlineBackoffs]
   Napi::Value Features(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     uint32_t setup = 0, slots = 0;
     if (backend_) backend_->Features(&setup, &slots);
-    Napi::Array out = Napi::Array::New(env, 3);
+    Napi::Array out = Napi::Array::New(env, 5);
     out.Set(0u, Napi::Number::New(env, backend_ ? (double)backend_->fixed : last_fixed_));
     out.Set(1u, Napi::Number::New(env, setup));
     out.Set(2u, Napi::Number::New(env, slots));
+    out.Set(3u, Napi::Number::New(env, inline_writes_));
+    out.Set(4u, Napi::Number::New(env, inline_backoffs_));
     return out;
   }
 
@@ -357,6 +363,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   Napi::ObjectReference areas_;
   int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr, *icomp_ = nullptr;
   int64_t inline_off_until_ = 0;
+  double inline_writes_ = 0, inline_backoffs_ = 0;
   std::vector<std::vector<iovec>> iovs_;  // per request id, reused
   int inflight_ = 0;
   double last_enters_ = 0, last_fixed_ = 0;

@@ -19,7 +19,8 @@ export interface NativeEngineHandle {
   areas(): { sub: ArrayBuffer; iov: ArrayBuffer; comp: ArrayBuffer; icomp: ArrayBuffer };
   enters(): number;
   /** [fixedRequests, setupFlags, fixedSlots] */
-  features(): [number, number, number];
+  /** [fixedRequests, setupFlags, fixedSlots, inlineWrites, inlineBackoffs] */
+  features(): [number, number, number, number, number];
   /** Waits for in-flight I/O, stops the backend; returns outstanding (id, result) pairs. */
   destroy(): Int32Array;
 }

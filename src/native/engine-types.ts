@@ -25,6 +25,9 @@ export interface EngineStats {
   fallbackRequests: number;
   /** Requests issued on registered (fixed) buffers. */
   fixedRequests: number;
+  /** Page-cache writes done inline, and how often a slow one turned that off for a while. */
+  inlineWrites: number;
+  inlineBackoffs: number;
 }
 /** What the io_uring backend enabled (all zero for the thread pool). */
 export interface EngineFeatures {

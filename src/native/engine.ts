@@ -134,6 +134,7 @@ class Engine implements IoEngine {
     return {
       submitted: this.nSubmitted, completed: this.nCompleted, batches: this.nBatches,
       enters: this.h.enters(), fallbackRequests: this.nFallback, fixedRequests: this.h.features()[0],
+      inlineWrites: this.h.features()[3], inlineBackoffs: this.h.features()[4],
     };
   }
 

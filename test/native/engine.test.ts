@@ -101,6 +101,7 @@ describe.each(kinds)('%s engine', (kind) => {
     const parts = [e.allocBuffer(4096), Buffer.from(pattern(23, 100))];
     pattern(24, 4096).copy(parts[0]!);
     const before = e.stats().completed;
+    const inlineBefore = e.stats().inlineWrites;
     const results: number[] = [];
     let inCall = true;
     const done = (res: number): void => {
@@ -116,6 +117,8 @@ describe.each(kinds)('%s engine', (kind) => {
     await e.idle();
     expect(results.sort((a, b) => a - b)).toEqual([512, 3000, 4196, 8192]);
     expect(e.stats().completed - before).toBe(4);
+    // The first ran inline for sure (the others too, unless it was slow enough to back off).
+    expect(e.stats().inlineWrites - inlineBefore).toBeGreaterThanOrEqual(1);
     const want = Buffer.concat([pattern(21, 8192), heap, pattern(24, 4096), pattern(23, 100), Buffer.alloc(20000 - 15388), pattern(21, 512)]);
     expect(readFileSync(path).equals(want)).toBe(true);
     // Errors come back as results too, from the inline path as from the queue.
