@@ -112,25 +112,14 @@ export class L2Cache {
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
-  /**
-   * Writes bytes [start, end) of `table` (the cached table at `offset`) through to the file,
-   * now: for changes that must reach the disk before the caller goes on.
-   */
-  async writeThrough(offset: number, table: Buffer, start: number, end: number): Promise<void> {
-    const e = this.tables.get(offset);
-    await this.writeRange(offset, e?.buf === table ? e : undefined, start, end, table);
-  }
-
   /** The table stays cached until its write lands (a reload would miss the bytes). */
-  private async writeRange(offset: number, e: Entry | undefined, start: number, end: number, table = e!.buf): Promise<void> {
-    if (e) e.pins++;
+  private async writeRange(offset: number, e: Entry, start: number, end: number): Promise<void> {
+    e.pins++;
     try {
-      await io.write(this.file, offset + start, Buffer.from(table.subarray(start, end)));
+      await io.write(this.file, offset + start, Buffer.from(e.buf.subarray(start, end)));
     } finally {
-      if (e) {
-        e.pins--;
-        this.evict();
-      }
+      e.pins--;
+      this.evict();
     }
   }
 
