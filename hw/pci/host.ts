@@ -12,6 +12,10 @@ export class PciBus {
   /** Functions by devfn (slot << 3 | fn). */
   private readonly fns = new Map<number, PciFunction>();
   private address = 0;
+  /** How many functions assert each of PIRQ A-D (the lines are wired-OR). */
+  private readonly pirqCount = [0, 0, 0, 0];
+  /** Where a PIRQ line's level goes (the chipset's routing); set by the machine. */
+  onPirq: ((pirq: number, level: boolean) => void) | null = null;
 
   constructor(private readonly machine: Machine) {
     const addrPort: IoRegion = {
@@ -39,7 +43,23 @@ export class PciBus {
     const other = this.fns.get(devfn);
     if (other) throw new HwError('EBUSY', `${f.name}: PCI slot ${slot} function ${fn} is in use by ${other.name}`);
     this.fns.set(devfn, f);
-    f.attach(this.machine);
+    f.attach(this.machine, (fn, level) => this.intx(devfn, fn, level));
+  }
+
+  /** INTx of the function at devfn: pin swizzled by slot onto PIRQ A-D, as on the i440FX. */
+  private intx(devfn: number, f: PciFunction, level: boolean): void {
+    const pin = f.config[0x3d]!;
+    if (pin < 1 || pin > 4) return;
+    const pirq = ((devfn >> 3) + pin - 1) & 3;
+    const before = this.pirqCount[pirq]! > 0;
+    this.pirqCount[pirq]! += level ? 1 : -1;
+    const after = this.pirqCount[pirq]! > 0;
+    if (before !== after) this.onPirq?.(pirq, after);
+  }
+
+  /** Whether PIRQ `n` is asserted. */
+  pirqLevel(n: number): boolean {
+    return this.pirqCount[n]! > 0;
   }
 
   unplug(f: PciFunction): void {

@@ -41,6 +41,11 @@ export class PciFunction {
   private readonly wmask = new Uint8Array(256);
   private readonly bars: (Bar | undefined)[] = [];
   private machine: Machine | null = null;
+  /** Where INTx goes (set by the bus when plugged). */
+  private intxSink: ((f: PciFunction, level: boolean) => void) | null = null;
+  private intxLevel = false;
+  /** Device-specific registers react here to guest writes (after the write mask applied). */
+  onConfigWrite: ((off: number, size: number) => void) | null = null;
 
   constructor(readonly name: string, ids: PciIds) {
     const c = new DataView(this.config.buffer);
@@ -79,13 +84,33 @@ export class PciFunction {
   }
 
   /** Called by the bus when the function is plugged in. */
-  attach(m: Machine): void {
+  attach(m: Machine, intx: (f: PciFunction, level: boolean) => void): void {
     this.machine = m;
+    this.intxSink = intx;
   }
 
   detach(): void {
     for (const b of this.bars) if (b) this.unmapBar(b);
+    if (this.intxLevel) this.intxSink?.(this, false);
+    this.intxLevel = false;
     this.machine = null;
+    this.intxSink = null;
+  }
+
+  /**
+   * The device's interrupt condition. The status register's interrupt bit follows it; the
+   * pin is asserted only while the command register does not disable INTx.
+   */
+  setIntx(level: boolean): void {
+    this.config[0x06] = level ? this.config[0x06]! | 0x08 : this.config[0x06]! & ~0x08;
+    this.driveIntx();
+  }
+
+  private driveIntx(): void {
+    const want = (this.config[0x06]! & 0x08) !== 0 && !(this.command() & PCI_COMMAND_INTX_DISABLE) && this.config[0x3d] !== 0;
+    if (want === this.intxLevel) return;
+    this.intxLevel = want;
+    this.intxSink?.(this, want);
   }
 
   command(): number {
@@ -105,6 +130,8 @@ export class PciFunction {
       this.config[off + i] = (this.config[off + i]! & ~m) | (b & m);
     }
     if (off < 0x28 && off + size > 0x04) this.updateMappings();
+    if (off <= 0x05 && off + size > 0x04) this.driveIntx();
+    this.onConfigWrite?.(off, size);
   }
 
   /** The guest-programmed address of BAR `n`, or -1 if unset. */
