@@ -172,7 +172,7 @@ export class Machine {
     let base = 0;
     for (const g of groups) {
       const first = base;
-      if (!g.interceptWith((line, level) => cb(first + line, level))) throw new HwError('EBUSY', 'Interception already enabled');
+      if (!g.interceptWith((line, level) => cb(first + line, level))) throw new HwError('EBUSY', 'IRQ intercept already enabled');
       base += g.count;
     }
   }

@@ -19,6 +19,7 @@ import { imgMeasure } from './img/measure.js';
 import { imgRebase } from './img/rebase.js';
 import { imgResize } from './img/resize.js';
 import { imgSnapshot } from './img/snapshot.js';
+import { runSystem } from './system/run.js';
 import { runTour } from './tour.js';
 import { packageVersion } from './version.js';
 
@@ -37,6 +38,10 @@ function buildProgram(): Command {
     .version(packageVersion(), '-V, --version')
     .exitOverride()
     .configureOutput(errorOutput('spindle'));
+
+  program
+    .command('system')
+    .description('an emulated pc machine, with qemu-system-x86_64\'s options (-machine pc -qtest unix:PATH ...)');
 
   program
     .command('tour')
@@ -230,12 +235,15 @@ function buildProgram(): Command {
 async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
   const isImg = argv[2] === 'img';
+  const isSystem = argv[2] === 'system';
   try {
-    await program.parseAsync(argv);
+    // QEMU's single-dash option syntax is not commander's: `system` parses its own.
+    if (isSystem) await runSystem(argv.slice(3));
+    else await program.parseAsync(argv);
   } catch (e) {
     // Commander already printed its own message (usage errors) or the help/version text.
     if (e instanceof CommanderError) process.exitCode = e.exitCode;
-    else reportError(isImg ? 'spindle img' : 'spindle', e);
+    else reportError(isImg ? 'spindle img' : isSystem ? 'spindle system' : 'spindle', e);
   }
   await settleCloses();
   // The native engine keeps the event loop alive; stdout/stderr are synchronous here.

@@ -85,7 +85,7 @@ describe('machine core', () => {
     expect(got).toEqual(['11:true']);
     expect(seen).toHaveLength(4);
     expect(pic.level(11)).toBe(true);
-    expect(() => m.interceptIn('ioapic', () => undefined)).toThrow(/already enabled/);
+    expect(() => m.interceptIn('ioapic', () => undefined)).toThrow(/IRQ intercept already enabled/);
     expect(() => m.interceptIn('nosuch', () => undefined)).toThrow(/Cannot find 'nosuch'/);
     m.setIrqIn('ioapic', 'unnamed-gpio-in', 3, 1);
     expect(got).toEqual(['11:true', '3:true']);

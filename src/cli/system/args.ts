@@ -1,0 +1,154 @@
+/**
+ * `spindle system`'s command line, in QEMU's syntax for what Spindle supports: single-dash
+ * options (a double dash works too), each with at most one argument. Anything else is
+ * refused by name, as qemu-system does.
+ */
+import { CliError } from '../fail.js';
+import { parseBool, parseKeyval, parseSize, type KeyvalObject } from './keyval.js';
+
+/** A UNIX socket end: Spindle connects to `path` (QEMU's default) or, with server=on, listens. */
+export interface SocketSpec {
+  path: string;
+  server: boolean;
+  wait: boolean;
+}
+
+export interface SystemConfig {
+  machine: string;
+  ramSize: number;
+  accel: string | null;
+  qtest: SocketSpec | null;
+  qtestLog: string | null;
+  chardevs: Map<string, SocketSpec>;
+  /** QMP monitors, on a chardev or straight on a socket (-qmp). */
+  monitors: SocketSpec[];
+  blockdevs: (KeyvalObject | Record<string, unknown>)[];
+  drives: KeyvalObject[];
+  devices: KeyvalObject[];
+  nodefaults: boolean;
+}
+
+/** Options that take an argument, and those that do not. */
+const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'chardev', 'mon', 'qmp', 'blockdev', 'drive', 'device', 'display']);
+const NO_ARG = new Set(['nodefaults']);
+
+/** `unix:PATH[,server=on|off][,wait=on|off]` (-qtest, -qmp). */
+function parseSocketUri(opt: string, text: string): SocketSpec {
+  if (!text.startsWith('unix:')) throw new CliError(`${opt}: only 'unix:PATH' sockets are supported, not '${text}'`);
+  const kv = parseKeyval(opt, text.slice(5), 'path');
+  const path = kv['path'];
+  if (typeof path !== 'string' || !path) throw new CliError(`${opt}: a socket path is required`);
+  for (const k of Object.keys(kv)) if (!['path', 'server', 'wait'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
+  const server = parseBool(opt, 'server', kv['server'], false);
+  return { path, server, wait: parseBool(opt, 'wait', kv['wait'], server) };
+}
+
+export function parseSystemArgs(argv: readonly string[]): SystemConfig {
+  const c: SystemConfig = {
+    machine: 'pc', ramSize: 128 << 20, accel: null, qtest: null, qtestLog: null, chardevs: new Map(),
+    monitors: [], blockdevs: [], drives: [], devices: [], nodefaults: false,
+  };
+  const monChardevs: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const tok = argv[i]!;
+    if (!tok.startsWith('-') || tok === '-') throw new CliError(`${tok}: a lone argument (images go in -drive file=...)`);
+    const name = tok.replace(/^--?/, '');
+    const opt = `-${name}`;
+    if (NO_ARG.has(name)) {
+      if (name === 'nodefaults') c.nodefaults = true;
+      continue;
+    }
+    if (!WITH_ARG.has(name)) throw new CliError(`${opt}: invalid option`);
+    const arg = argv[++i];
+    if (arg === undefined) throw new CliError(`${opt}: requires an argument`);
+    switch (name) {
+      case 'machine':
+      case 'M': {
+        const kv = parseKeyval(opt, arg, 'type');
+        const type = kv['type'];
+        if (type !== 'pc' && type !== 'pc-i440fx') {
+          throw new CliError(`${opt}: unsupported machine type '${String(type)}' (Spindle has 'pc')`);
+        }
+        c.machine = 'pc';
+        for (const [k, v] of Object.entries(kv)) {
+          if (k === 'type') continue;
+          if (k === 'accel') c.accel = String(v);
+          else throw new CliError(`${opt}: Property 'pc-machine.${k}' not found`);
+        }
+        break;
+      }
+      case 'm': {
+        const kv = parseKeyval(opt, arg, 'size');
+        for (const k of Object.keys(kv)) if (k !== 'size') throw new CliError(`${opt}: Invalid parameter '${k}'`);
+        c.ramSize = parseSize(opt, String(kv['size']), 1 << 20);
+        if (c.ramSize < 1 << 20 || c.ramSize % 4096) throw new CliError(`${opt}: ram size ${c.ramSize} is too small or not a multiple of 4 KiB`);
+        break;
+      }
+      case 'accel': {
+        const kv = parseKeyval(opt, arg, 'accel');
+        if (kv['accel'] !== 'qtest' && kv['accel'] !== 'tcg') throw new CliError(`${opt}: invalid accelerator '${String(kv['accel'])}' (Spindle has qtest)`);
+        c.accel = String(kv['accel']);
+        break;
+      }
+      case 'display': {
+        const kv = parseKeyval(opt, arg, 'type');
+        if (kv['type'] !== 'none') throw new CliError(`${opt}: Spindle has no display; use -display none`);
+        break;
+      }
+      case 'qtest':
+        c.qtest = parseSocketUri(opt, arg);
+        break;
+      case 'qtest-log':
+        c.qtestLog = arg;
+        break;
+      case 'qmp':
+        c.monitors.push(parseSocketUri(opt, arg));
+        break;
+      case 'chardev': {
+        const kv = parseKeyval(opt, arg, 'backend');
+        const id = kv['id'];
+        if (kv['backend'] !== 'socket') throw new CliError(`${opt}: chardev backend '${String(kv['backend'])}' is not supported (socket)`);
+        if (typeof id !== 'string' || !id) throw new CliError(`${opt}: Parameter 'id' is missing`);
+        if (c.chardevs.has(id)) throw new CliError(`${opt}: duplicate chardev id '${id}'`);
+        const path = kv['path'];
+        if (typeof path !== 'string' || !path) throw new CliError(`${opt}: chardev: socket: no path given (Spindle supports UNIX sockets)`);
+        for (const k of Object.keys(kv)) if (!['backend', 'id', 'path', 'server', 'wait'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
+        const server = parseBool(opt, 'server', kv['server'], false);
+        c.chardevs.set(id, { path, server, wait: parseBool(opt, 'wait', kv['wait'], server) });
+        break;
+      }
+      case 'mon': {
+        const kv = parseKeyval(opt, arg, 'chardev');
+        if ((kv['mode'] ?? 'readline') !== 'control') throw new CliError(`${opt}: only mode=control (QMP) monitors are supported`);
+        for (const k of Object.keys(kv)) if (!['chardev', 'mode', 'pretty'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
+        monChardevs.push(String(kv['chardev']));
+        break;
+      }
+      case 'blockdev':
+        c.blockdevs.push(arg.trimStart().startsWith('{') ? parseJson(opt, arg) : parseKeyval(opt, arg));
+        break;
+      case 'drive':
+        c.drives.push(parseKeyval(opt, arg, 'file'));
+        break;
+      case 'device':
+        c.devices.push(parseKeyval(opt, arg, 'driver'));
+        break;
+    }
+  }
+  for (const id of monChardevs) {
+    const ch = c.chardevs.get(id);
+    if (!ch) throw new CliError(`-mon: chardev '${id}' not found`);
+    c.monitors.push(ch);
+  }
+  return c;
+}
+
+function parseJson(opt: string, text: string): Record<string, unknown> {
+  try {
+    const v: unknown = JSON.parse(text);
+    if (v && typeof v === 'object' && !Array.isArray(v)) return v as Record<string, unknown>;
+  } catch (e) {
+    throw new CliError(`${opt}: invalid JSON: ${(e as Error).message}`);
+  }
+  throw new CliError(`${opt}: JSON must be an object`);
+}

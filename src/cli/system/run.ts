@@ -1,0 +1,121 @@
+/**
+ * `spindle system`: builds the machine the command line describes, opens its block devices,
+ * and serves qtest and QMP until `quit`, SIGINT or SIGTERM. No CPU runs yet: the qtest
+ * client plays the guest (the CPU adapter comes with the boot issue).
+ */
+import { appendFileSync, writeFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import { unlinkSync } from 'node:fs';
+import { PcMachine } from '../../../hw/pc/pc.js';
+import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
+import { createBackend, type BlockBackend } from '../../backend/backend.js';
+import { openNode, settleCloses, unref } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import type { NodeOptions } from '../../block/types.js';
+import { QmpMonitor } from '../../monitor/qmp.js';
+import { CliError } from '../fail.js';
+import { packageVersion } from '../version.js';
+import { parseSystemArgs, type SocketSpec } from './args.js';
+import type { KeyvalObject } from './keyval.js';
+
+/** Turns keyval strings into the typed values blockdev options take. */
+function typed(v: string | KeyvalObject | unknown): unknown {
+  if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typed(x)]));
+  if (v === 'on' || v === 'true') return true;
+  if (v === 'off' || v === 'false') return false;
+  if (typeof v === 'string' && /^\d+$/.test(v) && v.length < 16) return Number(v);
+  return v;
+}
+
+/**
+ * Connects to (QEMU's default) or listens on a UNIX socket; `onSocket` gets each connection.
+ * Returns what closes it.
+ */
+async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) => void): Promise<() => void> {
+  if (!spec.server) {
+    return new Promise((resolve, reject) => {
+      const s = connect(spec.path);
+      s.once('error', (e) => reject(new CliError(`${what}: Failed to connect to '${spec.path}': ${e.message}`)));
+      s.once('connect', () => {
+        onSocket(s);
+        resolve(() => s.destroy());
+      });
+    });
+  }
+  try {
+    unlinkSync(spec.path);
+  } catch {
+    // nothing there
+  }
+  const srv = createServer(onSocket);
+  await new Promise<void>((resolve, reject) => {
+    srv.once('error', (e) => reject(new CliError(`${what}: Failed to listen on '${spec.path}': ${e.message}`)));
+    srv.listen(spec.path, () => resolve());
+  });
+  return () => void srv.close();
+}
+
+export async function runSystem(argv: readonly string[]): Promise<void> {
+  const cfg = parseSystemArgs(argv);
+  if (cfg.devices.length) {
+    const d = cfg.devices[0]!;
+    throw new CliError(`-device ${String(d['driver'])}: Spindle has no such device model yet`);
+  }
+  const machine = new PcMachine({ ramSize: cfg.ramSize });
+  const nodes: BlockNode[] = [];
+  const backends: BlockBackend[] = [];
+  const closers: (() => Promise<void> | void)[] = [];
+  let stop!: () => void;
+  const stopped = new Promise<void>((r) => (stop = r));
+  try {
+    for (const b of cfg.blockdevs) {
+      const o = typed(b) as NodeOptions;
+      if (typeof o['node-name'] !== 'string') throw new CliError("-blockdev: Parameter 'node-name' is missing");
+      nodes.push(await openNode(o));
+    }
+    for (const [i, d] of cfg.drives.entries()) {
+      const iface = d['if'] ?? 'ide';
+      if (iface !== 'none') throw new CliError(`-drive if=${String(iface)}: Spindle has no ${String(iface)} controller yet; use if=none`);
+      const { file, format, id, readonly, cache: _cache, if: _if, ...rest } = d;
+      if (typeof file !== 'string') throw new CliError("-drive: Parameter 'file' is missing");
+      const name = typeof id === 'string' ? id : `none${i}`;
+      const node = await openNode(typed({ driver: format ?? 'raw', 'read-only': readonly ?? 'off', file: { driver: 'file', filename: file }, ...rest }) as NodeOptions);
+      const be = createBackend({ name }, node);
+      unref(node);
+      backends.push(be);
+    }
+    const logPath = cfg.qtestLog;
+    if (logPath) writeFileSync(logPath, '');
+    const log = logPath ? (line: string) => appendFileSync(logPath, `${line}\n`) : undefined;
+    if (cfg.qtest) {
+      if (cfg.qtest.server) {
+        const srv = await startQtestServer(cfg.qtest.path, machine, log ? { log } : {});
+        closers.push(() => srv.close());
+      } else {
+        closers.push(await socketEnd(cfg.qtest, '-qtest', (s) => serveQtestSocket(s, machine, log ? { log } : {})));
+      }
+    }
+    const [major, minor, micro] = packageVersion().split('.').map(Number);
+    const monitor = new QmpMonitor({ major: major ?? 0, minor: minor ?? 0, micro: micro ?? 0, package: `spindle-${packageVersion()}` });
+    monitor.register({
+      name: 'quit',
+      run: () => {
+        monitor.emit('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
+        setImmediate(stop);
+      },
+    });
+    monitor.register({ name: 'query-status', run: () => ({ status: 'running', singlestep: false, running: true }) });
+    for (const m of cfg.monitors) closers.push(await socketEnd(m, '-mon', (s) => void monitor.attach(s)));
+    const onSignal = (): void => stop();
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    await stopped;
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  } finally {
+    for (const close of closers) await close();
+    for (const be of backends) be.unref();
+    for (const n of nodes) unref(n);
+    await settleCloses();
+  }
+}
