@@ -21,3 +21,17 @@ await build({
 });
 chmodSync(tmp, 0o755);
 renameSync(tmp, out);
+
+// spindle/qos: the guest-side test library, as its own module (package.json "exports").
+const qosOut = join(root, 'dist', 'qos.mjs');
+const qosTmp = join(root, 'dist', `.qos-${process.pid}.mjs`);
+await build({
+  entryPoints: [join(root, 'src/qos/index.ts')],
+  bundle: true,
+  platform: 'node',
+  target: 'node20',
+  format: 'esm',
+  outfile: qosTmp,
+  logLevel: 'warning',
+});
+renameSync(qosTmp, qosOut);

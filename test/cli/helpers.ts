@@ -17,9 +17,10 @@ function newestMtime(dir: string): number {
   return t;
 }
 
-/** Rebuilds dist/spindle.mjs when src/ is newer (`npm test` has already built it). */
+/** Rebuilds dist/ when src/ or hw/ is newer (`npm test` has already built it). */
 export async function ensureBuilt(): Promise<void> {
-  if (existsSync(bundle) && statSync(bundle).mtimeMs >= newestMtime(join(root, 'src'))) return;
+  const newest = Math.max(newestMtime(join(root, 'src')), newestMtime(join(root, 'hw')));
+  if (existsSync(bundle) && statSync(bundle).mtimeMs >= newest) return;
   const r = spawnSync(process.execPath, [join(root, 'scripts', 'build.mjs')], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`building the CLI failed: ${r.stderr}`);
 }
