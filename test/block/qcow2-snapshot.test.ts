@@ -6,9 +6,8 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createBackend, type BlockBackend } from '../../src/backend/backend.js';
 import type { BackendIO } from '../../src/backend/io.js';
-import {
-  applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, serializeSnapshotTable,
-} from '../../src/block/drivers/qcow2/snapshot.js';
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../../src/block/drivers/qcow2/snapshot.js';
+import { serializeSnapshotTable } from '../../src/block/drivers/qcow2/snapshot-table.js';
 import { withDrained } from '../../src/block/drain.js';
 import { openNode, settleCloses, unref } from '../../src/block/graph.js';
 import type { BlockNode } from '../../src/block/node.js';

@@ -4,7 +4,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { serializeSnapshotTable, type SnapshotInfo } from '../../src/block/drivers/qcow2/snapshot.js';
+import { serializeSnapshotTable, type SnapshotInfo } from '../../src/block/drivers/qcow2/snapshot-table.js';
 import { bundle, ensureBuilt, ok, qemuImg, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();

@@ -7,7 +7,7 @@
 import { isAbsolute } from 'node:path';
 import { INCOMPAT, MAX_CLUSTER_BITS, parseHeader, type Qcow2Header } from '../../block/drivers/qcow2/format.js';
 import { qcow2FormatSpecific } from '../../block/drivers/qcow2/info.js';
-import { readSnapshotTable, snapshotJson, type SnapshotInfo } from '../../block/drivers/qcow2/snapshot.js';
+import { readSnapshotTable, snapshotJson, type SnapshotInfo } from '../../block/drivers/qcow2/snapshot-table.js';
 import { attachRoot, detachRoot, openNode, unref } from '../../block/graph.js';
 import * as io from '../../block/io.js';
 import type { BlockParent } from '../../block/node.js';

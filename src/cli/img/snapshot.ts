@@ -5,7 +5,8 @@
  * still works. `-f` is Spindle's addition (qemu-img snapshot always probes).
  */
 import { createBackend } from '../../backend/backend.js';
-import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, snapshotJson } from '../../block/drivers/qcow2/snapshot.js';
+import { snapshotJson } from '../../block/drivers/qcow2/snapshot-table.js';
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../../block/drivers/qcow2/snapshot.js';
 import { BlockError } from '../../block/error.js';
 import { openNode, unref } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';

@@ -21,7 +21,7 @@ import { bindRefcounts } from './map.js';
 import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
-import { readSnapshotTable, snapshotJson } from './snapshot.js';
+import { readSnapshotTable, snapshotJson } from './snapshot-table.js';
 import { Mutex, qstate, type Qcow2State } from './state.js';
 import { qcow2Writev } from './write.js';
 import { metaDirty, qcow2BeforeClose, qcow2Flush, writeBackMeta } from './writeback.js';

@@ -6,7 +6,7 @@ import { stateOf } from '../../node.js';
 import type { Geometry, Qcow2Header } from './format.js';
 import type { L2Cache } from './l2-cache.js';
 import type { Refcounts } from './refcount.js';
-import type { SnapshotInfo } from './snapshot.js';
+import type { SnapshotInfo } from './snapshot-table.js';
 
 export interface Qcow2State {
   header: Qcow2Header;
