@@ -8,6 +8,7 @@ import { VirtualClock } from './clock.js';
 import { HwError } from './error.js';
 import { GpioIn, type LineHandler } from './irq.js';
 import { GuestRam } from './memory.js';
+import type { QtestTarget } from '../qtest/target.js';
 
 /** A device model's lifecycle, as the machine sees it. */
 export interface Device {
@@ -27,7 +28,8 @@ export interface MachineOptions {
 /** Above RAM: the 32-bit PCI hole and beyond; MMIO may be mapped anywhere below 2^52. */
 const MMIO_LIMIT = 2 ** 52;
 
-export class Machine {
+/** Also what the qtest server drives (hw/qtest/target.ts). */
+export class Machine implements QtestTarget {
   readonly ram: GuestRam;
   readonly io = new AddressSpace('port I/O', 0x10000);
   readonly mmio = new AddressSpace('MMIO', MMIO_LIMIT);
