@@ -1,0 +1,369 @@
+/**
+ * virtio-blk (virtio 1.0 section 5.2) on virtio-pci. Requests go to the BackendIO with
+ * callbacks; the guest's buffers are the iovec (views of guest RAM, no copies); request
+ * objects are pooled. Status codes as the spec has them: UNSUPP for unknown types, IOERR for
+ * failures, out-of-range sectors, writes to a read-only disk and malformed chains.
+ */
+import type { BlockBackend } from '../../src/backend/backend.js';
+import type { DeviceOps } from '../../src/backend/device-ops.js';
+import type { BackendIO } from '../../src/backend/io.js';
+import { HwError } from '../core/error.js';
+import type { Device, Machine } from '../core/machine.js';
+import type { GuestRam } from '../core/memory.js';
+import type { PciBus } from '../pci/host.js';
+import { bit, VIRTIO_CONFIG_S_DRIVER_OK, VirtioDevice } from '../virtio/virtio.js';
+import { VirtioPciProxy } from '../virtio/virtio-pci.js';
+import { VIRTQUEUE_MAX_SIZE, VirtQueueElement, type VirtQueue } from '../virtio/virtqueue.js';
+
+export const VIRTIO_ID_BLOCK = 2;
+export const VIRTIO_BLK_F_SIZE_MAX = 1;
+export const VIRTIO_BLK_F_SEG_MAX = 2;
+export const VIRTIO_BLK_F_GEOMETRY = 4;
+export const VIRTIO_BLK_F_RO = 5;
+export const VIRTIO_BLK_F_BLK_SIZE = 6;
+export const VIRTIO_BLK_F_FLUSH = 9;
+export const VIRTIO_BLK_F_TOPOLOGY = 10;
+export const VIRTIO_BLK_F_CONFIG_WCE = 11;
+export const VIRTIO_BLK_F_MQ = 12;
+export const VIRTIO_BLK_F_DISCARD = 13;
+export const VIRTIO_BLK_F_WRITE_ZEROES = 14;
+
+export const VIRTIO_BLK_T_IN = 0;
+export const VIRTIO_BLK_T_OUT = 1;
+export const VIRTIO_BLK_T_FLUSH = 4;
+export const VIRTIO_BLK_T_GET_ID = 8;
+export const VIRTIO_BLK_T_DISCARD = 11;
+export const VIRTIO_BLK_T_WRITE_ZEROES = 13;
+export const VIRTIO_BLK_S_OK = 0;
+export const VIRTIO_BLK_S_IOERR = 1;
+export const VIRTIO_BLK_S_UNSUPP = 2;
+export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
+export const VIRTIO_BLK_ID_BYTES = 20;
+
+/** Size of struct virtio_blk_config up to write_zeroes_may_unmap and its padding. */
+export const VIRTIO_BLK_CONFIG_SIZE = 60;
+export const VIRTIO_BLK_SIZE_MAX = 4 << 20;
+export const VIRTIO_BLK_MAX_DISCARD_SECTORS = 0x3fffff;
+
+const SECTOR = 512;
+
+/** One request in flight; pooled and reused. */
+class BlkReq {
+  readonly elem = new VirtQueueElement();
+  vq: VirtQueue = null!;
+  readonly iov: Uint8Array[] = [];
+  status: Uint8Array | null = null;
+  statusAt = 0;
+  readonly done = (err: unknown): void => this.dev.finish(this, err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
+  readonly ok = (): void => this.dev.finish(this, VIRTIO_BLK_S_OK);
+  readonly failed = (): void => this.dev.finish(this, VIRTIO_BLK_S_IOERR);
+  constructor(private readonly dev: VirtioBlk) {}
+}
+
+export interface VirtioBlkConfigOptions {
+  numQueues: number;
+  queueSize: number;
+  serial: string;
+}
+
+/** The virtio-blk device proper (transport-independent). */
+export class VirtioBlk extends VirtioDevice {
+  readonly config = new Uint8Array(VIRTIO_BLK_CONFIG_SIZE);
+  private readonly cdv = new DataView(this.config.buffer);
+  private readonly hdr = new Uint8Array(16);
+  private readonly hdv = new DataView(this.hdr.buffer);
+  private readonly pool: BlkReq[] = [];
+  private readonly serial: Uint8Array;
+  private drained = false;
+  /** The backend's write-cache setting before the driver changed it (restored on reset). */
+  private readonly wceDefault: boolean;
+  private capacity = 0;
+
+  constructor(ram: GuestRam, private readonly io: BackendIO, o: VirtioBlkConfigOptions) {
+    super(VIRTIO_ID_BLOCK,
+      bit(VIRTIO_BLK_F_SIZE_MAX) | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_GEOMETRY) | bit(VIRTIO_BLK_F_BLK_SIZE) |
+      bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_TOPOLOGY) | bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_MQ) |
+      bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES) | (io.isReadOnly() ? bit(VIRTIO_BLK_F_RO) : 0n),
+      ram, o.numQueues, o.queueSize);
+    this.serial = new TextEncoder().encode(o.serial);
+    this.wceDefault = io.isWriteCacheEnabled();
+    const c = this.cdv;
+    c.setUint32(8, VIRTIO_BLK_SIZE_MAX, true);
+    c.setUint32(12, o.queueSize - 2, true);
+    c.setUint8(18, 16); // geometry: cylinders (le16 at 16, from capacity), heads, sectors
+    c.setUint8(19, 63);
+    c.setUint32(20, SECTOR, true);
+    // topology: physical_block_exp 0, alignment_offset 0, min_io_size 0, opt_io_size 0
+    c.setUint16(34, o.numQueues, true);
+    c.setUint32(36, VIRTIO_BLK_MAX_DISCARD_SECTORS, true);
+    c.setUint32(40, 1, true);
+    c.setUint32(44, 1, true);
+    c.setUint32(48, VIRTIO_BLK_MAX_DISCARD_SECTORS, true);
+    c.setUint32(52, 1, true);
+    c.setUint8(56, 1);
+    this.updateCapacity();
+    this.config[32] = this.wceDefault ? 1 : 0;
+  }
+
+  /** Refreshes capacity (and geometry) from the backend; true if it changed. */
+  updateCapacity(): boolean {
+    const sectors = Math.floor(this.io.getLength() / SECTOR);
+    const changed = sectors !== this.capacity;
+    this.capacity = sectors;
+    this.cdv.setUint32(0, sectors % 2 ** 32, true);
+    this.cdv.setUint32(4, Math.floor(sectors / 2 ** 32), true);
+    this.cdv.setUint16(16, Math.min(Math.floor(sectors / (16 * 63)), 65535), true);
+    return changed;
+  }
+
+  /** DeviceOps.resize: the new capacity, and a configuration-change interrupt. */
+  resized(): void {
+    if (this.updateCapacity()) this.notifyConfig();
+  }
+
+  drainedBegin(): void {
+    this.drained = true;
+  }
+
+  drainedEnd(): void {
+    this.drained = false;
+    this.kickAll();
+  }
+
+  override configWrite(off: number, size: number, value: number): void {
+    // Only `writeback` (wce) is writable, and only with CONFIG_WCE.
+    if (off <= 32 && off + size > 32 && this.has(VIRTIO_BLK_F_CONFIG_WCE)) {
+      const on = ((value >>> (8 * (32 - off))) & 0xff) !== 0;
+      this.config[32] = on ? 1 : 0;
+      this.io.setWriteCache(on);
+    }
+  }
+
+  protected override featuresSet(): void {
+    // Without FLUSH the driver cannot make writes stable: write through (as QEMU does).
+    if (!this.has(VIRTIO_BLK_F_FLUSH)) {
+      this.io.setWriteCache(false);
+      this.config[32] = 0;
+    }
+  }
+
+  protected override resetDevice(): void {
+    this.io.setWriteCache(this.wceDefault);
+    this.config[32] = this.wceDefault ? 1 : 0;
+  }
+
+  protected override handleQueue(vq: VirtQueue): void {
+    if (this.drained) return;
+    // One pass takes at most a queue's worth of chains.
+    for (let budget = vq.num; budget > 0; budget--) {
+      const req = this.pool.pop() ?? new BlkReq(this);
+      const r = vq.pop(req.elem);
+      if (r <= 0) {
+        this.pool.push(req);
+        if (r < 0) this.markBroken(vq.error);
+        break;
+      }
+      req.vq = vq;
+      this.submit(req);
+    }
+    vq.updateAvailEvent();
+  }
+
+  private submit(req: BlkReq): void {
+    const e = req.elem;
+    // The status byte: the last byte of the last device-writable buffer.
+    const last = e.in[e.in.length - 1];
+    if (!last) {
+      req.status = null;
+      return this.finish(req, VIRTIO_BLK_S_IOERR);
+    }
+    req.status = last;
+    req.statusAt = last.length - 1;
+    if (e.fault || e.outBytes < 16) return this.finish(req, VIRTIO_BLK_S_IOERR);
+    // The header (16 bytes), possibly spread over buffers.
+    let got = 0;
+    for (let i = 0; got < 16; i++) {
+      const s = e.out[i]!;
+      const n = Math.min(16 - got, s.length);
+      this.hdr.set(s.subarray(0, n), got);
+      got += n;
+    }
+    const type = this.hdv.getUint32(0, true);
+    const sectorHi = this.hdv.getUint32(12, true);
+    const sector = sectorHi * 2 ** 32 + this.hdv.getUint32(8, true);
+    const io = this.io;
+    switch (type) {
+      case VIRTIO_BLK_T_IN:
+      case VIRTIO_BLK_T_OUT: {
+        const write = type === VIRTIO_BLK_T_OUT;
+        const bytes = this.gather(req, write);
+        if (bytes % SECTOR !== 0 || !this.inRange(sector, bytes / SECTOR)) return this.finish(req, VIRTIO_BLK_S_IOERR);
+        if (write && io.isReadOnly()) return this.finish(req, VIRTIO_BLK_S_IOERR);
+        if (bytes === 0) return this.finish(req, VIRTIO_BLK_S_OK);
+        if (write) io.writev(sector * SECTOR, bytes, req.iov, 0, req.done);
+        else io.readv(sector * SECTOR, bytes, req.iov, 0, req.done);
+        return;
+      }
+      case VIRTIO_BLK_T_FLUSH:
+        io.flush().then(req.ok, req.failed);
+        return;
+      case VIRTIO_BLK_T_GET_ID: {
+        this.gather(req, false);
+        let off = 0;
+        for (const s of req.iov) {
+          for (let i = 0; i < s.length && off < VIRTIO_BLK_ID_BYTES; i++, off++) s[i] = this.serial[off] ?? 0;
+        }
+        return this.finish(req, VIRTIO_BLK_S_OK);
+      }
+      case VIRTIO_BLK_T_DISCARD:
+      case VIRTIO_BLK_T_WRITE_ZEROES:
+        return this.discardOrZero(req, type === VIRTIO_BLK_T_DISCARD);
+      default:
+        return this.finish(req, VIRTIO_BLK_S_UNSUPP);
+    }
+  }
+
+  private inRange(sector: number, count: number): boolean {
+    return Number.isSafeInteger(sector * SECTOR) && sector + count <= this.capacity;
+  }
+
+  /**
+   * Fills req.iov with the data buffers: for a write, the device-readable bytes after the
+   * header; otherwise the device-writable bytes before the status byte. Returns their size.
+   */
+  private gather(req: BlkReq, write: boolean): number {
+    const e = req.elem;
+    const iov = req.iov;
+    iov.length = 0;
+    let bytes = 0;
+    if (write) {
+      let skip = 16;
+      for (const s of e.out) {
+        if (skip >= s.length) {
+          skip -= s.length;
+          continue;
+        }
+        iov.push(skip ? s.subarray(skip) : s);
+        bytes += s.length - skip;
+        skip = 0;
+      }
+    } else {
+      const n = e.in.length;
+      for (let i = 0; i < n; i++) {
+        const s = e.in[i]!;
+        const len = i === n - 1 ? s.length - 1 : s.length;
+        if (len === 0) continue;
+        iov.push(len === s.length ? s : s.subarray(0, len));
+        bytes += len;
+      }
+    }
+    return bytes;
+  }
+
+  private discardOrZero(req: BlkReq, discard: boolean): void {
+    const feature = discard ? VIRTIO_BLK_F_DISCARD : VIRTIO_BLK_F_WRITE_ZEROES;
+    if (!this.has(feature)) return this.finish(req, VIRTIO_BLK_S_UNSUPP);
+    const n = this.gather(req, true);
+    if (n !== 16) return this.finish(req, n > 16 && n % 16 === 0 ? VIRTIO_BLK_S_UNSUPP : VIRTIO_BLK_S_IOERR); // one segment at most
+    const seg = this.hdr; // the header is no longer needed
+    let got = 0;
+    for (const s of req.iov) {
+      const k = Math.min(16 - got, s.length);
+      seg.set(s.subarray(0, k), got);
+      got += k;
+    }
+    const sector = this.hdv.getUint32(4, true) * 2 ** 32 + this.hdv.getUint32(0, true);
+    const count = this.hdv.getUint32(8, true);
+    const flags = this.hdv.getUint32(12, true);
+    const unmap = (flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) !== 0;
+    if (flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP || (discard && unmap)) return this.finish(req, VIRTIO_BLK_S_UNSUPP);
+    if (count > VIRTIO_BLK_MAX_DISCARD_SECTORS || !this.inRange(sector, count) || this.io.isReadOnly()) return this.finish(req, VIRTIO_BLK_S_IOERR);
+    if (count === 0) return this.finish(req, VIRTIO_BLK_S_OK);
+    const p = discard ? this.io.discard(sector * SECTOR, count * SECTOR) : this.io.writeZeroes(sector * SECTOR, count * SECTOR, unmap);
+    p.then(req.ok, req.failed);
+  }
+
+  /** @internal Completes a request: status byte, used entry (published in the next batch). */
+  finish(req: BlkReq, status: number): void {
+    const e = req.elem;
+    const vq = req.vq;
+    if (e.gen === vq.gen && req.status) req.status[req.statusAt] = status;
+    this.complete(vq, e, e.inBytes);
+    req.iov.length = 0;
+    req.status = null;
+    e.clear();
+    this.pool.push(req);
+  }
+
+  get driverOk(): boolean {
+    return (this.status & VIRTIO_CONFIG_S_DRIVER_OK) !== 0;
+  }
+}
+
+export interface VirtioBlkOptions {
+  id: string;
+  drive: BlockBackend;
+  bus: PciBus;
+  slot?: number;
+  numQueues?: number;
+  queueSize?: number;
+  serial?: string;
+  disableLegacy?: boolean;
+}
+
+export class VirtioBlkPci implements Device {
+  readonly id: string;
+  readonly type = 'virtio-blk-pci';
+  /** The device and its transport while realized (for tests and the monitor). */
+  vdev: VirtioBlk | null = null;
+  proxy: VirtioPciProxy | null = null;
+
+  constructor(private readonly opts: VirtioBlkOptions) {
+    this.id = opts.id;
+  }
+
+  realize(m: Machine): void {
+    const o = this.opts;
+    const numQueues = o.numQueues ?? 1;
+    const queueSize = o.queueSize ?? 256;
+    const serial = o.serial ?? '';
+    const bad = (msg: string): never => {
+      throw new HwError('EINVAL', `${this.type} '${this.id}': ${msg}`);
+    };
+    if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 64) bad(`Parameter 'num-queues' must be between 1 and 64, not ${numQueues}`);
+    if (!Number.isInteger(queueSize) || queueSize < 2 || queueSize > VIRTQUEUE_MAX_SIZE || queueSize & (queueSize - 1)) {
+      bad(`Parameter 'queue-size' must be a power of 2 between 2 and ${VIRTQUEUE_MAX_SIZE}, not ${queueSize}`);
+    }
+    if (new TextEncoder().encode(serial).length > VIRTIO_BLK_ID_BYTES) bad(`Parameter 'serial' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
+    const slot = o.slot ?? o.bus.freeSlot(2);
+    if (slot < 0) bad('no free PCI slot');
+    const ops: DeviceOps = {
+      resize: () => this.vdev?.resized(),
+      changeMedia: () => this.vdev?.resized(),
+      drainedBegin: () => this.vdev?.drainedBegin(),
+      drainedEnd: () => this.vdev?.drainedEnd(),
+    };
+    const io = o.drive.attachDevice(this, ops);
+    try {
+      const vdev = new VirtioBlk(m.ram, io, { numQueues, queueSize, serial });
+      const proxy = new VirtioPciProxy(vdev, {
+        name: this.id, bus: o.bus, slot, legacyDeviceId: 0x1001, classCode: 0x010000,
+        disableLegacy: o.disableLegacy ?? false, vectors: numQueues + 1,
+      });
+      proxy.plug(m);
+      this.vdev = vdev;
+      this.proxy = proxy;
+    } catch (e) {
+      o.drive.detachDevice(this);
+      throw e;
+    }
+  }
+
+  unrealize(_m: Machine): void {
+    this.vdev?.reset();
+    this.proxy?.unplug();
+    this.opts.drive.detachDevice(this);
+    this.vdev = null;
+    this.proxy = null;
+  }
+}
