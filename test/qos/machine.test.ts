@@ -14,7 +14,7 @@ describe('qos: startMachine', () => {
     const vm = await qos.startMachine(['-machine', 'pc', '-m', '32', '-nodefaults']);
     const bus = new qos.QPciBus(vm.qts);
     expect((await bus.enumerate()).map(([devfn, v, d]) => `${devfn.toString(16)} ${v.toString(16)}:${d.toString(16)}`)).toEqual([
-      '0 8086:1237', '8 8086:7000', 'b 8086:7113',
+      '0 8086:1237', '8 8086:7000', '9 8086:7010', 'b 8086:7113',
     ]);
     const alloc = await qos.GuestAlloc.forPc(vm.qts);
     const at = alloc.alloc(4096);

@@ -8,24 +8,12 @@ import { connect, createServer, type Socket } from 'node:net';
 import { unlinkSync } from 'node:fs';
 import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
-import { createBackend, type BlockBackend } from '../../backend/backend.js';
-import { openNode, settleCloses, unref } from '../../block/graph.js';
-import type { BlockNode } from '../../block/node.js';
-import type { NodeOptions } from '../../block/types.js';
+import { settleCloses, unref } from '../../block/graph.js';
 import { QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { packageVersion } from '../version.js';
 import { parseSystemArgs, type SocketSpec } from './args.js';
-import type { KeyvalObject } from './keyval.js';
-
-/** Turns keyval strings into the typed values blockdev options take. */
-function typed(v: string | KeyvalObject | unknown): unknown {
-  if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typed(x)]));
-  if (v === 'on' || v === 'true') return true;
-  if (v === 'off' || v === 'false') return false;
-  if (typeof v === 'string' && /^\d+$/.test(v) && v.length < 16) return Number(v);
-  return v;
-}
+import { plugDevices, type Plugged } from './devices.js';
 
 /**
  * Connects to (QEMU's default) or listens on a UNIX socket; `onSocket` gets each connection.
@@ -57,33 +45,13 @@ async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) =
 
 export async function runSystem(argv: readonly string[]): Promise<void> {
   const cfg = parseSystemArgs(argv);
-  if (cfg.devices.length) {
-    const d = cfg.devices[0]!;
-    throw new CliError(`-device ${String(d['driver'])}: Spindle has no such device model yet`);
-  }
   const machine = new PcMachine({ ramSize: cfg.ramSize });
-  const nodes: BlockNode[] = [];
-  const backends: BlockBackend[] = [];
   const closers: (() => Promise<void> | void)[] = [];
+  let plugged: Plugged | null = null;
   let stop!: () => void;
   const stopped = new Promise<void>((r) => (stop = r));
   try {
-    for (const b of cfg.blockdevs) {
-      const o = typed(b) as NodeOptions;
-      if (typeof o['node-name'] !== 'string') throw new CliError("-blockdev: Parameter 'node-name' is missing");
-      nodes.push(await openNode(o));
-    }
-    for (const [i, d] of cfg.drives.entries()) {
-      const iface = d['if'] ?? 'ide';
-      if (iface !== 'none') throw new CliError(`-drive if=${String(iface)}: Spindle has no ${String(iface)} controller yet; use if=none`);
-      const { file, format, id, readonly, cache: _cache, if: _if, ...rest } = d;
-      if (typeof file !== 'string') throw new CliError("-drive: Parameter 'file' is missing");
-      const name = typeof id === 'string' ? id : `none${i}`;
-      const node = await openNode(typed({ driver: format ?? 'raw', 'read-only': readonly ?? 'off', file: { driver: 'file', filename: file }, ...rest }) as NodeOptions);
-      const be = createBackend({ name }, node);
-      unref(node);
-      backends.push(be);
-    }
+    plugged = await plugDevices(machine, cfg);
     const logPath = cfg.qtestLog;
     if (logPath) writeFileSync(logPath, '');
     const log = logPath ? (line: string) => appendFileSync(logPath, `${line}\n`) : undefined;
@@ -114,8 +82,10 @@ export async function runSystem(argv: readonly string[]): Promise<void> {
     process.off('SIGTERM', onSignal);
   } finally {
     for (const close of closers) await close();
-    for (const be of backends) be.unref();
-    for (const n of nodes) unref(n);
+    // Devices let go of their backends first, then the backends and nodes go.
+    for (const d of machine.allDevices().reverse()) machine.removeDevice(d.id);
+    for (const be of plugged?.backends ?? []) if (!be.dead) be.unref();
+    for (const n of plugged?.nodes ?? []) unref(n);
     await settleCloses();
   }
 }
