@@ -7,3 +7,7 @@ export { QtestClient, QtestFailure } from './qtest-client.js';
 export { GuestAlloc } from './alloc.js';
 export { QPciBus, QPciDevice, type BarMapping } from './pci.js';
 export { startMachine, QmpConnection, type RunningMachine } from './machine.js';
+export { QAtaChannel, ATA_ST, BM, type Prd, type TaskFile, type DmaResult, type PacketResult } from './ata.js';
+export { QVirtioPciDevice, QVirtQueue, turn, type QVirtioOpenOptions } from './virtio.js';
+export { QVirtioBlk, type QBlkReqOptions, type QBlkResult } from './virtio-blk.js';
+export { XenGuest, XenBlkfront, XENBUS, waitFor, type IoResult } from './xen-blkfront.js';
