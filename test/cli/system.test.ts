@@ -143,6 +143,8 @@ describe('spindle system', () => {
       [['-device', 'xen-disk,vdev=hda'], /invalid vdev 'hda'/],
       [['-drive', 'file=x.img,if=scsi'], /if=scsi: Spindle has no scsi controller/],
       [['-drive', 'file=x.img,if=ide,bogus=1'], /-drive: Invalid parameter 'bogus'/],
+      [['-drive', 'file=x.img,cache=fast'], /Invalid cache mode 'fast'/],
+      [['-drive', 'file=x.img,format=raw,werror=sometimes'], /werror|sometimes/],
       [['-qtest', 'tcp:localhost:4444'], /only 'unix:PATH' sockets/],
       [['-mon', 'chardev=nope,mode=control'], /chardev 'nope' not found/],
       [['-drive', 'file=/nonexistent/x.img,if=none'], /nonexistent/],

@@ -12,6 +12,8 @@ import { createBackend, findBackend, type BlockBackend } from '../../backend/bac
 import { findNode, openNode, unref } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/types.js';
+import type { ErrorAction } from '../../backend/device-ops.js';
+import { imageOptions } from '../img/open.js';
 import { CliError } from '../fail.js';
 import type { SystemConfig } from './args.js';
 import type { KeyvalObject } from './keyval.js';
@@ -77,16 +79,31 @@ export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promis
     if (iface !== 'ide' && iface !== 'none' && iface !== 'virtio') throw new CliError(`-drive if=${iface}: Spindle has no ${iface} controller (ide, virtio, none)`);
     const cd = d['media'] === 'cdrom';
     if (d['media'] !== undefined && d['media'] !== 'cdrom' && d['media'] !== 'disk') throw new CliError(`-drive: media must be disk or cdrom, not '${String(d['media'])}'`);
+    for (const k of ['werror', 'rerror'] as const) {
+      const v = str(d[k]);
+      const ok = k === 'werror' ? ['report', 'ignore', 'enospc', 'stop'] : ['report', 'ignore', 'stop'];
+      if (v !== undefined && !ok.includes(v)) throw new CliError(`-drive: ${k} must be ${ok.join(', ')}, not '${v}'`);
+    }
     const file = str(d['file']);
     const name = str(d['id']) ?? (iface === 'ide' ? `ide${i}-${cd ? 'cd' : 'hd'}0` : `${iface}${i}`);
     let be: BlockBackend;
     if (file) {
-      const node = await openNode(typed({
-        driver: d['format'] ?? 'raw', 'read-only': cd ? true : (d['readonly'] ?? 'off'),
-        ...(d['discard'] !== undefined ? { discard: d['discard'] } : {}),
-        file: { driver: 'file', filename: file, ...(d['aio'] !== undefined ? { aio: d['aio'] } : {}) },
-      }) as NodeOptions);
-      be = createBackend(typed({ name, ...(d['werror'] ? { werror: d['werror'] } : {}), ...(d['rerror'] ? { rerror: d['rerror'] } : {}) }) as { name: string }, node);
+      // As qemu-img's -f/-t/-i: a missing format is probed (with QEMU's warning for raw).
+      const cache = str(d['cache']) ?? 'writeback';
+      const readOnly = cd || d['readonly'] === 'on' || d['readonly'] === 'true';
+      const o = imageOptions({ filename: file, fmt: str(d['format']), cache, readOnly, ...(str(d['aio']) ? { aio: str(d['aio'])! } : {}) });
+      const discard = str(d['discard']);
+      if (discard !== undefined) {
+        if (discard !== 'unmap' && discard !== 'ignore' && discard !== 'on' && discard !== 'off') throw new CliError(`-drive: discard must be unmap or ignore, not '${discard}'`);
+        o.discard = discard;
+      }
+      const node = await openNode(o);
+      const policy = (k: 'werror' | 'rerror'): { [x: string]: ErrorAction } => {
+        const v = str(d[k]);
+        return v === undefined ? {} : { [k]: v as ErrorAction };
+      };
+      // writethrough and directsync: the backend flushes after every write, as QEMU's do.
+      be = createBackend({ name, writeCache: cache !== 'writethrough' && cache !== 'directsync', ...policy('werror'), ...policy('rerror') }, node);
       unref(node);
     } else if (cd) {
       be = createBackend({ name });
