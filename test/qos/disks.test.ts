@@ -74,4 +74,30 @@ describe('disks through spindle system', () => {
     expect(readFileSync(hda).equals(want(2, 3 * 512, pattern(1024, 12)))).toBe(true);
     expect(readFileSync(xvda).equals(want(3, 100 * 512, pattern(1024, 13)))).toBe(true);
   }, 60_000);
+
+  it('takes the IDE command line libqtest uses: a -blockdev file node under ide-hd, and an empty ide-cd on the same bus', async () => {
+    const hd = join(dir, 'lib.img');
+    writeFileSync(hd, pattern(1 << 20, 4));
+    const vm = await startMachine([
+      '-machine', 'pc', '-blockdev', `driver=file,node-name=hda,filename=${hd}`,
+      '-device', 'ide-hd,drive=hda,bus=ide.0,unit=0,serial=QM0001', '-device', 'ide-cd,bus=ide.0',
+    ]);
+    try {
+      const alloc = await GuestAlloc.forPc(vm.qts);
+      const [ide0] = await QAtaChannel.piix(vm.qts, new QPciBus(vm.qts), alloc);
+      await ide0.select(0);
+      const id = await ide0.identify();
+      // Serial number: words 10-19, bytes swapped within each word.
+      const serial = Buffer.alloc(20);
+      for (let i = 0; i < 20; i += 2) [serial[i], serial[i + 1]] = [id[20 + i + 1]!, id[20 + i]!];
+      expect(serial.toString().trim()).toBe('QM0001');
+      expect(Buffer.from(id).readUInt32LE(60 * 2)).toBe((1 << 20) / 512); // LBA28 capacity
+      await ide0.select(1);
+      await ide0.identify(0xa1); // IDENTIFY PACKET DEVICE: a CD-ROM answers it
+      await ide0.packet([0x00, 0, 0, 0, 0, 0]); // TEST UNIT READY
+      expect((await ide0.requestSense())[0]).toBe(0x02); // NOT READY: no medium
+    } finally {
+      expect(await vm.quit()).toBe(0);
+    }
+  }, 60_000);
 });
