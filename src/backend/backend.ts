@@ -149,6 +149,9 @@ export class BlockBackend implements BlockParent, BackendCore {
     assertMainLoop('detachDevice');
     if (this.device !== dev) throw new BlockError('EINVAL', `Device '${dev.id}' is not attached to block device '${this.name}'`);
     this.#io?.revoke();
+    // Requests the error policy stopped belong to the departing device (its guest memory,
+    // its callbacks): they go with it, never to be retried by a later resume.
+    this.stopped.length = 0;
     this.#io = null;
     this.device = null;
     this.ops = null;
