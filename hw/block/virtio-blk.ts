@@ -51,9 +51,14 @@ const SECTOR = 512;
 class BlkReq {
   readonly elem = new VirtQueueElement();
   vq: VirtQueue = null!;
+  /**
+   * The data buffers (views of guest RAM), reused: entries [0, iovNum) are this request's, and
+   * the array is exactly that long whenever it is handed to the backend (iovNum > 0).
+   */
   readonly iov: Uint8Array[] = [];
-  status: Uint8Array | null = null;
-  statusAt = 0;
+  iovNum = 0;
+  /** The guest address of the status byte (-1: the chain has none). */
+  statusAt = -1;
   readonly done = (err: unknown): void => this.dev.finish(this, err ? VIRTIO_BLK_S_IOERR : VIRTIO_BLK_S_OK);
   readonly ok = (): void => this.dev.finish(this, VIRTIO_BLK_S_OK);
   readonly failed = (): void => this.dev.finish(this, VIRTIO_BLK_S_IOERR);
@@ -73,6 +78,8 @@ export class VirtioBlk extends VirtioDevice {
   private readonly hdr = new Uint8Array(16);
   private readonly hdv = new DataView(this.hdr.buffer);
   private readonly pool: BlkReq[] = [];
+  /** Guest RAM, for the header, the status byte and the data views. */
+  private readonly mem: Uint8Array;
   private readonly serial: Uint8Array;
   private drained = false;
   /** The backend's write-cache setting before the driver changed it (restored on reset). */
@@ -85,6 +92,7 @@ export class VirtioBlk extends VirtioDevice {
       bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_TOPOLOGY) | bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_MQ) |
       bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES) | (io.isReadOnly() ? bit(VIRTIO_BLK_F_RO) : 0n),
       ram, o.numQueues, o.queueSize);
+    this.mem = ram.bytes;
     this.serial = new TextEncoder().encode(o.serial);
     this.wceDefault = io.isWriteCacheEnabled();
     const c = this.cdv;
@@ -172,20 +180,21 @@ export class VirtioBlk extends VirtioDevice {
   private submit(req: BlkReq): void {
     const e = req.elem;
     // The status byte: the last byte of the last device-writable buffer.
-    const last = e.in[e.in.length - 1];
-    if (!last) {
-      req.status = null;
+    const nIn = e.inNum;
+    if (nIn === 0) {
+      req.statusAt = -1;
       return this.finish(req, VIRTIO_BLK_S_IOERR);
     }
-    req.status = last;
-    req.statusAt = last.length - 1;
+    req.statusAt = e.inAddr[nIn - 1]! + e.inLen[nIn - 1]! - 1;
     if (e.fault || e.outBytes < 16) return this.finish(req, VIRTIO_BLK_S_IOERR);
-    // The header (16 bytes), possibly spread over buffers.
+    // The header (16 bytes), possibly spread over buffers: copied byte by byte (no view).
+    const mem = this.mem;
+    const hdr = this.hdr;
     let got = 0;
     for (let i = 0; got < 16; i++) {
-      const s = e.out[i]!;
-      const n = Math.min(16 - got, s.length);
-      this.hdr.set(s.subarray(0, n), got);
+      const a = e.outAddr[i]!;
+      const n = Math.min(16 - got, e.outLen[i]!);
+      for (let k = 0; k < n; k++) hdr[got + k] = mem[a + k]!;
       got += n;
     }
     const type = this.hdv.getUint32(0, true);
@@ -210,7 +219,8 @@ export class VirtioBlk extends VirtioDevice {
       case VIRTIO_BLK_T_GET_ID: {
         this.gather(req, false);
         let off = 0;
-        for (const s of req.iov) {
+        for (let j = 0; j < req.iovNum; j++) {
+          const s = req.iov[j]!;
           for (let i = 0; i < s.length && off < VIRTIO_BLK_ID_BYTES; i++, off++) s[i] = this.serial[off] ?? 0;
         }
         return this.finish(req, VIRTIO_BLK_S_OK);
@@ -228,35 +238,43 @@ export class VirtioBlk extends VirtioDevice {
   }
 
   /**
-   * Fills req.iov with the data buffers: for a write, the device-readable bytes after the
-   * header; otherwise the device-writable bytes before the status byte. Returns their size.
+   * Fills req.iov (req.iovNum entries, one view of guest RAM per segment) with the data
+   * buffers: for a write, the device-readable bytes after the header; otherwise the
+   * device-writable bytes before the status byte. Returns their size.
    */
   private gather(req: BlkReq, write: boolean): number {
     const e = req.elem;
     const iov = req.iov;
-    iov.length = 0;
+    const mem = this.mem;
+    let k = 0;
     let bytes = 0;
     if (write) {
       let skip = 16;
-      for (const s of e.out) {
-        if (skip >= s.length) {
-          skip -= s.length;
+      for (let i = 0; i < e.outNum; i++) {
+        const len = e.outLen[i]!;
+        if (skip >= len) {
+          skip -= len;
           continue;
         }
-        iov.push(skip ? s.subarray(skip) : s);
-        bytes += s.length - skip;
+        const a = e.outAddr[i]!;
+        iov[k++] = mem.subarray(a + skip, a + len);
+        bytes += len - skip;
         skip = 0;
       }
     } else {
-      const n = e.in.length;
+      const n = e.inNum;
       for (let i = 0; i < n; i++) {
-        const s = e.in[i]!;
-        const len = i === n - 1 ? s.length - 1 : s.length;
+        const len = i === n - 1 ? e.inLen[i]! - 1 : e.inLen[i]!;
         if (len === 0) continue;
-        iov.push(len === s.length ? s : s.subarray(0, len));
+        const a = e.inAddr[i]!;
+        iov[k++] = mem.subarray(a, a + len);
         bytes += len;
       }
     }
+    req.iovNum = k;
+    // Filled in order from 0, so only a shrink is needed; an empty iov is never handed over
+    // (and length 0 would drop the array's storage).
+    if (k > 0 && iov.length !== k) iov.length = k;
     return bytes;
   }
 
@@ -267,7 +285,8 @@ export class VirtioBlk extends VirtioDevice {
     if (n !== 16) return this.finish(req, n > 16 && n % 16 === 0 ? VIRTIO_BLK_S_UNSUPP : VIRTIO_BLK_S_IOERR); // one segment at most
     const seg = this.hdr; // the header is no longer needed
     let got = 0;
-    for (const s of req.iov) {
+    for (let j = 0; j < req.iovNum; j++) {
+      const s = req.iov[j]!;
       const k = Math.min(16 - got, s.length);
       seg.set(s.subarray(0, k), got);
       got += k;
@@ -287,10 +306,11 @@ export class VirtioBlk extends VirtioDevice {
   finish(req: BlkReq, status: number): void {
     const e = req.elem;
     const vq = req.vq;
-    if (e.gen === vq.gen && req.status) req.status[req.statusAt] = status;
+    if (e.gen === vq.gen && req.statusAt >= 0) this.mem[req.statusAt] = status;
     this.complete(vq, e, e.inBytes);
-    req.iov.length = 0;
-    req.status = null;
+    // Counts only: the arrays keep their storage for the next request.
+    req.iovNum = 0;
+    req.statusAt = -1;
     e.clear();
     this.pool.push(req);
   }

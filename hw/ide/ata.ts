@@ -4,9 +4,10 @@
  * MANAGEMENT (TRIM), EXECUTE DEVICE DIAGNOSTIC, and the signatures a reset leaves. A CD-ROM
  * gets the few ATA commands an ATAPI device takes; PACKET goes to atapi.ts.
  */
+import type { BackendIO } from '../../src/backend/io.js';
 import type { IdeDrive } from './core.js';
 import { atapiPacket, identifyPacket } from './atapi.js';
-import { CMD, ER, MAX_MULT, ST, identifyToBytes, putString } from './defs.js';
+import { CMD, ER, MAX_MULT, ST, identifyToBytes, putString, type DmaEngine, type DmaRequest } from './defs.js';
 
 const HEADS = 16;
 const SPT = 63;
@@ -150,31 +151,91 @@ function pioRw(d: IdeDrive, write: boolean, ext: boolean, block: number): void {
   });
 }
 
+/** Moves a DMA command's data given the PRD buffers; calls `finish` (0: success) once done. */
+export type DmaRun = (iov: Uint8Array[], finish: (err: number) => void) => void;
+/** Ends a DMA command (err: what `finish` was given, or ER.ABRT for an unusable PRD table). */
+export type DmaComplete = (d: IdeDrive, err: number) => void;
+
+/** The default end of an ATA DMA command. */
+function ataDmaDone(d: IdeDrive, err: number): void {
+  if (err) d.abort(err);
+  else d.done();
+}
+
+/**
+ * A drive's DMA command as the bus master sees it, reused from command to command so the
+ * hot path allocates nothing: run/prdError are methods, the completions are bound once. Its
+ * fields must not change while it is at the backend (`inFlight`), so a command started then
+ * (a reset made the old one stale) gets a fresh object.
+ */
+export class DriveDma implements DmaRequest {
+  bytes = 0;
+  inFlight = false;
+  private gen = 0;
+  private engine: DmaEngine = null!;
+  private io: BackendIO | null = null;
+  /** A backend transfer (`write`, at `offset`, failing with `ioErr`), unless `custom` is set. */
+  private custom: DmaRun | null = null;
+  private write = false;
+  private offset = 0;
+  private ioErr = 0;
+  private complete: DmaComplete = ataDmaDone;
+  private readonly finish = (err: number): void => {
+    this.inFlight = false;
+    // The engine is released even if a reset made the command stale.
+    this.engine.finish(err === 0);
+    if (this.gen === this.d.gen) this.complete(this.d, err);
+  };
+  private readonly ioDone = (err: unknown): void => this.finish(err ? this.ioErr : 0);
+
+  constructor(private readonly d: IdeDrive) {}
+
+  set(engine: DmaEngine, bytes: number, custom: DmaRun | null, write: boolean, offset: number, ioErr: number, complete: DmaComplete): void {
+    this.gen = this.d.gen;
+    this.engine = engine;
+    this.io = this.d.io;
+    this.bytes = bytes;
+    this.custom = custom;
+    this.write = write;
+    this.offset = offset;
+    this.ioErr = ioErr;
+    this.complete = complete;
+  }
+
+  run(iov: Uint8Array[]): void {
+    this.d.dma = null;
+    this.inFlight = true;
+    if (this.custom) this.custom(iov, this.finish);
+    else if (this.write) this.io!.writev(this.offset, this.bytes, iov, 0, this.ioDone);
+    else this.io!.readv(this.offset, this.bytes, iov, 0, this.ioDone);
+  }
+
+  prdError(): void {
+    if (this.gen === this.d.gen) this.complete(this.d, ER.ABRT);
+  }
+}
+
 /** Sets up a DMA transfer for the bus master; the drive is BSY until it ends. */
-export function startDma(
-  d: IdeDrive,
-  bytes: number,
-  run: (iov: Uint8Array[], finish: (err: number) => void) => void,
-  complete: (err: number) => void = (err) => (err ? d.abort(err) : d.done()),
-): void {
+export function startDma(d: IdeDrive, bytes: number, run: DmaRun, complete: DmaComplete = ataDmaDone): void {
+  beginDma(d, bytes, run, false, 0, 0, complete);
+}
+
+/**
+ * A DMA transfer straight between the PRD buffers and the backend, `bytes` at byte `offset`;
+ * a backend error ends it with `ioErr`. No per-command closure.
+ */
+export function startDmaIo(d: IdeDrive, write: boolean, offset: number, bytes: number, ioErr: number, complete: DmaComplete = ataDmaDone): void {
+  beginDma(d, bytes, null, write, offset, ioErr, complete);
+}
+
+function beginDma(d: IdeDrive, bytes: number, run: DmaRun | null, write: boolean, offset: number, ioErr: number, complete: DmaComplete): void {
   const engine = d.channel?.dmaEngine;
   if (!engine) return d.abort();
-  const gen = d.gen;
+  let r = d.dmaCmd;
+  if (!r || r.inFlight) r = d.dmaCmd = new DriveDma(d);
+  r.set(engine, bytes, run, write, offset, ioErr, complete);
   d.status = ST.DRDY | ST.BSY | ST.DSC;
-  d.dma = {
-    bytes,
-    run: (iov) => {
-      d.dma = null;
-      run(iov, (err) => {
-        // The engine is released even if a reset made the command stale.
-        engine.finish(err === 0);
-        if (gen === d.gen) complete(err);
-      });
-    },
-    prdError: () => {
-      if (gen === d.gen) complete(ER.ABRT);
-    },
-  };
+  d.dma = r;
   engine.kick();
 }
 
@@ -182,12 +243,8 @@ function dmaRw(d: IdeDrive, write: boolean, ext: boolean): void {
   const lba = lbaOf(d, ext);
   const count = countOf(d, ext);
   if (!inRange(d, lba, count)) return d.abort(ER.IDNF);
-  const io = d.io!;
-  if (write && io.isReadOnly()) return d.abort();
-  startDma(d, count * 512, (iov, finish) => {
-    if (write) io.writev(lba * 512, count * 512, iov, 0, (err) => finish(err ? ER.ABRT : 0));
-    else io.readv(lba * 512, count * 512, iov, 0, (err) => finish(err ? ER.UNC : 0));
-  });
+  if (write && d.io!.isReadOnly()) return d.abort();
+  startDmaIo(d, write, lba * 512, count * 512, write ? ER.ABRT : ER.UNC);
 }
 
 /** DATA SET MANAGEMENT with TRIM: 8-byte range entries (48-bit LBA, 16-bit length) by DMA. */

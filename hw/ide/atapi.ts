@@ -6,7 +6,7 @@
  */
 import type { DeviceOps } from '../../src/backend/device-ops.js';
 import type { IdeDrive } from './core.js';
-import { startDma } from './ata.js';
+import { startDma, startDmaIo } from './ata.js';
 import { ST, identifyToBytes, putString } from './defs.js';
 
 export const SENSE = { NONE: 0, NOT_READY: 2, MEDIUM_ERROR: 3, ILLEGAL_REQUEST: 5, UNIT_ATTENTION: 6 } as const;
@@ -127,9 +127,19 @@ function reply(d: IdeDrive, data: Uint8Array, alloc: number, bcl: number): void 
         at += v.length;
       }
       finish(0);
-    }, (err) => (err ? checkCondition(d, SENSE.ILLEGAL_REQUEST, 0x24, 0) : ok(d)));
+    }, replyDmaDone);
   }
   pioData(d, out, bcl);
+}
+
+function replyDmaDone(d: IdeDrive, err: number): void {
+  if (err) checkCondition(d, SENSE.ILLEGAL_REQUEST, 0x24, 0);
+  else ok(d);
+}
+
+function readDmaDone(d: IdeDrive, err: number): void {
+  if (err) checkCondition(d, SENSE.MEDIUM_ERROR, 0x11, 0);
+  else ok(d);
 }
 
 function pioData(d: IdeDrive, out: Uint8Array, bcl: number): void {
@@ -228,10 +238,7 @@ function read(d: IdeDrive, lba: number, count: number, bcl: number): void {
   const io = d.io!;
   const bytes = count * SECTOR;
   const gen = d.gen;
-  if (d.cd!.dma) {
-    return startDma(d, bytes, (iov, finish) => io.readv(lba * SECTOR, bytes, iov, 0, (err) => finish(err ? 1 : 0)),
-      (err) => (err ? checkCondition(d, SENSE.MEDIUM_ERROR, 0x11, 0) : ok(d)));
-  }
+  if (d.cd!.dma) return startDmaIo(d, false, lba * SECTOR, bytes, 1, readDmaDone);
   d.status = ST.DRDY | ST.BSY;
   const buf = new Uint8Array(bytes);
   io.readv(lba * SECTOR, bytes, [buf], 0, (err) => {

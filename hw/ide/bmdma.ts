@@ -24,6 +24,8 @@ export class BmDma implements DmaEngine {
   /** Whether the running transfer used the PRD table up to its last entry exactly. */
   private exhausted = false;
   private running = false;
+  /** The running transfer's iovec (see walk). */
+  private readonly iov: Uint8Array[] = [];
   readonly region: IoRegion;
 
   constructor(readonly name: string, private readonly channel: IdeChannel) {
@@ -101,25 +103,32 @@ export class BmDma implements DmaEngine {
     this.status |= BM_ST.INTR;
   }
 
-  /** The PRD table as views of guest memory covering exactly `bytes`, or null if it cannot. */
+  /**
+   * The PRD table as views of guest memory covering exactly `bytes` (one view per entry
+   * used), or null if it cannot. The array is this engine's, reused from transfer to
+   * transfer: the backend holds it only while `running`, and no walk happens then.
+   */
   private walk(bytes: number): Uint8Array[] | null {
     const ram = this.ram;
     if (!ram) return null;
-    const iov: Uint8Array[] = [];
+    const mem = ram.bytes;
+    const iov = this.iov;
+    let k = 0;
     let left = bytes;
     let at = this.prd;
     for (let n = 0; n < MAX_PRDS && left > 0; n++, at += 8) {
       if (!ram.contains(at, 8)) return null;
-      const dv = new DataView(ram.bytes.buffer, ram.bytes.byteOffset + at, 8);
-      const addr = dv.getUint32(0, true) & ~1;
-      const len = dv.getUint16(4, true) || 0x10000;
-      const eot = (dv.getUint32(4, true) & 0x80000000) !== 0;
+      // The entry, little-endian, read in place: base (bit 0 ignored), count (0: 64 KiB), EOT.
+      const addr = (mem[at]! | (mem[at + 1]! << 8) | (mem[at + 2]! << 16) | (mem[at + 3]! << 24)) & ~1;
+      const len = (mem[at + 4]! | (mem[at + 5]! << 8)) || 0x10000;
+      const eot = (mem[at + 7]! & 0x80) !== 0;
       const take = Math.min(len, left);
       if (!ram.contains(addr, take)) return null;
-      iov.push(ram.view(addr, take));
+      iov[k++] = mem.subarray(addr, addr + take);
       left -= take;
       if (left === 0) {
         this.exhausted = eot && take === len;
+        if (iov.length !== k) iov.length = k;
         return iov;
       }
       if (eot) return null;

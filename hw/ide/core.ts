@@ -9,7 +9,7 @@ import type { BackendIO } from '../../src/backend/io.js';
 import type { DeviceHandle, DeviceOps } from '../../src/backend/device-ops.js';
 import type { BlockBackend } from '../../src/backend/backend.js';
 import { HwError } from '../core/error.js';
-import { ataCommand, ataReset } from './ata.js';
+import { ataCommand, ataReset, type DriveDma } from './ata.js';
 import { AtapiState, atapiOps } from './atapi.js';
 import { CTL, ST, type DmaEngine, type DmaRequest } from './defs.js';
 
@@ -71,6 +71,8 @@ export class IdeDrive implements DeviceHandle {
   gen = 0;
   pio: PioState | null = null;
   dma: DmaRequest | null = null;
+  /** The reusable DMA command object (ata.ts startDma); `dma` points at it while pending. */
+  dmaCmd: DriveDma | null = null;
   readonly cd: AtapiState | null;
 
   constructor(opts: IdeDriveOptions) {
@@ -281,13 +283,9 @@ export class IdeChannel {
     v &= 0xff;
     if (off !== 7) this.devctl &= ~CTL.HOB;
     switch (off) {
-      case 1: return this.each((d) => { d.hobFeature = d.feature; d.feature = v; });
-      case 2: return this.each((d) => { d.hobNsector = d.nsector; d.nsector = v; });
-      case 3: return this.each((d) => { d.hobSector = d.sector; d.sector = v; });
-      case 4: return this.each((d) => { d.hobLcyl = d.lcyl; d.lcyl = v; });
-      case 5: return this.each((d) => { d.hobHcyl = d.hcyl; d.hcyl = v; });
+      case 1: case 2: case 3: case 4: case 5: return this.latch(off, v);
       case 6:
-        this.each((d) => void (d.select = v | 0xa0));
+        this.latch(6, v);
         this.unit = ((v >> 4) & 1) as 0 | 1;
         return this.updateIrq();
       default: {
@@ -302,6 +300,14 @@ export class IdeChannel {
         ataCommand(d, v);
       }
     }
+  }
+
+  /** A task-file register write reaches both drives (no per-write closure). */
+  private latch(off: number, v: number): void {
+    const d0 = this.drives[0];
+    if (d0) latchReg(d0, off, v);
+    const d1 = this.drives[1];
+    if (d1) latchReg(d1, off, v);
   }
 
   private writeCtl(v: number): void {
@@ -323,5 +329,17 @@ export class IdeChannel {
       });
     }
     this.updateIrq();
+  }
+}
+
+/** Register `off` (1-6) of one drive takes `v`; the old byte of 1-5 becomes its HOB byte. */
+function latchReg(d: IdeDrive, off: number, v: number): void {
+  switch (off) {
+    case 1: d.hobFeature = d.feature; d.feature = v; return;
+    case 2: d.hobNsector = d.nsector; d.nsector = v; return;
+    case 3: d.hobSector = d.sector; d.sector = v; return;
+    case 4: d.hobLcyl = d.lcyl; d.lcyl = v; return;
+    case 5: d.hobHcyl = d.hcyl; d.hcyl = v; return;
+    case 6: d.select = v | 0xa0; return;
   }
 }

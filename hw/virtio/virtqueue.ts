@@ -1,7 +1,7 @@
 /**
  * The split virtqueue (virtio 1.0 section 2.4), device side. Every guest address is checked
- * against guest RAM before it is touched; a popped chain's buffers are views of guest RAM
- * (no copies). A malformed chain is reported on its element (`fault`) so the device can fail
+ * against guest RAM before it is touched; a popped chain's buffers are guest addresses and
+ * lengths (no copies, no views: the device makes those it needs). A malformed chain is reported on its element (`fault`) so the device can fail
  * that request; a malformed ring (bad head, head reused while in flight, avail index jumping
  * by more than the queue size, rings outside RAM) makes `pop` return -1 with `error` set, and
  * the device marks itself broken. Used entries are written at once; the used index is stored
@@ -18,11 +18,20 @@ export const VRING_USED_F_NO_NOTIFY = 1;
 export const VIRTQUEUE_MAX_SIZE = 1024;
 export const VIRTIO_NO_VECTOR = 0xffff;
 
-/** One popped descriptor chain: device-readable (`out`) then device-writable (`in`) buffers. */
+/**
+ * One popped descriptor chain: device-readable (`out`) then device-writable (`in`) buffers,
+ * as guest-physical address and length pairs already checked to lie inside guest RAM (the
+ * device makes views of them only where it needs one). Reused: the arrays keep their storage
+ * and only entries [0, outNum) / [0, inNum) are valid; `clear` resets the counts.
+ */
 export class VirtQueueElement {
   head = 0;
-  readonly out: Uint8Array[] = [];
-  readonly in: Uint8Array[] = [];
+  readonly outAddr: number[] = [];
+  readonly outLen: number[] = [];
+  outNum = 0;
+  readonly inAddr: number[] = [];
+  readonly inLen: number[] = [];
+  inNum = 0;
   outBytes = 0;
   inBytes = 0;
   /** Why the chain is malformed ('' if it is not); buffers walked before (and around) it are kept. */
@@ -31,8 +40,8 @@ export class VirtQueueElement {
   gen = 0;
 
   clear(): void {
-    this.out.length = 0;
-    this.in.length = 0;
+    this.outNum = 0;
+    this.inNum = 0;
     this.outBytes = 0;
     this.inBytes = 0;
     this.fault = '';
@@ -181,18 +190,19 @@ export class VirtQueue {
         continue;
       }
       const write = (flags & VRING_DESC_F_WRITE) !== 0;
-      if (!write && e.in.length) return 'device-readable descriptor after a device-writable one';
+      if (!write && e.inNum) return 'device-readable descriptor after a device-writable one';
       if (len === 0) fault ||= 'zero-length descriptor';
       else if (!ram.contains(addr, len)) fault ||= `buffer at 0x${addr.toString(16)}+${len} is not inside guest RAM`;
-      else {
-        const v = ram.view(addr, len);
-        if (write) {
-          e.in.push(v);
-          e.inBytes += len;
-        } else {
-          e.out.push(v);
-          e.outBytes += len;
-        }
+      else if (write) {
+        const k = e.inNum++;
+        e.inAddr[k] = addr;
+        e.inLen[k] = len;
+        e.inBytes += len;
+      } else {
+        const k = e.outNum++;
+        e.outAddr[k] = addr;
+        e.outLen[k] = len;
+        e.outBytes += len;
       }
       if (!(flags & VRING_DESC_F_NEXT)) return fault;
       if (next >= tableLen) return `next index ${next} is beyond the table of ${tableLen}`;
