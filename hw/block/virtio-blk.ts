@@ -156,6 +156,8 @@ export class VirtioBlk extends VirtioDevice {
   }
 
   protected override resetDevice(): void {
+    // The guest forgot its requests: those the error policy stopped must not be retried.
+    this.io.dropStopped();
     this.io.setWriteCache(this.wceDefault);
     this.config[32] = this.wceDefault ? 1 : 0;
   }

@@ -210,6 +210,12 @@ export class DriveDma implements DmaRequest {
     else this.io!.readv(this.offset, this.bytes, iov, 0, this.ioDone);
   }
 
+  /** Its backend request was dropped (stopped by the error policy, then a reset): release the engine. */
+  abandon(): void {
+    this.inFlight = false;
+    this.engine.finish(false);
+  }
+
   prdError(): void {
     if (this.gen === this.d.gen) this.complete(this.d, ER.ABRT);
   }

@@ -318,6 +318,9 @@ export class IdeChannel {
         d.gen++;
         d.pio = null;
         d.dma = null;
+        // The reset forgets commands: one the error policy stopped must not be retried, and
+        // its bus master, which waited for it, is free again.
+        if (d.io && d.io.dropStopped() > 0 && d.dmaCmd?.inFlight) d.dmaCmd.abandon();
         d.irqPending = false;
         d.status = ST.BSY | ST.DSC;
       });

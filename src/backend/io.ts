@@ -140,6 +140,11 @@ export interface BackendIO {
   isWriteCacheEnabled(): boolean;
   setWriteCache(on: boolean): void;
   iostatus(): IoStatus;
+  /**
+   * The device was reset: its requests the error policy stopped are dropped, never retried
+   * or completed (the guest forgot them; a resume must not write them). Returns how many.
+   */
+  dropStopped(): number;
 }
 
 /** Implementation; `#core` is private, so a device reaches nothing but these methods. */
@@ -205,5 +210,11 @@ export class BackendIOImpl implements BackendIO {
   }
   iostatus(): IoStatus {
     return this.#core.iostatus;
+  }
+  dropStopped(): number {
+    if (this.#revoked) return 0;
+    const n = this.#core.stopped.length;
+    this.#core.stopped.length = 0;
+    return n;
   }
 }

@@ -428,3 +428,50 @@ describe('IDE: resize', () => {
     expect(qts.getIrq(14)).toBe(false);
   });
 });
+
+describe('a guest reset while a request is stopped', () => {
+  it('virtio-blk: the reset drops the stopped write; resume does not write it and the device works on', async () => {
+    const r = await vrig(await faulty({ inject: [{ event: 'write_aio', errno: 5, once: true }] }, { werror: 'stop', rerror: 'report' }));
+    const before = fileAt(r.path, 6 * 512, 512);
+    await r.blk.submit(VIRTIO_BLK_T_OUT, 6, { out: pattern(512, 701) });
+    await until(() => stops(r.be) === 1, 'BACKEND_STOPPED');
+    expect(r.be.stopped).toHaveLength(1);
+    // The driver starts over: status 0 resets the device, then it sets up again.
+    const again = await QVirtioBlk.start(r.qts, r.alloc);
+    expect(r.be.stopped).toHaveLength(0);
+    r.be.resume(); // the rule was `once`: a retried write would succeed and land
+    await turns(50);
+    await r.be.idle();
+    expect(fileAt(r.path, 6 * 512, 512)).toEqual(before);
+    const data = pattern(512, 702);
+    expect(await again.write(7, data)).toBe(VIRTIO_BLK_S_OK);
+    expect(fileAt(r.path, 7 * 512, 512)).toEqual(data);
+  });
+
+  it('IDE: a soft reset drops the stopped WRITE DMA, frees the bus master, and the next DMA works', async () => {
+    const f = await faulty({ inject: [{ event: 'write_aio', errno: 5, once: true }] }, { werror: 'stop', rerror: 'report' });
+    const { r, ch, qts } = await hd(f);
+    const before = fileAt(f.path, 20 * 512, 2048);
+    const a = r.alloc.alloc(4096);
+    await qts.memwrite(a, pattern(2048, 703));
+    await startDma(ch, qts, 0xca, 20, 4, a, false);
+    await until(() => stops(f.be) === 1, 'BACKEND_STOPPED');
+    // SRST on, then off: the drives reset.
+    await ch.setControl(0x04);
+    await ch.setControl(0x00);
+    await until(async () => ((await ch.altStatus()) & ATA_ST.BSY) === 0, 'not BSY after reset');
+    expect(f.be.stopped).toHaveLength(0);
+    f.be.resume();
+    await turns(50);
+    await f.be.idle();
+    expect(fileAt(f.path, 20 * 512, 2048)).toEqual(before);
+    // The bus master was released: a new DMA write goes through.
+    await ch.select(0);
+    const data = pattern(1024, 704);
+    await qts.memwrite(a, data);
+    const res = await ch.dma(0xca, { lba: 30, count: 2 }, [{ addr: a, len: 1024 }], false);
+    expect(res.status & (ATA_ST.ERR | ATA_ST.BSY)).toBe(0);
+    expect(res.bmStatus & BM.ERROR).toBe(0);
+    expect(fileAt(f.path, 30 * 512, 1024)).toEqual(data);
+  });
+});
