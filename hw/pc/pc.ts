@@ -4,6 +4,8 @@
  * no CPU here: qtest, or the CPU adapter, plays the guest.
  */
 import { FwCfg } from '../core/fw-cfg.js';
+import type { Device } from '../core/machine.js';
+import { AcpiPciHotplug } from './acpi-pcihp.js';
 import type { GpioIn } from '../core/irq.js';
 import { Machine } from '../core/machine.js';
 import { HwError } from '../core/error.js';
@@ -23,6 +25,11 @@ export class PcMachine extends Machine {
   readonly fwCfg: FwCfg;
   /** Levels of the IOAPIC's input lines (no CPU takes interrupts yet). */
   readonly irqLevels = new Uint8Array(24);
+  readonly hotplug: AcpiPciHotplug;
+  /** PCI slots by the device that took them when it was added. */
+  private readonly slotsOf = new Map<string, number[]>();
+  /** Unplugs asked and not yet done, by device id. */
+  private readonly unplugging = new Map<string, () => void>();
 
   constructor(opts: PcOptions = {}) {
     const ramSize = opts.ramSize ?? 128 << 20;
@@ -32,5 +39,50 @@ export class PcMachine extends Machine {
     this.fwCfg = new FwCfg({ ramSize });
     this.fwCfg.attach(this);
     this.chipset = new I440fx(this, this.ioapic);
+    this.hotplug = new AcpiPciHotplug(this.io, this.ioapic, (slot) => this.ejected(slot));
+  }
+
+  /** Plugs a device; the PCI slots it takes are remembered (and may be hot-removed). */
+  override addDevice(dev: Device): void {
+    const before = this.chipset.bus.occupiedSlots();
+    super.addDevice(dev);
+    const slots = [...this.chipset.bus.occupiedSlots()].filter((s) => !before.has(s));
+    this.slotsOf.set(dev.id, slots);
+    for (const s of slots) this.hotplug.setRemovable(s, true);
+  }
+
+  override removeDevice(id: string): void {
+    super.removeDevice(id);
+    for (const s of this.slotsOf.get(id) ?? []) this.hotplug.setRemovable(s, false);
+    this.slotsOf.delete(id);
+    const done = this.unplugging.get(id);
+    this.unplugging.delete(id);
+    done?.();
+  }
+
+  /** Plugs a device into the running machine and tells the guest (ACPI hotplug). */
+  hotplugDevice(dev: Device): void {
+    this.addDevice(dev);
+    for (const s of this.slotsOf.get(dev.id) ?? []) this.hotplug.plugged(s);
+  }
+
+  /**
+   * Asks for a device to go. A PCI device goes when the guest ejects its slot; anything else
+   * goes at once. `deleted` runs when it is gone (QMP's DEVICE_DELETED).
+   */
+  unplugRequest(id: string, deleted: () => void): void {
+    if (!this.device(id)) throw new HwError('ENOENT', `Device '${id}' not found`);
+    const slots = this.slotsOf.get(id) ?? [];
+    if (!slots.length) {
+      this.removeDevice(id);
+      deleted();
+      return;
+    }
+    this.unplugging.set(id, deleted);
+    for (const s of slots) this.hotplug.requestUnplug(s);
+  }
+
+  private ejected(slot: number): void {
+    for (const [id, slots] of this.slotsOf) if (slots.includes(slot)) return this.removeDevice(id);
   }
 }

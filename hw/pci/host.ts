@@ -71,6 +71,13 @@ export class PciBus {
     }
   }
 
+  /** Slots with at least one function plugged. */
+  occupiedSlots(): Set<number> {
+    const out = new Set<number>();
+    for (const devfn of this.fns.keys()) out.add(devfn >> 3);
+    return out;
+  }
+
   /** The lowest free slot from `from` (function 0 free), or -1. */
   freeSlot(from = 0): number {
     for (let s = from; s < 32; s++) if (!this.fns.has(s << 3)) return s;
