@@ -2,7 +2,7 @@
 // the qtest and QMP sockets, the machine connects to both; then by hand (server=on), the way
 // socat would drive it.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -153,5 +153,34 @@ describe('spindle system', () => {
       expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(1);
       expect(r.stderr, args.join(' ')).toMatch(msg);
     }
+  });
+
+  it('can be driven by hand with socat: IDENTIFY of the IDE disk from -drive if=ide', async () => {
+    const img = join(dir, 'socat.img');
+    writeFileSync(img, Buffer.alloc(1 << 20));
+    const sock = join(dir, 'socat.sock');
+    // socat listens, as a person would start it; the machine connects to it (QEMU's default).
+    const cmds = ['outl 0xcf8 0x80000900', 'inl 0xcfc', 'outb 0x1f6 0xe0', 'outb 0x1f7 0xec', 'inb 0x1f7', 'inw 0x1f0'];
+    const socat = spawn('socat', [`UNIX-LISTEN:${sock}`, '-']);
+    socat.on('error', (e) => {
+      throw new Error(`socat is needed by this test (Debian socat): ${e.message}`);
+    });
+    let out = '';
+    const replies = new Promise<string[]>((resolve) => {
+      socat.stdout.setEncoding('utf8').on('data', (d: string) => {
+        out += d;
+        const lines = out.split('\n').filter(Boolean);
+        if (lines.length >= cmds.length) resolve(lines);
+      });
+    });
+    // Wait for socat's socket before starting the machine (readiness, not timing).
+    for (let i = 0; i < 3000 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10));
+    const p = spawn(process.execPath, [bundle, 'system', '-machine', 'pc', '-qtest', `unix:${sock}`, '-drive', `file=${img},if=ide,format=raw`, '-display', 'none']);
+    const done = exited(p);
+    socat.stdin.write(`${cmds.join('\n')}\n`);
+    expect(await replies).toEqual(['OK', 'OK 0x70108086', 'OK', 'OK', 'OK 0x0058', 'OK 0x0040']);
+    p.kill('SIGTERM');
+    expect((await done).code).toBe(0);
+    socat.kill();
   });
 });
