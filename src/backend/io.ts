@@ -29,9 +29,14 @@ export interface BackendCore {
   requestDone(): void;
 }
 
+/** What a backend request does: a read or write (by `write`), a flush, a discard, write-zeroes. */
+export const enum ReqOp { RW, FLUSH, DISCARD, ZEROES }
+
 /** A backend request; pooled, with its completion bound once. */
 export class PendingReq {
   core: BackendCore = null!;
+  op: ReqOp = ReqOp.RW;
+  /** A write as the error policy sees it (flush, discard and write-zeroes are writes). */
   write = false;
   offset = 0;
   bytes = 0;
@@ -41,12 +46,15 @@ export class PendingReq {
   /** Whether the request reached the root and counts as in flight. */
   counted = false;
   readonly done: IoCallback = (err) => reqDone(this, err);
+  readonly ok = (): void => reqDone(this, null);
+  readonly failed = (e: unknown): void => reqDone(this, e instanceof BlockError ? e : new BlockError('EIO', String(e)));
   readonly flushed: IoCallback = (err) => {
     this.core.inFlight--;
     complete(this, err);
   };
 }
 const pool: PendingReq[] = [];
+const EMPTY_IOV: IoVec = [];
 
 function noMedium(core: BackendCore): BlockError {
   return new BlockError('ENOMEDIUM', `No medium in block device '${core.name}'`, { op: 'io' });
@@ -71,8 +79,14 @@ export function issue(r: PendingReq): void {
     return void process.nextTick(r.done, err);
   }
   core.inFlight++;
-  if (r.write) io.writev(root, r.offset, r.bytes, r.iov, r.flags, r.done);
-  else io.readv(root, r.offset, r.bytes, r.iov, r.flags, r.done);
+  if (r.op === ReqOp.RW) {
+    if (r.write) io.writev(root, r.offset, r.bytes, r.iov, r.flags, r.done);
+    else io.readv(root, r.offset, r.bytes, r.iov, r.flags, r.done);
+    return;
+  }
+  // Not the read/write hot path: the promise forms of the block layer serve.
+  const p = r.op === ReqOp.FLUSH ? io.flush(root) : r.op === ReqOp.DISCARD ? io.discard(root, r.offset, r.bytes) : io.writeZeroes(root, r.offset, r.bytes, r.flags);
+  p.then(r.ok, r.failed);
 }
 
 function reqDone(r: PendingReq, err: BlockError | null): void {
@@ -91,7 +105,7 @@ function reqDone(r: PendingReq, err: BlockError | null): void {
     }
     if (action === 'ignore') err = null;
     else if (core.iostatus === 'ok') core.iostatus = nospace ? 'nospace' : 'failed';
-  } else if (r.write && !core.writeCache && core.root) {
+  } else if (r.op === ReqOp.RW && r.write && !core.writeCache && core.root) {
     // Write cache off: the write is complete only once it is stable.
     core.inFlight++;
     io.flush(core.root).then(() => r.flushed(null), (e: BlockError) => r.flushed(e));
@@ -111,9 +125,10 @@ function complete(r: PendingReq, err: BlockError | null): void {
   cb(err);
 }
 
-function start(core: BackendCore, write: boolean, offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback): void {
+function start(core: BackendCore, write: boolean, offset: number, bytes: number, iov: IoVec, flags: number, cb: IoCallback, op = ReqOp.RW): void {
   const r = pool.pop() ?? new PendingReq();
   r.core = core;
+  r.op = op;
   r.write = write;
   r.offset = offset;
   r.bytes = bytes;
@@ -178,18 +193,21 @@ export class BackendIOImpl implements BackendIO {
   write(offset: number, buf: Uint8Array, flags = 0): Promise<void> {
     return new Promise((res, rej) => this.writev(offset, buf.length, [buf], flags, (e) => (e ? rej(e) : res())));
   }
-  #root(): BlockChild {
-    if (this.#revoked || !this.#core.root) throw noMedium(this.#core);
-    return this.#core.root;
+  /** Flush, discard and write-zeroes go through the queue and the error policy like writes. */
+  #op(op: ReqOp, offset: number, bytes: number, flags: number): Promise<void> {
+    return new Promise((res, rej) => {
+      const cb: IoCallback = (e) => (e ? rej(e) : res());
+      if (this.#live(cb)) start(this.#core, true, offset, bytes, EMPTY_IOV, flags, cb, op);
+    });
   }
-  async flush(): Promise<void> {
-    await io.flush(this.#root());
+  flush(): Promise<void> {
+    return this.#op(ReqOp.FLUSH, 0, 0, 0);
   }
-  async discard(offset: number, bytes: number): Promise<void> {
-    await io.discard(this.#root(), offset, bytes);
+  discard(offset: number, bytes: number): Promise<void> {
+    return this.#op(ReqOp.DISCARD, offset, bytes, 0);
   }
-  async writeZeroes(offset: number, bytes: number, mayUnmap: boolean): Promise<void> {
-    await io.writeZeroes(this.#root(), offset, bytes, mayUnmap ? ReqFlags.MAY_UNMAP : 0);
+  writeZeroes(offset: number, bytes: number, mayUnmap: boolean): Promise<void> {
+    return this.#op(ReqOp.ZEROES, offset, bytes, mayUnmap ? ReqFlags.MAY_UNMAP : 0);
   }
   getLength(): number {
     const r = this.#core.root;

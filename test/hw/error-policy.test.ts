@@ -16,7 +16,7 @@ import { VirtioBlkPci } from '../../hw/block/virtio-blk.js';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { ATA_ST, BM, type QAtaChannel } from '../../src/qos/ata.js';
 import { QtestClient } from '../../src/qos/qtest-client.js';
-import { QVirtioBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT } from '../../src/qos/virtio-blk.js';
+import { QVirtioBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT } from '../../src/qos/virtio-blk.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { rig as ideRig, word, type Rig as IdeRig } from './ide-helpers.js';
 
@@ -475,3 +475,26 @@ describe('a guest reset while a request is stopped', () => {
     expect(fileAt(f.path, 30 * 512, 1024)).toEqual(data);
   });
 });
+
+describe('flush, discard and write-zeroes under the error policy', () => {
+  it('virtio-blk FLUSH that fails with werror=stop stops (no used entry, BLOCK_IO_ERROR) and resume retries it', async () => {
+    const r = await vrig(await faulty({ inject: [{ event: 'flush_to_disk', errno: 5, once: true }] }, { werror: 'stop', rerror: 'report' }));
+    const p = await r.blk.submit(VIRTIO_BLK_T_FLUSH, 0, {});
+    await until(() => stops(r.be) === 1, 'BACKEND_STOPPED');
+    await turns(20);
+    expect(await p.vq.usedIdx()).toBe(0);
+    expect(r.be.stopped).toHaveLength(1);
+    expect(events.find((e) => e.event === 'BLOCK_IO_ERROR')).toMatchObject({ device: r.be.name, operation: 'write', action: 'stop' });
+    r.be.resume(); // the rule was `once`: the retry succeeds
+    expect((await r.blk.wait(p)).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r.be.iostatus).toBe('ok');
+  });
+
+  it('with werror=report a failing FLUSH is IOERR to the guest, without a stop', async () => {
+    const r = await vrig(await faulty({ inject: [{ event: 'flush_to_disk', errno: 5, once: true }] }, { werror: 'report', rerror: 'report' }));
+    expect(await r.blk.flush()).toBe(VIRTIO_BLK_S_IOERR);
+    expect(stops(r.be)).toBe(0);
+    expect(await r.blk.flush()).toBe(VIRTIO_BLK_S_OK);
+  });
+});
+
