@@ -2,6 +2,7 @@
 // build/Release and is found at run time from the package root. The bundle is written
 // aside and renamed, so a test running meanwhile never sees half a file.
 import { build } from 'esbuild';
+import { spawnSync } from 'node:child_process';
 import { chmodSync, renameSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -35,3 +36,10 @@ await build({
   logLevel: 'warning',
 });
 renameSync(qosTmp, qosOut);
+
+// Its types, for TypeScript users of spindle/qos (declarations only; esbuild made the code).
+const tsc = spawnSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(root, 'tsconfig.qos.json')], { encoding: 'utf8' });
+if (tsc.status !== 0) {
+  process.stderr.write(tsc.stdout + tsc.stderr);
+  process.exit(1);
+}

@@ -1,7 +1,9 @@
 // startMachine: `spindle system` launched the libqtest way, driven through the built
 // spindle/qos module as a user of the package would import it.
 import { describe, expect, it } from 'vitest';
-import { ensureBuilt } from '../cli/helpers.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { ensureBuilt, root } from '../cli/helpers.js';
 
 type Qos = typeof import('../../src/qos/index.js');
 /** The built module, by the package's own name (a string, so tsc does not look for types). */
@@ -23,6 +25,13 @@ describe('qos: startMachine', () => {
     expect(await vm.qmp.execute('query-status')).toMatchObject({ status: 'running' });
     await expect(vm.qmp.execute('no-such')).rejects.toThrow(/has not been found/);
     expect(await vm.quit()).toBe(0);
+  });
+
+  it('ships its types: the package export names a declaration file that declares the API', async () => {
+    await ensureBuilt();
+    const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { exports: Record<string, { types: string; default: string }> };
+    const types = readFileSync(join(root, pkg.exports['./qos']!.types), 'utf8');
+    for (const name of ['startMachine', 'QtestClient', 'QPciBus', 'GuestAlloc', 'QVirtioBlk', 'QAtaChannel', 'XenBlkfront']) expect(types).toContain(name);
   });
 
   it('reports a machine that exits before connecting, with its error', async () => {
