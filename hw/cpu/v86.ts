@@ -6,6 +6,8 @@
  */
 import { createRequire } from 'node:module';
 import { V86 } from 'v86';
+import type { AddressSpace } from '../core/address-space.js';
+import type { Machine } from '../core/machine.js';
 
 /** The parts of v86's CPU object Spindle uses (not in v86's published types). */
 export interface V86Cpu {
@@ -56,6 +58,8 @@ export interface GuestOptions {
   bios?: Uint8Array;
   /** Each byte the guest writes to COM1. */
   serial?: (byte: number) => void;
+  /** Plugs Spindle's devices in: runs once v86 is ready, before the guest's first instruction. */
+  beforeRun?: (cpu: V86Cpu) => void;
 }
 
 export interface V86Guest {
@@ -89,8 +93,34 @@ export function startGuest(o: GuestOptions): Promise<V86Guest> {
         return;
       }
       if (o.serial) emu.add_listener('serial0-output-byte', o.serial);
+      try {
+        o.beforeRun?.(cpu);
+      } catch (e) {
+        emu.destroy();
+        reject(e);
+        return;
+      }
       void emu.run();
       resolve({ cpu, stop: () => void emu.destroy() });
     });
   });
 }
+
+/**
+ * Sends the guest's port accesses in [base, base+len) to Spindle's port space. For a PCI
+ * I/O BAR this must happen before the device is registered with v86's PCI (v86 moves the
+ * port entries it finds there when the guest moves the BAR).
+ */
+export function bridgePorts(cpu: V86Cpu, io: AddressSpace, base: number, len: number): void {
+  const owner = { name: `spindle ports ${base.toString(16)}+${len}` };
+  for (let port = base; port < base + len; port++) {
+    cpu.io.register_read(port, owner, () => io.read(port, 1), () => io.read(port, 2), () => io.read(port, 4));
+    cpu.io.register_write(port, owner, (v) => io.write(port, 1, v), (v) => io.write(port, 2, v), (v) => io.write(port, 4, v));
+  }
+}
+
+/** Spindle's interrupt lines (the machine's `ioapic` group) drive v86's interrupt controllers. */
+export function bridgeIrqs(cpu: V86Cpu, m: Machine): void {
+  m.interceptIn('ioapic', (line, level) => (level ? cpu.device_raise_irq(line) : cpu.device_lower_irq(line)));
+}
+

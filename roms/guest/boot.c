@@ -1,6 +1,7 @@
 /*
  * Spindle's guest program, booted by multiboot (no firmware needed). This first version
- * reports that it runs: it prints a banner and a verdict on COM1, then halts. The disk checks (PCI scan, IDE and virtio-blk patterns) come with the boot issue.
+ * reports that it runs and what it finds on the primary IDE channel (IDENTIFY by PIO), with
+ * a verdict on COM1, then halts. The disk checks (PCI scan, IDE and virtio-blk patterns) come with the boot issue.
  */
 #define MULTIBOOT_MAGIC 0x1BADB002u
 #define MULTIBOOT_FLAGS 0x00000000u
@@ -24,8 +25,44 @@ static void puts_serial(const char *s) {
   while (*s) putc_serial(*s++);
 }
 
+static inline unsigned short inw(unsigned short port) {
+  unsigned short v;
+  __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+  return v;
+}
+
+/* IDENTIFY DEVICE on the primary master by PIO, polling: prints the model, or "none". */
+static void ide_identify(void) {
+  unsigned short id[256];
+  outb(0x1f6, 0xa0);
+  outb(0x1f7, 0xec);
+  unsigned char st = inb(0x1f7);
+  if (st == 0 || st == 0xff) {
+    puts_serial("spindle guest: ide0 none\n");
+    return;
+  }
+  for (int spins = 0; (st & 0x80) && spins < 1000000; spins++) st = inb(0x1f7);
+  if (!(st & 0x08) || (st & 0x01)) {
+    puts_serial("spindle guest: ide0 no data\n");
+    return;
+  }
+  for (int i = 0; i < 256; i++) id[i] = inw(0x1f0);
+  char model[41];
+  for (int i = 0; i < 20; i++) {
+    model[2 * i] = (char)(id[27 + i] >> 8);
+    model[2 * i + 1] = (char)(id[27 + i] & 0xff);
+  }
+  int n = 40;
+  while (n > 0 && model[n - 1] == ' ') n--;
+  model[n] = 0;
+  puts_serial("spindle guest: ide0 model ");
+  puts_serial(model);
+  putc_serial('\n');
+}
+
 void guest_main(unsigned int magic) {
   puts_serial("spindle guest: booted\n");
+  ide_identify();
   /* A multiboot loader says so in eax. */
   puts_serial(magic == 0x2BADB002u ? "spindle guest: PASS\n" : "spindle guest: FAIL (not loaded by multiboot)\n");
   for (;;) __asm__ volatile("cli; hlt");
