@@ -18,6 +18,8 @@ await build({
   format: 'esm',
   outfile: tmp,
   banner: { js: "#!/usr/bin/env node\nimport { createRequire as __cr } from 'node:module'; const require = __cr(import.meta.url);" },
+  // v86 stays in node_modules: its wasm is found next to it at run time.
+  external: ['v86'],
   logLevel: 'warning',
 });
 chmodSync(tmp, 0o755);
@@ -43,3 +45,8 @@ if (tsc.status !== 0) {
   process.stderr.write(tsc.stdout + tsc.stderr);
   process.exit(1);
 }
+
+// Spindle's guest program (roms/), which `spindle system` boots by default.
+const { buildGuest } = await import('./build-roms.mjs');
+buildGuest();
+

@@ -31,20 +31,20 @@ static inline unsigned short inw(unsigned short port) {
   return v;
 }
 
-/* IDENTIFY DEVICE on the primary master by PIO, polling: prints the model, or "none". */
-static void ide_identify(void) {
+/* IDENTIFY DEVICE on the primary master by PIO, polling: prints the model, or "none". 1 if a disk answered. */
+static int ide_identify(void) {
   unsigned short id[256];
   outb(0x1f6, 0xa0);
   outb(0x1f7, 0xec);
   unsigned char st = inb(0x1f7);
   if (st == 0 || st == 0xff) {
     puts_serial("spindle guest: ide0 none\n");
-    return;
+    return 0;
   }
   for (int spins = 0; (st & 0x80) && spins < 1000000; spins++) st = inb(0x1f7);
   if (!(st & 0x08) || (st & 0x01)) {
     puts_serial("spindle guest: ide0 no data\n");
-    return;
+    return 0;
   }
   for (int i = 0; i < 256; i++) id[i] = inw(0x1f0);
   char model[41];
@@ -58,13 +58,59 @@ static void ide_identify(void) {
   puts_serial("spindle guest: ide0 model ");
   puts_serial(model);
   putc_serial('\n');
+  return 1;
+}
+
+static inline void outw(unsigned short port, unsigned short v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+
+static int ide_wait(void) {
+  unsigned char st = inb(0x1f7);
+  for (int spins = 0; (st & 0x80) && spins < 10000000; spins++) st = inb(0x1f7);
+  return (st & 0x80) || (st & 0x01) ? -1 : st;
+}
+
+/* One sector by PIO, LBA28, on the primary master. */
+static int ide_sector(int write, unsigned int lba, unsigned short *buf) {
+  outb(0x1f6, (unsigned char)(0xe0 | ((lba >> 24) & 0x0f)));
+  outb(0x1f2, 1);
+  outb(0x1f3, (unsigned char)lba);
+  outb(0x1f4, (unsigned char)(lba >> 8));
+  outb(0x1f5, (unsigned char)(lba >> 16));
+  outb(0x1f7, write ? 0x30 : 0x20);
+  int st = ide_wait();
+  if (st < 0 || !(st & 0x08)) return -1;
+  for (int i = 0; i < 256; i++) {
+    if (write) outw(0x1f0, buf[i]);
+    else buf[i] = inw(0x1f0);
+  }
+  return ide_wait() < 0 ? -1 : 0;
+}
+
+/* Writes a pattern to sectors 1-8, reads it back, compares: 1 if it matches. */
+static int ide_pattern(void) {
+  unsigned short buf[256];
+  for (unsigned int lba = 1; lba <= 8; lba++) {
+    for (int i = 0; i < 256; i++) buf[i] = (unsigned short)(lba * 0x101u + (unsigned int)i * 7u);
+    if (ide_sector(1, lba, buf) < 0) return 0;
+  }
+  for (unsigned int lba = 1; lba <= 8; lba++) {
+    if (ide_sector(0, lba, buf) < 0) return 0;
+    for (int i = 0; i < 256; i++) if (buf[i] != (unsigned short)(lba * 0x101u + (unsigned int)i * 7u)) return 0;
+  }
+  return 1;
 }
 
 void guest_main(unsigned int magic) {
   puts_serial("spindle guest: booted\n");
-  ide_identify();
+  int disk = ide_identify();
+  int ok = 1;
+  if (disk) {
+    ok = ide_pattern();
+    puts_serial(ok ? "spindle guest: ide0 pio pattern ok\n" : "spindle guest: ide0 pio pattern FAILED\n");
+  }
   /* A multiboot loader says so in eax. */
-  puts_serial(magic == 0x2BADB002u ? "spindle guest: PASS\n" : "spindle guest: FAIL (not loaded by multiboot)\n");
+  if (magic != 0x2BADB002u) puts_serial("spindle guest: FAIL (not loaded by multiboot)\n");
+  else puts_serial(ok ? "spindle guest: PASS\n" : "spindle guest: FAIL\n");
   for (;;) __asm__ volatile("cli; hlt");
 }
 

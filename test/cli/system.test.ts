@@ -183,4 +183,20 @@ describe('spindle system', () => {
     expect((await done).code).toBe(0);
     socat.kill();
   });
+
+  it('with no arguments boots the embedded default (what npm start runs): the guest program on a qcow2 overlay disk, ending with its verdict', () => {
+    const r = spindle('system');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/booting the embedded guest \(roms\/guest\) from .*disk\.qcow2 over .*base\.raw/);
+    expect(r.stdout).toContain('spindle guest: ide0 model SPINDLE HARDDISK\nspindle guest: ide0 pio pattern ok\nspindle guest: PASS\n');
+  });
+
+  it('refuses a -kernel it cannot read, and -kernel together with -qtest', () => {
+    const bad = spindle('system', '-kernel', join(dir, 'nope.elf'));
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/-kernel: could not read '.*nope\.elf'/);
+    const both = spindle('system', '-kernel', 'x', '-qtest', 'unix:/tmp/x.sock');
+    expect(both.stderr).toMatch(/driven by a CPU or by qtest, not both/);
+  });
 });
+

@@ -68,6 +68,13 @@ describe('v86 CPU adapter', () => {
     try {
       await passed;
       expect(out).toContain('spindle guest: ide0 model SPINDLE V86 DISK\n');
+      expect(out).toContain('spindle guest: ide0 pio pattern ok\nspindle guest: PASS\n');
+      // What the guest wrote by PIO is in the image file: sector n holds n*0x101 + 7i.
+      const file = readFileSync(path);
+      for (let lba = 1; lba <= 8; lba++) {
+        for (let i = 0; i < 256; i++) expect(file.readUInt16LE(lba * 512 + 2 * i)).toBe((lba * 0x101 + i * 7) & 0xffff);
+      }
+      expect(file.subarray(0, 512).every((b) => b === 0)).toBe(true);
     } finally {
       g.stop();
       m.removeDevice('ide');

@@ -26,10 +26,14 @@ export interface SystemConfig {
   drives: KeyvalObject[];
   devices: KeyvalObject[];
   nodefaults: boolean;
+  /** -kernel: a multiboot kernel the CPU boots (no firmware). */
+  kernel: string | null;
+  /** -serial: where COM1 goes ('stdio', or null for nowhere). */
+  serial: 'stdio' | null;
 }
 
 /** Options that take an argument, and those that do not. */
-const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'chardev', 'mon', 'qmp', 'blockdev', 'drive', 'device', 'display']);
+const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'chardev', 'mon', 'qmp', 'blockdev', 'drive', 'device', 'display', 'kernel', 'serial']);
 const NO_ARG = new Set(['nodefaults']);
 
 /** `unix:PATH[,server=on|off][,wait=on|off]` (-qtest, -qmp). */
@@ -46,7 +50,7 @@ function parseSocketUri(opt: string, text: string): SocketSpec {
 export function parseSystemArgs(argv: readonly string[]): SystemConfig {
   const c: SystemConfig = {
     machine: 'pc', ramSize: 128 << 20, accel: null, qtest: null, qtestLog: null, chardevs: new Map(),
-    monitors: [], blockdevs: [], drives: [], devices: [], nodefaults: false,
+    monitors: [], blockdevs: [], drives: [], devices: [], nodefaults: false, kernel: null, serial: null,
   };
   const monChardevs: string[] = [];
   for (let i = 0; i < argv.length; i++) {
@@ -97,6 +101,13 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
       }
       case 'qtest':
         c.qtest = parseSocketUri(opt, arg);
+        break;
+      case 'kernel':
+        c.kernel = arg;
+        break;
+      case 'serial':
+        if (arg !== 'stdio' && arg !== 'none') throw new CliError(`${opt}: only 'stdio' and 'none' are supported, not '${arg}'`);
+        c.serial = arg === 'stdio' ? 'stdio' : null;
         break;
       case 'qtest-log':
         c.qtestLog = arg;

@@ -3,7 +3,10 @@
  * and serves qtest and QMP until `quit`, SIGINT or SIGTERM. No CPU runs yet: the qtest
  * client plays the guest (the CPU adapter comes with the boot issue).
  */
-import { appendFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { connect, createServer, type Socket } from 'node:net';
 import { unlinkSync } from 'node:fs';
 import { PcMachine } from '../../../hw/pc/pc.js';
@@ -13,6 +16,9 @@ import { QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { packageVersion } from '../version.js';
 import { parseSystemArgs, type SocketSpec } from './args.js';
+import { createRawFile } from '../img/create.js';
+import { imgCreateQcow2 } from '../img/create-qcow2.js';
+import { bootGuest } from './boot.js';
 import { plugDevices, type Plugged } from './devices.js';
 
 /**
@@ -43,8 +49,44 @@ async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) =
   return () => void srv.close();
 }
 
-export async function runSystem(argv: readonly string[]): Promise<void> {
+/** Spindle's package root (above dist/ when bundled, above src/cli/system/ from source). */
+function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json')) && dirname(dir) !== dir) dir = dirname(dir);
+  return dir;
+}
+
+/**
+ * The embedded default: a qcow2 overlay over a raw base, in a scratch directory, as the
+ * primary IDE disk of Spindle's own guest program, whose verdict ends the run.
+ */
+async function embeddedDefault(): Promise<{ argv: string[]; cleanup: () => void }> {
+  const guest = join(packageRoot(), 'build', 'roms', 'guest.elf');
+  if (!existsSync(guest)) throw new CliError(`the embedded guest program is not built (${guest}): run 'npm run build'`);
+  const dir = mkdtempSync(join(tmpdir(), 'spindle-default-'));
+  const base = join(dir, 'base.raw');
+  createRawFile(base, 8 << 20);
+  const overlay = join(dir, 'disk.qcow2');
+  await imgCreateQcow2(overlay, undefined, { q: true, b: base, F: 'raw' });
+  process.stdout.write(`spindle: booting the embedded guest (roms/guest) from ${overlay} over ${base}\n`);
+  return {
+    argv: ['-machine', 'pc', '-m', '32', '-kernel', guest, '-drive', `file=${overlay},if=ide,format=qcow2`, '-serial', 'stdio', '-display', 'none'],
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+export async function runSystem(args: readonly string[]): Promise<void> {
+  const def = args.length === 0 ? await embeddedDefault() : null;
+  try {
+    await runMachine(def ? def.argv : args, def !== null);
+  } finally {
+    def?.cleanup();
+  }
+}
+
+async function runMachine(argv: readonly string[], verdict: boolean): Promise<void> {
   const cfg = parseSystemArgs(argv);
+  if (cfg.kernel && cfg.qtest) throw new CliError('-kernel and -qtest: a machine is driven by a CPU or by qtest, not both');
   const machine = new PcMachine({ ramSize: cfg.ramSize });
   const closers: (() => Promise<void> | void)[] = [];
   let plugged: Plugged | null = null;
@@ -77,6 +119,18 @@ export async function runSystem(argv: readonly string[]): Promise<void> {
     const onSignal = (): void => stop();
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
+    if (cfg.kernel) {
+      let kernel: Buffer;
+      try {
+        kernel = readFileSync(cfg.kernel);
+      } catch (e) {
+        throw new CliError(`-kernel: could not read '${cfg.kernel}': ${(e as Error).message}`);
+      }
+      const serial = cfg.serial === 'stdio' || verdict ? (s: string) => void process.stdout.write(s) : null;
+      const passed = await bootGuest(machine, { kernel, serial, verdict }, stopped);
+      if (passed === false) process.exitCode = 1;
+      if (passed !== null) stop();
+    }
     await stopped;
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
