@@ -2,19 +2,14 @@
 import { copyFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
+import { ensureBuilt, ok, qcow2Chain, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
 
 beforeAll(async () => {
   await ensureBuilt();
-  ok(qemuImg('create', '-f', 'qcow2', p('base.qcow2'), '4M'));
-  qemuIo('qcow2', p('base.qcow2'), 'write -P 0x11 0 128k', 'write -P 0x22 1000k 3000', 'write -z 2M 64k');
-  ok(qemuImg('create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', p('mid.qcow2')));
-  qemuIo('qcow2', p('mid.qcow2'), 'write -P 0x33 64k 64k', 'write -z 1M 128k', 'discard 0 64k');
-  ok(qemuImg('create', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', p('top.qcow2'), '5M'));
-  qemuIo('qcow2', p('top.qcow2'), 'write -P 0x44 3M 100k');
+  qcow2Chain(p);
   ok(qemuImg('convert', '-O', 'qcow2', p('top.qcow2'), p('flat.qcow2')));
   ok(qemuImg('convert', '-O', 'raw', p('top.qcow2'), p('flat.raw')));
   copyFileSync(p('flat.raw'), p('byte.raw'));

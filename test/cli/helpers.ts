@@ -64,3 +64,16 @@ export function tempDir(): { dir: string; cleanup: () => void } {
 export function allocated(path: string): number {
   return statSync(path).blocks * 512;
 }
+
+/**
+ * The CLI suites' 3-deep chain base.qcow2 <- mid.qcow2 <- top.qcow2 (names in the files, as
+ * qemu-img records them), each layer with the shared qemu-io writes plus the suite's own.
+ */
+export function qcow2Chain(path: (name: string) => string, extra: { base?: string[]; mid?: string[]; top?: string[]; midSize?: string } = {}): void {
+  ok(qemuImg('create', '-f', 'qcow2', path('base.qcow2'), '4M'));
+  qemuIo('qcow2', path('base.qcow2'), 'write -P 0x11 0 128k', 'write -P 0x22 1000k 3000', 'write -z 2M 64k', ...(extra.base ?? []));
+  ok(qemuImg('create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path('mid.qcow2'), ...(extra.midSize ? [extra.midSize] : [])));
+  qemuIo('qcow2', path('mid.qcow2'), 'write -P 0x33 64k 64k', 'write -z 1M 128k', 'discard 0 64k', ...(extra.mid ?? []));
+  ok(qemuImg('create', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', path('top.qcow2'), '5M'));
+  qemuIo('qcow2', path('top.qcow2'), 'write -P 0x44 3M 100k', ...(extra.top ?? []));
+}

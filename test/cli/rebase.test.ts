@@ -3,19 +3,14 @@
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBuilt, ok, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
+import { ensureBuilt, ok, qcow2Chain, qemuImg, qemuIo, spindle, tempDir } from './helpers.js';
 
 const t = tempDir();
 const p = (n: string): string => join(t.dir, n);
 
 beforeAll(async () => {
   await ensureBuilt();
-  ok(qemuImg('create', '-f', 'qcow2', p('base.qcow2'), '4M'));
-  qemuIo('qcow2', p('base.qcow2'), 'write -P 0x11 0 128k', 'write -P 0x22 1000k 3000', 'write -z 2M 64k', 'write -P 0x66 2500001 777');
-  ok(qemuImg('create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', p('mid.qcow2')));
-  qemuIo('qcow2', p('mid.qcow2'), 'write -P 0x33 64k 64k', 'write -z 1M 128k', 'discard 0 64k', 'write -P 0x77 1234567 4321');
-  ok(qemuImg('create', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', p('top.qcow2'), '5M'));
-  qemuIo('qcow2', p('top.qcow2'), 'write -P 0x44 3M 100k', 'write -P 0x55 4194816 1024', 'write -z 192k 64k');
+  qcow2Chain(p, { base: ['write -P 0x66 2500001 777'], mid: ['write -P 0x77 1234567 4321'], top: ['write -P 0x55 4194816 1024', 'write -z 192k 64k'] });
   ok(qemuImg('create', '-f', 'qcow2', p('other.qcow2'), '3M'));
   qemuIo('qcow2', p('other.qcow2'), 'write -P 0x99 0 3M');
   ok(qemuImg('convert', '-O', 'raw', p('top.qcow2'), p('top.raw')));
