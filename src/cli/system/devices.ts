@@ -19,7 +19,7 @@ import type { SystemConfig } from './args.js';
 import type { KeyvalObject } from './keyval.js';
 
 /** Keyval strings as the typed values blockdev options take. */
-export function typed(v: unknown): unknown {
+function typed(v: unknown): unknown {
   if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typed(x)]));
   if (v === 'on' || v === 'true') return true;
   if (v === 'off' || v === 'false') return false;

@@ -3,18 +3,16 @@
  * and serves qtest and QMP until `quit`, SIGINT or SIGTERM. No CPU runs yet: the qtest
  * client plays the guest (the CPU adapter comes with the boot issue).
  */
-import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { connect, createServer, type Socket } from 'node:net';
-import { unlinkSync } from 'node:fs';
 import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
 import { settleCloses, unref } from '../../block/graph.js';
 import { QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
-import { packageVersion } from '../version.js';
+import { packageRoot, packageVersion } from '../version.js';
 import { parseSystemArgs, type SocketSpec } from './args.js';
 import { createRawFile } from '../img/create.js';
 import { imgCreateQcow2 } from '../img/create-qcow2.js';
@@ -47,13 +45,6 @@ async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) =
     srv.listen(spec.path, () => resolve());
   });
   return () => void srv.close();
-}
-
-/** Spindle's package root (above dist/ when bundled, above src/cli/system/ from source). */
-function packageRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json')) && dirname(dir) !== dir) dir = dirname(dir);
-  return dir;
 }
 
 /**
