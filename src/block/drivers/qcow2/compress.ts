@@ -11,8 +11,7 @@ import type { BlockNode } from '../../node.js';
 import { encodeCompressed } from './entries.js';
 import { lookup } from './map.js';
 import { qstate, type Qcow2State } from './state.js';
-import { holdsClusters, ownL2Table, releaseOld } from './write.js';
-import { writeBackIfFull, writeBackMeta } from './writeback.js';
+import { dropOld, ownL2Table } from './write.js';
 
 /** Where the next compressed extent may start (0: start a new host cluster). */
 const tails = new WeakMap<Qcow2State, number>();
@@ -57,12 +56,7 @@ export async function writeCompressed(node: BlockNode, offset: number, data: Buf
     const pos = m.l2Index * s.geo.l2EntrySize;
     encodeCompressed(table, pos, s.geo.clusterBits, host, packed.length);
     s.l2.markDirty(l2Offset, pos, pos + 8);
-    if (holdsClusters(m)) {
-      // Only once nothing on disk names the old clusters may their refcounts drop.
-      await writeBackMeta(s);
-      await releaseOld(s, m);
-    }
-    await writeBackIfFull(s);
+    await dropOld(s, [m]);
   });
   return true;
 }

@@ -12,8 +12,7 @@ import { ReqFlags, type BlockStatus } from '../../types.js';
 import { entryCopied, writeEntry, writeSubclusterBitmaps } from './entries.js';
 import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
 import { qstate } from './state.js';
-import { holdsClusters, ownL2Table, releaseOld } from './write.js';
-import { writeBackIfFull, writeBackMeta } from './writeback.js';
+import { dropOld, ownL2Table } from './write.js';
 
 /** Rewrites the entries of whole clusters in [offset, offset+bytes) to read as zero or as unallocated. */
 async function rewriteClusters(node: BlockNode, offset: number, bytes: number, mode: 'discard' | 'zero', keepAlloc: boolean): Promise<void> {
@@ -48,12 +47,7 @@ async function rewriteClusters(node: BlockNode, offset: number, bytes: number, m
       s.l2.markDirty(l2Offset, pos, pos + s.geo.l2EntrySize);
       if (!keep && (m.host || m.kind === KIND_COMPRESSED)) freed.push(m.kind === KIND_COMPRESSED ? { ...m } : { ...m, kind: KIND_NORMAL });
     }
-    if (freed.some(holdsClusters)) {
-      // Only once nothing on disk names the old clusters may their refcounts drop.
-      await writeBackMeta(s);
-      for (const f of freed) await releaseOld(s, f);
-    }
-    await writeBackIfFull(s);
+    await dropOld(s, freed);
   });
 }
 

@@ -165,13 +165,7 @@ async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buf
       s.l2.markDirty(l2Offset, pos, pos + n * 8);
       // The mapping is live: later writes to these clusters go in place.
       c.release(0);
-      const freed = old.filter(holdsClusters);
-      if (freed.length) {
-        // Only once nothing on disk names the old clusters may their refcounts drop.
-        await writeBackMeta(s);
-        for (const m of freed) await releaseOld(s, m);
-      }
-      await writeBackIfFull(s);
+      await dropOld(s, old);
     });
     return n * cs;
   } finally {
@@ -242,12 +236,7 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
       s.l2.markDirty(l2Offset, pos, pos + s.geo.l2EntrySize);
       // The mapping is live: later writes to this cluster go in place.
       release();
-      if (!reuse && holdsClusters(m)) {
-        // Only once nothing on disk names the old cluster may its refcount drop.
-        await writeBackMeta(s);
-        await releaseOld(s, m);
-      }
-      await writeBackIfFull(s);
+      await dropOld(s, reuse ? [] : [m]);
     });
   } finally {
     release();
@@ -313,13 +302,27 @@ export async function ownL2Table(s: Qcow2State, m: Mapping): Promise<number> {
   return host;
 }
 
+/**
+ * The L2 entries (in memory) no longer name the clusters of `old`: their refcounts drop, but
+ * only once nothing on disk names them (a write-back first). Then a write-back if too much
+ * is dirty. Context: under the metadata lock.
+ */
+export async function dropOld(s: Qcow2State, old: readonly Mapping[]): Promise<void> {
+  const freed = old.filter(holdsClusters);
+  if (freed.length) {
+    await writeBackMeta(s);
+    for (const m of freed) await releaseOld(s, m);
+  }
+  await writeBackIfFull(s);
+}
+
 /** Whether the mapping names host clusters that releaseOld() would free. */
-export function holdsClusters(m: Mapping): boolean {
+function holdsClusters(m: Mapping): boolean {
   return m.kind === KIND_COMPRESSED || ((m.kind === KIND_NORMAL || m.kind === KIND_ZERO) && m.host !== 0);
 }
 
 /** Drops this image's reference to the clusters the old mapping used. */
-export async function releaseOld(s: Qcow2State, m: Mapping): Promise<void> {
+async function releaseOld(s: Qcow2State, m: Mapping): Promise<void> {
   const cs = s.geo.clusterSize;
   if (m.kind === KIND_COMPRESSED) {
     const first = Math.floor(m.host / cs);
