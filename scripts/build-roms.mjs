@@ -9,12 +9,15 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const out = join(root, 'build', 'roms');
 mkdirSync(out, { recursive: true });
 
+// roms/guest/link.ld puts boot.c's .multiboot section first, within the first 8 KiB.
+const guestSources = ['boot.c', 'lib.c', 'pci.c', 'ide.c', 'virtio.c'];
+
 export function buildGuest() {
   const elf = join(out, 'guest.elf');
   const r = spawnSync('gcc', [
     '-m32', '-ffreestanding', '-nostdlib', '-fno-pic', '-no-pie', '-fno-stack-protector', '-O2', '-Wall', '-Werror',
     `-Wl,-T,${join(root, 'roms', 'guest', 'link.ld')}`, '-Wl,--build-id=none', '-Wl,--no-warn-rwx-segments',
-    '-o', elf, join(root, 'roms', 'guest', 'boot.c'),
+    '-o', elf, ...guestSources.map((f) => join(root, 'roms', 'guest', f)),
   ], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`building roms/guest failed (gcc -m32): ${r.stderr || r.error}`);
   return elf;

@@ -65,12 +65,12 @@ export class VirtioBlk extends VirtioDevice {
   private readonly hdv = new DataView(this.hdr.buffer);
   private readonly pool: BlkReq[] = [];
   /** Guest RAM, for the header, the status byte and the data views. */
-  private readonly mem: Uint8Array;
   private readonly serial: Uint8Array;
   private drained = false;
   /** The backend's write-cache setting before the driver changed it (restored on reset). */
   private readonly wceDefault: boolean;
   private capacity = 0;
+  private readonly ram: GuestRam;
 
   constructor(ram: GuestRam, private readonly io: BackendIO, o: VirtioBlkConfigOptions) {
     super(VIRTIO_ID_BLOCK,
@@ -78,7 +78,7 @@ export class VirtioBlk extends VirtioDevice {
       bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_TOPOLOGY) | bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_MQ) |
       bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES) | (io.isReadOnly() ? bit(VIRTIO_BLK_F_RO) : 0n),
       ram, o.numQueues, o.queueSize);
-    this.mem = ram.bytes;
+    this.ram = ram;
     this.serial = new TextEncoder().encode(o.serial);
     this.wceDefault = io.isWriteCacheEnabled();
     const c = this.cdv;
@@ -176,7 +176,7 @@ export class VirtioBlk extends VirtioDevice {
     req.statusAt = e.inAddr[nIn - 1]! + e.inLen[nIn - 1]! - 1;
     if (e.fault || e.outBytes < 16) return this.finish(req, VIRTIO_BLK_S_IOERR);
     // The header (16 bytes), possibly spread over buffers: copied byte by byte (no view).
-    const mem = this.mem;
+    const mem = this.ram.bytes;
     const hdr = this.hdr;
     let got = 0;
     for (let i = 0; got < 16; i++) {
@@ -233,7 +233,7 @@ export class VirtioBlk extends VirtioDevice {
   private gather(req: BlkReq, write: boolean): number {
     const e = req.elem;
     const iov = req.iov;
-    const mem = this.mem;
+    const mem = this.ram.bytes;
     let k = 0;
     let bytes = 0;
     if (write) {
@@ -294,7 +294,9 @@ export class VirtioBlk extends VirtioDevice {
   finish(req: BlkReq, status: number): void {
     const e = req.elem;
     const vq = req.vq;
-    if (e.gen === vq.gen && req.statusAt >= 0) this.mem[req.statusAt] = status;
+    if (e.gen === vq.gen && req.statusAt >= 0) this.ram.bytes[req.statusAt] = status;
+    const dirty = this.ram.onDmaWrite;
+    if (dirty) for (let i = 0; i < e.inNum; i++) dirty(e.inAddr[i]!, e.inLen[i]!);
     this.complete(vq, e, e.inBytes);
     // Counts only: the arrays keep their storage for the next request.
     req.iovNum = 0;
@@ -317,6 +319,8 @@ export interface VirtioBlkOptions {
   queueSize?: number;
   serial?: string;
   disableLegacy?: boolean;
+  /** MSI-X vectors (default num-queues + 1, or 0 where the machine has no MSI); 0: INTx only. */
+  vectors?: number;
 }
 
 export class VirtioBlkPci implements Device {
@@ -342,6 +346,7 @@ export class VirtioBlkPci implements Device {
     if (!Number.isInteger(queueSize) || queueSize < 2 || queueSize > VIRTQUEUE_MAX_SIZE || queueSize & (queueSize - 1)) {
       bad(`Parameter 'queue-size' must be a power of 2 between 2 and ${VIRTQUEUE_MAX_SIZE}, not ${queueSize}`);
     }
+    if (o.vectors !== undefined && (!Number.isInteger(o.vectors) || o.vectors < 0 || o.vectors > 2048)) bad(`Parameter 'vectors' must be between 0 and 2048, not ${o.vectors}`);
     if (new TextEncoder().encode(serial).length > VIRTIO_BLK_ID_BYTES) bad(`Parameter 'serial' is longer than ${VIRTIO_BLK_ID_BYTES} bytes`);
     const slot = o.slot ?? o.bus.freeSlot(2);
     if (slot < 0) bad('no free PCI slot');
@@ -356,7 +361,7 @@ export class VirtioBlkPci implements Device {
       const vdev = new VirtioBlk(m.ram, io, { numQueues, queueSize, serial });
       const proxy = new VirtioPciProxy(vdev, {
         name: this.id, bus: o.bus, slot, legacyDeviceId: 0x1001, classCode: 0x010000,
-        disableLegacy: o.disableLegacy ?? false, vectors: numQueues + 1,
+        disableLegacy: o.disableLegacy ?? false, vectors: o.vectors ?? (m.msi ? numQueues + 1 : 0),
       });
       proxy.plug(m);
       this.vdev = vdev;

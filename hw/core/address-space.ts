@@ -23,9 +23,13 @@ interface Mapping {
 
 const ONES: Record<AccessSize, number> = { 1: 0xff, 2: 0xffff, 4: 0xffffffff };
 
+/** Told of every map (region set) and unmap (region null), e.g. to mirror them into a CPU. */
+export type MapListener = (base: number, size: number, region: IoRegion | null) => void;
+
 export class AddressSpace {
   /** Sorted by base, never overlapping. */
   private readonly maps: Mapping[] = [];
+  private readonly listeners: MapListener[] = [];
 
   constructor(readonly name: string, readonly limit: number) {}
 
@@ -42,12 +46,21 @@ export class AddressSpace {
       throw new HwError('EBUSY', `${region.name}: ${this.name} range ${hex(base)}+${size} overlaps ${clash.region.name} at ${hex(clash.base)}+${clash.size}`);
     }
     this.maps.splice(i, 0, { base, size, region });
+    for (const l of this.listeners) l(base, size, region);
   }
 
   /** Removes the mapping of `region` at `base` (no-op if it is not there). */
   unmap(base: number, region: IoRegion): void {
     const k = this.maps.findIndex((m) => m.base === base && m.region === region);
-    if (k >= 0) this.maps.splice(k, 1);
+    if (k < 0) return;
+    const [m] = this.maps.splice(k, 1);
+    for (const l of this.listeners) l(base, m!.size, null);
+  }
+
+  /** Calls `l` for every current mapping, then for every later map and unmap. */
+  listen(l: MapListener): void {
+    for (const m of this.maps) l(m.base, m.size, m.region);
+    this.listeners.push(l);
   }
 
   /** The mapping that holds `addr`, if any. */

@@ -23,6 +23,10 @@ export interface Device {
 export interface MachineOptions {
   /** Guest RAM in bytes (default 128 MiB). */
   ramSize?: number;
+  /** The RAM itself, when a CPU already has it: makes a view of its ramSize bytes. */
+  ram?: () => Uint8Array;
+  /** Whether MSI writes reach the CPU (default true); devices fall back to INTx when not. */
+  msi?: boolean;
 }
 
 /** Above RAM: the 32-bit PCI hole and beyond; MMIO may be mapped anywhere below 2^52. */
@@ -34,6 +38,8 @@ export class Machine implements QtestTarget {
   readonly io = new AddressSpace('port I/O', 0x10000);
   readonly mmio = new AddressSpace('MMIO', MMIO_LIMIT);
   readonly clock = new VirtualClock();
+  /** Whether MSI writes reach the CPU (QEMU's msi_nonbroken): without it, devices use INTx. */
+  readonly msi: boolean;
   private readonly devices = new Map<string, Device>();
   /** GPIO-in groups by owner path ('ioapic', or a device id). */
   private readonly gpioIns = new Map<string, GpioIn[]>();
@@ -41,7 +47,8 @@ export class Machine implements QtestTarget {
   private readonly gpioOuts = new Map<string, { name: string; lines: { redirect(cb: (level: boolean) => void): void }[] }[]>();
 
   constructor(opts: MachineOptions = {}) {
-    this.ram = new GuestRam(opts.ramSize ?? 128 << 20);
+    this.ram = new GuestRam(opts.ramSize ?? 128 << 20, opts.ram);
+    this.msi = opts.msi ?? true;
   }
 
   // ---- devices ----

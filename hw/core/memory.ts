@@ -1,17 +1,38 @@
 /**
  * Guest RAM: one flat buffer at guest-physical address 0. Devices do DMA through read()
- * and write(), which refuse anything outside RAM instead of touching host memory.
+ * and write(), which refuse anything outside RAM instead of touching host memory. Under a
+ * CPU the buffer is the CPU's own memory, and a device that wrote into guest memory through
+ * a view tells it (dmaWritten), so code the CPU compiled from those bytes is thrown away.
  */
 import { HwError } from './error.js';
 
 export class GuestRam {
-  readonly bytes: Uint8Array;
+  private buf: Uint8Array;
+  /** Set by a CPU adapter: guest bytes [addr, addr+len) changed behind the CPU's back. */
+  onDmaWrite: ((addr: number, len: number) => void) | null = null;
 
-  constructor(readonly size: number) {
+  /**
+   * `memory`: guest RAM that already exists (a CPU's), exactly `size` bytes, as a function
+   * that makes a view of it: a growing WebAssembly memory detaches the views made before.
+   */
+  constructor(readonly size: number, private readonly memory?: () => Uint8Array) {
     if (!Number.isSafeInteger(size) || size <= 0 || size % 4096) {
       throw new HwError('EINVAL', `guest RAM size must be a positive multiple of 4 KiB, not ${size}`);
     }
-    this.bytes = new Uint8Array(size);
+    this.buf = memory ? memory() : new Uint8Array(size);
+    if (this.buf.length !== size) throw new HwError('EINVAL', `guest RAM of ${this.buf.length} bytes given for a ${size}-byte machine`);
+  }
+
+  /** The bytes of guest RAM (a view that is made again if the memory under it moved). */
+  get bytes(): Uint8Array {
+    let b = this.buf;
+    if (b.byteLength === 0 && this.memory) b = this.buf = this.memory();
+    return b;
+  }
+
+  /** After a device wrote into `view` (a view of these bytes). */
+  dmaWritten(view: Uint8Array): void {
+    if (this.onDmaWrite && view.length) this.onDmaWrite(view.byteOffset - this.bytes.byteOffset, view.length);
   }
 
   /** Whether [addr, addr+len) lies inside RAM. */
@@ -31,6 +52,7 @@ export class GuestRam {
 
   write(addr: number, src: Uint8Array): void {
     this.view(addr, src.length).set(src);
+    this.onDmaWrite?.(addr, src.length);
   }
 }
 

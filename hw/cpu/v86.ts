@@ -1,40 +1,58 @@
 /**
  * The guest CPU: the npm package v86 (pinned in package.json), run in this process. This
- * module is the only code that touches v86's internals (its CPU's port-I/O and MMIO
- * registration, PCI registration, IRQ lines and guest memory); checkInternals() fails
- * loudly, naming what moved, when a v86 version changes them.
+ * folder is the only code that touches v86's internals (its port table, MMIO map, IRQ lines,
+ * JIT and guest memory); checkInternals() fails loudly, naming what moved, when a v86
+ * version changes them. v86 supplies the CPU, its interrupt controllers, timers, serial port
+ * and firmware interface; Spindle's machine (hw/pc) supplies PCI and the disks, mirrored
+ * onto v86's buses by attach() (v86-bus.ts).
  */
 import { createRequire } from 'node:module';
 import { V86 } from 'v86';
-import type { AddressSpace } from '../core/address-space.js';
+import { HwError } from '../core/error.js';
 import type { Machine } from '../core/machine.js';
+import { mirrorMachine, type MirrorOptions } from './v86-bus.js';
+
+/** One entry of v86's port table: called with `device` as `this`; reads get the port. */
+export interface V86PortEntry {
+  read8: (this: unknown, port: number) => number;
+  read16: (this: unknown, port: number) => number;
+  read32: (this: unknown, port: number) => number;
+  write8: (this: unknown, v: number) => void;
+  write16: (this: unknown, v: number) => void;
+  write32: (this: unknown, v: number) => void;
+  device: unknown;
+}
 
 /** The parts of v86's CPU object Spindle uses (not in v86's published types). */
 export interface V86Cpu {
   io: {
-    register_read(port: number, dev: object, r8?: () => number, r16?: () => number, r32?: () => number): void;
-    register_write(port: number, dev: object, w8?: (v: number) => void, w16?: (v: number) => void, w32?: (v: number) => void): void;
+    /** 65536 entries, one per port. */
+    ports: V86PortEntry[];
+    /** Maps [addr, addr+size) (128 KiB-aligned blocks) above RAM to handlers. */
     mmap_register(addr: number, size: number, r8: (a: number) => number, w8: (a: number, v: number) => void, r32?: (a: number) => number, w32?: (a: number, v: number) => void): void;
   };
-  devices: { pci: { register_device(dev: object): void } };
+  /** What v86's wasm calls for a 16-bit write above RAM (it splits it into bytes). */
+  mmap_write16(addr: number, v: number): void;
   device_raise_irq(n: number): void;
   device_lower_irq(n: number): void;
-  /** Guest RAM; writes that may hit code must go through write_blob (it invalidates the JIT). */
-  mem8: Uint8Array;
-  write_blob(blob: Uint8Array, offset: number): void;
+  /** Guest RAM: v86 hands out a proxy that views the wasm memory afresh on every access. */
+  mem8: { readonly byteOffset: number; readonly length: number };
+  wasm_memory: WebAssembly.Memory;
+  /** Throws away compiled code for guest bytes [start, end). */
+  jit_dirty_cache(start: number, end: number): void;
 }
 
 /** Every internal this adapter relies on: [path, expected typeof]. */
 const INTERNALS: [string, string][] = [
   ['v86.cpu', 'object'],
-  ['v86.cpu.io.register_read', 'function'],
-  ['v86.cpu.io.register_write', 'function'],
+  ['v86.cpu.io.ports', 'object'],
   ['v86.cpu.io.mmap_register', 'function'],
-  ['v86.cpu.devices.pci.register_device', 'function'],
+  ['v86.cpu.mmap_write16', 'function'],
   ['v86.cpu.device_raise_irq', 'function'],
   ['v86.cpu.device_lower_irq', 'function'],
   ['v86.cpu.mem8', 'object'],
-  ['v86.cpu.write_blob', 'function'],
+  ['v86.cpu.wasm_memory', 'object'],
+  ['v86.cpu.jit_dirty_cache', 'function'],
 ];
 
 /** Throws, naming every internal that is missing or changed kind. */
@@ -45,82 +63,105 @@ export function checkInternals(emu: object): V86Cpu {
     for (const part of path.split('.')) v = v !== null && typeof v === 'object' ? (v as Record<string, unknown>)[part] : undefined;
     if (typeof v !== kind || v === null) moved.push(`${path} (want ${kind}, found ${v === null ? 'null' : typeof v})`);
   }
+  const cpu = (emu as { v86?: { cpu?: V86Cpu } }).v86?.cpu;
+  if (cpu && !moved.length) {
+    if (cpu.io.ports.length !== 0x10000) moved.push(`v86.cpu.io.ports (want 65536 entries, found ${cpu.io.ports.length})`);
+    const e = cpu.io.ports[0x80];
+    for (const f of ['read8', 'read16', 'read32', 'write8', 'write16', 'write32'] as const) {
+      if (typeof e?.[f] !== 'function') moved.push(`v86.cpu.io.ports[n].${f} (want function, found ${typeof e?.[f]})`);
+    }
+    if (!(cpu.wasm_memory instanceof WebAssembly.Memory)) moved.push('v86.cpu.wasm_memory (want a WebAssembly.Memory)');
+    else if (!Number.isSafeInteger(cpu.mem8.byteOffset) || cpu.mem8.byteOffset + cpu.mem8.length > cpu.wasm_memory.buffer.byteLength) {
+      moved.push('v86.cpu.mem8 (want a view into v86.cpu.wasm_memory)');
+    }
+  }
   if (moved.length) throw new Error(`v86 internals moved: ${moved.join(', ')}; Spindle's CPU adapter (hw/cpu/v86.ts) needs updating for this v86 version`);
-  return (emu as { v86: { cpu: V86Cpu } }).v86.cpu;
+  return cpu!;
 }
 
 export interface GuestOptions {
-  /** Guest RAM in bytes. */
+  /** Guest RAM in bytes: a multiple of 128 KiB (v86's memory-map granule). */
   memorySize: number;
   /** A multiboot kernel (ELF), booted without firmware. */
   multiboot?: Uint8Array;
-  /** Firmware image (SeaBIOS) for disk and CD boots. */
+  /** Firmware image (SeaBIOS) for disk, CD and Linux boots. */
   bios?: Uint8Array;
+  /** A Linux bzImage, with its initrd and command line, booted through the firmware. */
+  bzimage?: Uint8Array;
+  initrd?: Uint8Array;
+  cmdline?: string;
+  /** A disk on v86's own IDE (the bench's baseline only; Spindle's disks never use it). */
+  v86Disk?: Uint8Array;
   /** Each byte the guest writes to COM1. */
   serial?: (byte: number) => void;
-  /** Plugs Spindle's devices in: runs once v86 is ready, before the guest's first instruction. */
-  beforeRun?: (cpu: V86Cpu) => void;
 }
 
 export interface V86Guest {
   readonly cpu: V86Cpu;
+  /**
+   * Makes a view of guest RAM (the wasm memory may grow, detaching earlier views): the
+   * machine's RAM must be this (PcMachine's `ram` option).
+   */
+  readonly memory: () => Uint8Array;
+  /** Puts `m`'s ports, MMIO, interrupt lines and DMA on this CPU. */
+  attach(m: Machine, o?: MirrorOptions): void;
+  /** Starts the CPU (once). */
+  run(): void;
   stop(): void;
 }
 
 const own = (b: Uint8Array): ArrayBuffer => b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) as ArrayBuffer;
+const MEM_GRANULE = 128 << 10;
 
-/** Starts a v86 CPU with the image given; resolves once v86 is ready and its internals check out. */
-export function startGuest(o: GuestOptions): Promise<V86Guest> {
+/** Makes a v86 CPU with the images given; resolves, not yet running, once its internals check out. */
+export function createGuest(o: GuestOptions): Promise<V86Guest> {
+  if (!Number.isSafeInteger(o.memorySize) || o.memorySize <= 0 || o.memorySize % MEM_GRANULE) {
+    return Promise.reject(new HwError('EINVAL', `guest RAM for the v86 CPU must be a positive multiple of 128 KiB, not ${o.memorySize}`));
+  }
   const require = createRequire(import.meta.url);
   const emu = new V86({
     wasm_path: require.resolve('v86/build/v86.wasm'),
     memory_size: o.memorySize,
     ...(o.multiboot ? { multiboot: { buffer: own(o.multiboot) } } : {}),
     ...(o.bios ? { bios: { buffer: own(o.bios) } } : {}),
+    ...(o.bzimage ? { bzimage: { buffer: own(o.bzimage) } } : {}),
+    ...(o.initrd ? { initrd: { buffer: own(o.initrd) } } : {}),
+    ...(o.cmdline !== undefined ? { cmdline: o.cmdline } : {}),
+    ...(o.v86Disk ? { hda: { buffer: own(o.v86Disk) } } : {}),
     autostart: false,
     disable_keyboard: true,
     disable_mouse: true,
     disable_speaker: true,
-  });
+  } as ConstructorParameters<typeof V86>[0]);
   return new Promise((resolve, reject) => {
     emu.add_listener('emulator-ready', () => {
       let cpu: V86Cpu;
       try {
         cpu = checkInternals(emu);
+        if (cpu.mem8.length !== o.memorySize) throw new HwError('EINVAL', `v86 made ${cpu.mem8.length} bytes of RAM, not the ${o.memorySize} asked`);
       } catch (e) {
         emu.destroy();
         reject(e);
         return;
       }
       if (o.serial) emu.add_listener('serial0-output-byte', o.serial);
-      try {
-        o.beforeRun?.(cpu);
-      } catch (e) {
-        emu.destroy();
-        reject(e);
-        return;
-      }
-      void emu.run();
-      resolve({ cpu, stop: () => void emu.destroy() });
+      let started = false;
+      let stopped = false;
+      resolve({
+        cpu,
+        memory: () => new Uint8Array(cpu.wasm_memory.buffer, cpu.mem8.byteOffset, o.memorySize),
+        attach: (m, mo) => mirrorMachine(cpu, m, mo),
+        run: () => {
+          if (started || stopped) return;
+          started = true;
+          void emu.run();
+        },
+        stop: () => {
+          if (stopped) return;
+          stopped = true;
+          void emu.destroy();
+        },
+      });
     });
   });
 }
-
-/**
- * Sends the guest's port accesses in [base, base+len) to Spindle's port space. For a PCI
- * I/O BAR this must happen before the device is registered with v86's PCI (v86 moves the
- * port entries it finds there when the guest moves the BAR).
- */
-export function bridgePorts(cpu: V86Cpu, io: AddressSpace, base: number, len: number): void {
-  const owner = { name: `spindle ports ${base.toString(16)}+${len}` };
-  for (let port = base; port < base + len; port++) {
-    cpu.io.register_read(port, owner, () => io.read(port, 1), () => io.read(port, 2), () => io.read(port, 4));
-    cpu.io.register_write(port, owner, (v) => io.write(port, 1, v), (v) => io.write(port, 2, v), (v) => io.write(port, 4, v));
-  }
-}
-
-/** Spindle's interrupt lines (the machine's `ioapic` group) drive v86's interrupt controllers. */
-export function bridgeIrqs(cpu: V86Cpu, m: Machine): void {
-  m.interceptIn('ioapic', (line, level) => (level ? cpu.device_raise_irq(line) : cpu.device_lower_irq(line)));
-}
-

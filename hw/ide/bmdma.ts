@@ -96,6 +96,9 @@ export class BmDma implements DmaEngine {
 
   finish(_ok: boolean): void {
     this.running = false;
+    // A transfer from the drive wrote guest memory (BM_CMD.READ: the bus master writes memory).
+    const ram = this.ram;
+    if (ram?.onDmaWrite && this.cmd & BM_CMD.READ) for (const v of this.iov) ram.dmaWritten(v);
     if (this.exhausted) this.status &= ~BM_ST.ACTIVE;
   }
 

@@ -14,6 +14,12 @@ import { I440fx } from '../pci/i440fx.js';
 export interface PcOptions {
   /** Guest RAM in bytes (default 128 MiB, as QEMU's). */
   ramSize?: number;
+  /** The RAM itself, when a CPU already has it: makes a view of its ramSize bytes. */
+  ram?: () => Uint8Array;
+  /** Whether MSI writes reach the CPU (default true). */
+  msi?: boolean;
+  /** Whether the CPU has system-management mode (default true; v86 has none). */
+  smm?: boolean;
 }
 
 /** Above this, RAM would run into the 32-bit PCI hole (no high-memory split yet). */
@@ -34,11 +40,11 @@ export class PcMachine extends Machine {
   constructor(opts: PcOptions = {}) {
     const ramSize = opts.ramSize ?? 128 << 20;
     if (ramSize > MAX_RAM) throw new HwError('ERANGE', `ram size ${ramSize} is above the ${MAX_RAM} bytes the pc machine supports`);
-    super({ ramSize });
+    super({ ramSize, ...(opts.ram ? { ram: opts.ram } : {}), ...(opts.msi !== undefined ? { msi: opts.msi } : {}) });
     this.ioapic = this.addGpioIn('ioapic', 'unnamed-gpio-in', 24, (n, level) => void (this.irqLevels[n] = level ? 1 : 0));
     this.fwCfg = new FwCfg({ ramSize });
     this.fwCfg.attach(this);
-    this.chipset = new I440fx(this, this.ioapic);
+    this.chipset = new I440fx(this, this.ioapic, { smm: opts.smm ?? true, biosInRam: opts.smm === false });
     this.hotplug = new AcpiPciHotplug(this.io, this.ioapic, (slot) => this.ejected(slot));
   }
 

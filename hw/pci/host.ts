@@ -46,11 +46,14 @@ export class PciBus {
     f.attach(this.machine, (fn, level) => this.intx(devfn, fn, level));
   }
 
-  /** INTx of the function at devfn: pin swizzled by slot onto PIRQ A-D, as on the i440FX. */
+  /**
+   * INTx of the function at devfn: pin swizzled by slot onto PIRQ A-D as QEMU's i440FX does
+   * (and firmware's routing tables say): slot 1 INTA is PIRQA.
+   */
   private intx(devfn: number, f: PciFunction, level: boolean): void {
     const pin = f.config[0x3d]!;
     if (pin < 1 || pin > 4) return;
-    const pirq = ((devfn >> 3) + pin - 1) & 3;
+    const pirq = ((devfn >> 3) + pin - 2) & 3;
     const before = this.pirqCount[pirq]! > 0;
     this.pirqCount[pirq]! += level ? 1 : -1;
     const after = this.pirqCount[pirq]! > 0;

@@ -9,6 +9,7 @@ import type { GpioIn } from '../core/irq.js';
 import type { Machine } from '../core/machine.js';
 import { PciBus } from './host.js';
 import { PciFunction } from './pci-device.js';
+import { Piix4Pm } from './piix4-pm.js';
 
 export const PIIX3_SLOT = 1;
 
@@ -16,21 +17,29 @@ export class I440fx {
   readonly bus: PciBus;
   readonly host: PciFunction;
   readonly isa: PciFunction;
-  readonly pm: PciFunction;
+  readonly pm: Piix4Pm;
   /** ISA IRQ levels driven by PCI interrupts, so a route change lowers what it no longer drives. */
   private readonly driven = new Uint8Array(16);
 
-  constructor(machine: Machine, private readonly irqs: GpioIn) {
+  constructor(machine: Machine, private readonly irqs: GpioIn, o: { smm?: boolean; biosInRam?: boolean } = {}) {
     this.bus = new PciBus(machine);
     this.host = new PciFunction('i440FX', { vendor: 0x8086, device: 0x1237, classCode: 0x060000, revision: 2 });
+    // PAM (0x59-0x5f) and SMRAM (0x72): firmware's shadow-RAM and SMM windows. Where the
+    // BIOS area is always RAM (v86), PAM0 says so, or firmware runs its shadowing code from a
+    // flash alias that is not there.
+    this.host.setWritable(0x59, 4, 0xffffffff);
+    this.host.setWritable(0x5d, 3, 0xffffff);
+    this.host.setWritable(0x72, 1, 0x78);
+    this.host.config[0x72] = 0x02;
+    if (o.biosInRam) this.host.config[0x59] = 0x10;
     this.isa = new PciFunction('PIIX3', { vendor: 0x8086, device: 0x7000, classCode: 0x060100 });
     this.isa.config[0x0e] = 0x80; // multi-function: the IDE and PM functions follow
     for (let r = 0x60; r <= 0x63; r++) this.isa.config[r] = 0x80;
     this.isa.setWritable(0x60, 4, 0x8f8f8f8f);
-    this.pm = new PciFunction('PIIX4_PM', { vendor: 0x8086, device: 0x7113, classCode: 0x068000, revision: 3, interruptPin: 1 });
+    this.pm = new Piix4Pm(machine, { smm: o.smm ?? true });
     this.bus.plug(0, 0, this.host);
     this.bus.plug(PIIX3_SLOT, 0, this.isa);
-    this.bus.plug(PIIX3_SLOT, 3, this.pm);
+    this.bus.plug(PIIX3_SLOT, 3, this.pm.fn);
     this.bus.onPirq = () => this.route();
     // A write to the route registers re-routes at once.
     this.isa.onConfigWrite = (off, size) => {

@@ -41,6 +41,7 @@ export interface VirtioPciOptions {
   legacyDeviceId: number;
   classCode: number;
   disableLegacy: boolean;
+  /** MSI-X vectors; 0: no MSI-X at all (QEMU's vectors=0), interrupts are INTx only. */
   vectors: number;
 }
 
@@ -81,7 +82,7 @@ class VirtioPciFunction extends PciFunction {
 
 export class VirtioPciProxy implements VirtioTransport {
   readonly fn: VirtioPciFunction;
-  readonly msix: Msix;
+  readonly msix: Msix | null;
   private dfselect = 0;
   private gfselect = 0;
   private queueSel = 0;
@@ -102,7 +103,7 @@ export class VirtioPciProxy implements VirtioTransport {
     const f = this.fn;
     f.config[0x06] = f.config[0x06]! | 0x10; // capability list
     // Capabilities: MSI-X at 0x98 -> PCI cfg window 0xa4 -> notify 0x84 -> device 0x70 -> ISR 0x60 -> common 0x50.
-    this.msix = new Msix(f, opts.vectors, 0x98, MSIX_BAR, PCI_CFG_CAP);
+    this.msix = opts.vectors > 0 ? new Msix(f, opts.vectors, 0x98, MSIX_BAR, PCI_CFG_CAP) : null;
     this.vendorCap(PCI_CFG_CAP, 0x84, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0);
     f.config[PCI_CFG_CAP + 2] = 20;
     f.config[PCI_CFG_CAP + 4] = 0;
@@ -114,18 +115,20 @@ export class VirtioPciProxy implements VirtioTransport {
     this.vendorCap(0x70, 0x60, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, 0x1000);
     this.vendorCap(0x60, 0x50, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 0x1000);
     this.vendorCap(0x50, 0x00, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, 0x1000);
-    f.config[0x34] = 0x98;
-    this.msix.onEnableChange = (on) => {
-      if (on) this.fn.setIntx(false);
-      else this.fn.setIntx((this.vdev.isr & 1) !== 0);
-    };
+    f.config[0x34] = this.msix ? 0x98 : PCI_CFG_CAP;
+    if (this.msix) {
+      this.msix.onEnableChange = (on) => {
+        if (on) this.fn.setIntx(false);
+        else this.fn.setIntx((this.vdev.isr & 1) !== 0);
+      };
+    }
     f.onConfigWrite = (off, size) => {
-      this.msix.configWritten(off, size);
+      this.msix?.configWritten(off, size);
       f.windowWritten(off, size);
     };
     const modern = this.modernRegion();
     f.window = modern;
-    f.addBar(MSIX_BAR, { size: MSIX_BAR_SIZE, kind: 'mem32', region: this.msix.region });
+    if (this.msix) f.addBar(MSIX_BAR, { size: MSIX_BAR_SIZE, kind: 'mem32', region: this.msix.region });
     f.addBar(MODERN_BAR, { size: MODERN_SIZE, kind: 'mem64', region: modern });
     if (!modernOnly) {
       const need = 0x18 + vdev.config.length;
@@ -150,13 +153,13 @@ export class VirtioPciProxy implements VirtioTransport {
   }
 
   plug(m: Machine): void {
-    this.msix.machine = m;
+    if (this.msix) this.msix.machine = m;
     this.opts.bus.plug(this.opts.slot, 0, this.fn);
   }
 
   unplug(): void {
     this.opts.bus.unplug(this.fn);
-    this.msix.machine = null;
+    if (this.msix) this.msix.machine = null;
   }
 
   // ---- VirtioTransport ----
@@ -175,7 +178,7 @@ export class VirtioPciProxy implements VirtioTransport {
   }
 
   private interrupt(vector: number): void {
-    if (this.msix.enabled) {
+    if (this.msix?.enabled) {
       if (vector !== VIRTIO_NO_VECTOR) this.msix.notify(vector);
     } else {
       this.fn.setIntx((this.vdev.isr & 1) !== 0);
@@ -190,7 +193,7 @@ export class VirtioPciProxy implements VirtioTransport {
   }
 
   private vectorOk(v: number): number {
-    return v < this.msix.vectors ? v : VIRTIO_NO_VECTOR;
+    return v < (this.msix?.vectors ?? 0) ? v : VIRTIO_NO_VECTOR;
   }
 
   // ---- modern: BAR4 ----
@@ -199,7 +202,14 @@ export class VirtioPciProxy implements VirtioTransport {
     return {
       name: `${this.opts.name} virtio modern`,
       read: (off, size) => {
-        if (off < ISR_OFF) return this.commonRead(off - COMMON_OFF) & (0xffffffff >>> (32 - 8 * size));
+        if (off < ISR_OFF) {
+          // A narrower read takes its bytes from the register that holds them (a CPU that
+          // splits 16-bit MMIO reads into bytes still sees the register).
+          const rel = off - COMMON_OFF;
+          const width = rel >= 0x14 && rel < 0x16 ? 1 : rel >= 0x10 && rel < 0x20 ? 2 : 4;
+          const at = rel & ~(width - 1);
+          return (this.commonRead(at) >>> (8 * (rel - at))) & (0xffffffff >>> (32 - 8 * size));
+        }
         if (off < DEVICE_OFF) return off === ISR_OFF ? this.readIsr() : 0;
         if (off < NOTIFY_OFF) return this.vdev.configRead(off - DEVICE_OFF, size);
         return 0;
@@ -301,7 +311,7 @@ export class VirtioPciProxy implements VirtioTransport {
       read: (off, size) => {
         const d = this.vdev;
         const q = this.selected();
-        const cfg = this.msix.enabled ? 0x18 : 0x14;
+        const cfg = this.msix?.enabled ? 0x18 : 0x14;
         if (off >= cfg) return d.configRead(off - cfg, size);
         switch (off) {
           case 0x00: return d.legacyFeatures();
@@ -319,7 +329,7 @@ export class VirtioPciProxy implements VirtioTransport {
       write: (off, size, v) => {
         const d = this.vdev;
         const q = this.selected();
-        const cfg = this.msix.enabled ? 0x18 : 0x14;
+        const cfg = this.msix?.enabled ? 0x18 : 0x14;
         if (off >= cfg) return d.configWrite(off - cfg, size, v);
         switch (off) {
           case 0x04: if (!(d.status & 4)) d.setLegacyFeatures(v); break;

@@ -184,11 +184,23 @@ describe('spindle system', () => {
     socat.kill();
   });
 
-  it('with no arguments boots the embedded default (what npm start runs): the guest program on a qcow2 overlay disk, ending with its verdict', () => {
+  it('with no arguments boots the embedded default (what npm start runs): the guest program on qcow2 overlay disks, ending with its verdict', () => {
     const r = spindle('system');
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toMatch(/booting the embedded guest \(roms\/guest\) from .*disk\.qcow2 over .*base\.raw/);
-    expect(r.stdout).toContain('spindle guest: ide0 model SPINDLE HARDDISK\nspindle guest: ide0 pio pattern ok\nspindle guest: PASS\n');
+    expect(r.stdout).toMatch(/booting the embedded guest \(roms\/guest\) from .*ide\.qcow2 \(IDE\) and .*virtio\.qcow2 \(virtio-blk\) over .*base\.raw/);
+    for (const line of ['ide0 base ok', 'ide0 pio pattern ok', 'ide0 dma 16 sectors ok (IRQ 14), irq ok', 'ide0 dma code ok', 'virtio 00:02.0 base ok',
+      'virtio 00:02.0 pattern 16 sectors ok']) expect(r.stdout).toContain(`spindle guest: ${line}\n`);
+    expect(r.stdout.endsWith('spindle guest: disks checked: 2\nspindle guest: PASS\n')).toBe(true);
+  });
+
+  it('says what to install or pass when there is no firmware, and what a -kernel is not', () => {
+    const nofw = spindle('system', '-bios', join(dir, 'nope.bin'), '-hda', join(dir, 'nope.img'));
+    expect(nofw.status).toBe(1);
+    expect(nofw.stderr).toMatch(/^spindle system: -bios: could not read '.*nope\.bin': No such file or directory$/m);
+    const junk = join(dir, 'junk.bin');
+    writeFileSync(junk, Buffer.alloc(4096, 0x41));
+    expect(spindle('system', '-kernel', junk).stderr).toMatch(/-kernel: '.*junk\.bin' is neither a multiboot kernel nor a Linux bzImage/);
+    expect(spindle('system', '-initrd', junk).stderr).toMatch(/-initrd only allowed with -kernel option/);
   });
 
   it('refuses a -kernel it cannot read, and -kernel together with -qtest', () => {

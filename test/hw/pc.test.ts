@@ -52,22 +52,22 @@ describe('pc machine', () => {
   it('routes INTx through the PIRQ route registers to the IOAPIC lines, honouring INTx disable', () => {
     const m = new PcMachine({ ramSize: 64 << 20 });
     const dev = new PciFunction('test-dev', { vendor: 0x1af4, device: 0x1001, classCode: 0x010000, interruptPin: 1 });
-    m.chipset.bus.plug(4, 0, dev); // slot 4, INTA: PIRQ (4 + 1 - 1) & 3 = A
+    m.chipset.bus.plug(5, 0, dev); // slot 5, INTA: PIRQ (5 - 1 + 1 - 1) & 3 = A, as QEMU swizzles
     const seen: string[] = [];
     m.interceptIn('ioapic', (n, l) => seen.push(`${l ? 'raise' : 'lower'} ${n}`));
     dev.setIntx(true);
     expect(seen).toEqual([]); // PIRQA not routed after reset
-    expect(cfg(m, 4, 0, 0x06, 2) & 0x08).toBe(0x08); // the status bit says pending
+    expect(cfg(m, 5, 0, 0x06, 2) & 0x08).toBe(0x08); // the status bit says pending
     cfg(m, 1, 0, 0x60, 1, 11); // PIRQA -> IRQ 11, as firmware programs it
     expect(seen).toEqual(['raise 11']);
-    cfg(m, 4, 0, 0x04, 2, 0x400); // INTx disable
+    cfg(m, 5, 0, 0x04, 2, 0x400); // INTx disable
     expect(seen).toEqual(['raise 11', 'lower 11']);
-    cfg(m, 4, 0, 0x04, 2, 0);
+    cfg(m, 5, 0, 0x04, 2, 0);
     dev.setIntx(false);
     expect(seen).toEqual(['raise 11', 'lower 11', 'raise 11', 'lower 11']);
     // Two functions on one PIRQ: the line stays up until both let go.
     const other = new PciFunction('other-dev', { vendor: 0x1af4, device: 0x1001, classCode: 0x010000, interruptPin: 4 });
-    m.chipset.bus.plug(5, 0, other); // slot 5, INTD: (5 + 4 - 1) & 3 = A
+    m.chipset.bus.plug(6, 0, other); // slot 6, INTD: (6 - 1 + 4 - 1) & 3 = A
     dev.setIntx(true);
     other.setIntx(true);
     dev.setIntx(false);

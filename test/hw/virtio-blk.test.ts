@@ -438,7 +438,7 @@ describe('virtio-blk-pci: interrupts', () => {
     const r = await rig();
     await r.qts.irqInterceptIn('ioapic');
     const slot = (await new QPciBus(r.qts).find(0x1af4, 0x1001))!.slot;
-    const pirq = slot & 3; // INTA swizzled by slot
+    const pirq = (slot - 1) & 3; // INTA swizzled by slot, as QEMU's i440FX
     const bus = new QPciBus(r.qts);
     await bus.configWrite(0x08, 0x60 + pirq, 1, 11);
     const blk = await QVirtioBlk.start(r.qts, r.alloc, { features: 0xffffffffffffn & ~(1n << 29n) });

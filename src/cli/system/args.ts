@@ -26,15 +26,23 @@ export interface SystemConfig {
   drives: KeyvalObject[];
   devices: KeyvalObject[];
   nodefaults: boolean;
-  /** -kernel: a multiboot kernel the CPU boots (no firmware). */
+  /** -kernel: a multiboot kernel (booted without firmware) or a Linux bzImage. */
   kernel: string | null;
+  /** -initrd and -append, for a Linux -kernel. */
+  initrd: string | null;
+  append: string | null;
+  /** -bios: the firmware image (default: Debian's SeaBIOS). */
+  bios: string | null;
+  /** -snapshot: writes go to temporary overlays, the images stay as they were. */
+  snapshot: boolean;
   /** -serial: where COM1 goes ('stdio', or null for nowhere). */
   serial: 'stdio' | null;
 }
 
 /** Options that take an argument, and those that do not. */
-const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'chardev', 'mon', 'qmp', 'blockdev', 'drive', 'device', 'display', 'kernel', 'serial']);
-const NO_ARG = new Set(['nodefaults']);
+const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'chardev', 'mon', 'qmp', 'blockdev', 'drive', 'device', 'display', 'kernel', 'serial',
+  'initrd', 'append', 'bios', 'hda', 'hdb', 'hdc', 'hdd', 'cdrom', 'boot']);
+const NO_ARG = new Set(['nodefaults', 'snapshot']);
 
 /** `unix:PATH[,server=on|off][,wait=on|off]` (-qtest, -qmp). */
 function parseSocketUri(opt: string, text: string): SocketSpec {
@@ -51,6 +59,7 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
   const c: SystemConfig = {
     machine: 'pc', ramSize: 128 << 20, accel: null, qtest: null, qtestLog: null, chardevs: new Map(),
     monitors: [], blockdevs: [], drives: [], devices: [], nodefaults: false, kernel: null, serial: null,
+    initrd: null, append: null, bios: null, snapshot: false,
   };
   const monChardevs: string[] = [];
   for (let i = 0; i < argv.length; i++) {
@@ -60,6 +69,7 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
     const opt = `-${name}`;
     if (NO_ARG.has(name)) {
       if (name === 'nodefaults') c.nodefaults = true;
+      if (name === 'snapshot') c.snapshot = true;
       continue;
     }
     if (!WITH_ARG.has(name)) throw new CliError(`${opt}: invalid option`);
@@ -105,6 +115,31 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
       case 'kernel':
         c.kernel = arg;
         break;
+      case 'initrd':
+        c.initrd = arg;
+        break;
+      case 'append':
+        c.append = arg;
+        break;
+      case 'bios':
+        c.bios = arg;
+        break;
+      case 'hda':
+      case 'hdb':
+      case 'hdc':
+      case 'hdd':
+        // QEMU's shorthands: an IDE disk at index 0..3.
+        c.drives.push({ file: arg, if: 'ide', index: String(name.charCodeAt(2) - 97), media: 'disk' });
+        break;
+      case 'cdrom':
+        c.drives.push({ file: arg, if: 'ide', index: '2', media: 'cdrom' });
+        break;
+      case 'boot': {
+        // SeaBIOS without QEMU's boot-order file tries the first hard disk, then the CD.
+        const kv = parseKeyval(opt, arg, 'order');
+        for (const k of Object.keys(kv)) if (!['order', 'menu', 'strict'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
+        break;
+      }
       case 'serial':
         if (arg !== 'stdio' && arg !== 'none') throw new CliError(`${opt}: only 'stdio' and 'none' are supported, not '${arg}'`);
         c.serial = arg === 'stdio' ? 'stdio' : null;
@@ -146,6 +181,7 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
         break;
     }
   }
+  if ((c.initrd || c.append) && !c.kernel) throw new CliError(`${c.initrd ? '-initrd' : '-append'} only allowed with -kernel option`);
   for (const id of monChardevs) {
     const ch = c.chardevs.get(id);
     if (!ch) throw new CliError(`-mon: chardev '${id}' not found`);

@@ -1,48 +1,108 @@
 /**
- * Booting a guest on the v86 CPU: Spindle's devices sit on its buses (the primary IDE
- * channel's legacy ports, the interrupt lines), COM1 goes to the terminal, and Spindle's own
- * guest program ends the run with its verdict.
+ * Booting a guest on the v86 CPU. The CPU and its RAM come first (prepareGuest), the machine
+ * is built on that RAM and its devices plugged, then runGuest puts Spindle's machine on the
+ * CPU's buses and runs it: firmware (SeaBIOS) boots disks, CDs and Linux kernels; a multiboot
+ * program (Spindle's roms/guest) runs without firmware. COM1 goes to the terminal.
  */
-import { bridgeIrqs, bridgePorts, startGuest } from '../../../hw/cpu/v86.js';
+import { existsSync, readFileSync } from 'node:fs';
+import { createGuest, type V86Guest } from '../../../hw/cpu/v86.js';
 import type { PcMachine } from '../../../hw/pc/pc.js';
+import { CliError } from '../fail.js';
+import type { SystemConfig } from './args.js';
 
-export interface BootOptions {
-  kernel: Uint8Array;
-  /** Where COM1's bytes go (the terminal), or nowhere. */
-  serial: ((chunk: string) => void) | null;
-  /** Spindle's guest program: stop at its "spindle guest: PASS" or "FAIL" line. */
-  verdict: boolean;
+/** Where Debian's `seabios` package puts the firmware. */
+export const SEABIOS_PATHS = ['/usr/share/seabios/bios-256k.bin', '/usr/share/seabios/bios.bin'];
+/** v86 loads an initrd at this address, so RAM must reach past it. */
+const INITRD_AT = 64 << 20;
+/** v86's port for QEMU's fw_cfg, which carries its Linux loader to the firmware. */
+const FW_CFG_PORTS: [number, number] = [0x510, 12];
+
+function readImage(opt: string, path: string): Uint8Array {
+  try {
+    return readFileSync(path);
+  } catch (e) {
+    throw new CliError(`${opt}: could not read '${path}': ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'No such file or directory' : (e as Error).message}`);
+  }
 }
 
-/** Boots; resolves with the guest's verdict (true: PASS), or null when stopped first. */
-export async function bootGuest(machine: PcMachine, o: BootOptions, stopped: Promise<void>): Promise<boolean | null> {
-  let line = '';
-  let settle!: (v: boolean | null) => void;
-  const verdict = new Promise<boolean | null>((r) => (settle = r));
-  const guest = await startGuest({
-    memorySize: machine.ram.size,
-    multiboot: o.kernel,
-    serial: (b) => {
-      const ch = String.fromCharCode(b);
-      o.serial?.(ch);
-      if (!o.verdict) return;
-      if (ch !== '\n') {
-        line += ch;
-        return;
-      }
-      if (line === 'spindle guest: PASS') settle(true);
-      else if (line.startsWith('spindle guest: FAIL')) settle(false);
-      line = '';
-    },
-    beforeRun: (cpu) => {
-      // v86's own IDE leaves the primary channel free without a disk of its own.
-      bridgePorts(cpu, machine.io, 0x1f0, 8);
-      bridgePorts(cpu, machine.io, 0x3f6, 1);
-      bridgeIrqs(cpu, machine);
-    },
+/** A multiboot header in the first 8 KiB (magic, flags, checksum summing to zero). */
+function isMultiboot(b: Uint8Array): boolean {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  for (let off = 0; off + 12 <= Math.min(b.length, 8192); off += 4) {
+    if (dv.getUint32(off, true) === 0x1badb002 && ((dv.getUint32(off, true) + dv.getUint32(off + 4, true) + dv.getUint32(off + 8, true)) | 0) === 0) return true;
+  }
+  return false;
+}
+
+function firmware(cfg: SystemConfig): Uint8Array {
+  if (cfg.bios) return readImage('-bios', cfg.bios);
+  const path = SEABIOS_PATHS.find((p) => existsSync(p));
+  if (!path) throw new CliError("no firmware to boot with: install Debian's 'seabios' package (apt-get install seabios) or pass -bios FILE");
+  return readFileSync(path);
+}
+
+/** Reads the images the command line names and makes the CPU, not yet running. */
+export async function prepareGuest(cfg: SystemConfig, onSerial: (byte: number) => void): Promise<V86Guest> {
+  const memorySize = cfg.ramSize;
+  if (memorySize % (128 << 10)) throw new CliError(`-m: the v86 CPU needs RAM in multiples of 128 KiB, not ${memorySize} bytes`);
+  const kernel = cfg.kernel ? readImage('-kernel', cfg.kernel) : null;
+  if (kernel && isMultiboot(kernel)) {
+    if (cfg.initrd || cfg.append) throw new CliError('-initrd and -append: a multiboot -kernel takes neither (they are for Linux kernels)');
+    return createGuest({ memorySize, multiboot: kernel, serial: onSerial });
+  }
+  if (kernel && !(kernel.length > 0x206 && Buffer.from(kernel.subarray(0x202, 0x206)).toString('latin1') === 'HdrS')) {
+    throw new CliError(`-kernel: '${cfg.kernel}' is neither a multiboot kernel nor a Linux bzImage`);
+  }
+  const initrd = cfg.initrd ? readImage('-initrd', cfg.initrd) : null;
+  if (initrd && INITRD_AT + initrd.length > memorySize) {
+    throw new CliError(`-initrd: the initrd is loaded at 64 MiB, so -m must be at least ${Math.ceil((INITRD_AT + initrd.length) / 2 ** 20) + 1}M`);
+  }
+  return createGuest({
+    memorySize,
+    bios: firmware(cfg),
+    ...(kernel ? { bzimage: kernel, cmdline: cfg.append ?? '' } : {}),
+    ...(initrd ? { initrd } : {}),
+    serial: onSerial,
   });
+}
+
+/** How a guest run ended. */
+export type GuestEnd = 'pass' | 'fail' | 'poweroff' | 'stopped';
+
+/**
+ * Watches COM1 line by line for the end of a run: Spindle's guest program's verdict, or a
+ * Linux kernel powering off (this machine has no ACPI power button; the kernel's last line is
+ * the signal, as QEMU's exit on power-off).
+ */
+export class SerialWatch {
+  private line = '';
+  private settle: (e: GuestEnd) => void = () => {};
+  readonly ended = new Promise<GuestEnd>((r) => (this.settle = r));
+
+  constructor(private readonly out: ((s: string) => void) | null) {}
+
+  readonly byte = (b: number): void => {
+    const ch = String.fromCharCode(b);
+    this.out?.(ch);
+    if (ch === '\r') return;
+    if (ch !== '\n') {
+      if (this.line.length < 4096) this.line += ch;
+      return;
+    }
+    const l = this.line;
+    this.line = '';
+    if (l === 'spindle guest: PASS') this.settle('pass');
+    else if (l.startsWith('spindle guest: FAIL')) this.settle('fail');
+    else if (/\breboot: (Power down|System halted)$/.test(l)) this.settle('poweroff');
+  };
+}
+
+/** Puts the machine on the CPU and runs it until the guest ends or `stopped` settles. */
+export async function runGuest(guest: V86Guest, machine: PcMachine, watch: SerialWatch, stopped: Promise<void>): Promise<GuestEnd> {
+  guest.attach(machine, { keepPorts: [FW_CFG_PORTS] });
+  guest.run();
   try {
-    return await Promise.race([verdict, stopped.then(() => null)]);
+    return await Promise.race([watch.ended, stopped.then((): GuestEnd => 'stopped')]);
   } finally {
     guest.stop();
   }

@@ -177,7 +177,7 @@ function plugDevice(
     return;
   }
   if (driver === 'virtio-blk-pci') {
-    const known = ['driver', 'id', 'drive', 'addr', 'serial', 'num-queues', 'queue-size', 'disable-legacy'];
+    const known = ['driver', 'id', 'drive', 'addr', 'serial', 'num-queues', 'queue-size', 'disable-legacy', 'vectors'];
     for (const k of Object.keys(dev)) if (!known.includes(k)) throw new CliError(`${opt}: Property '${driver}.${k}' not found`);
     const driveName = str(dev['drive']);
     if (!driveName) throw new CliError(`${opt}: drive property not set`);
@@ -190,6 +190,7 @@ function plugDevice(
       ...(slot !== undefined ? { slot } : {}),
       ...(num('num-queues') !== undefined ? { numQueues: num('num-queues')! } : {}),
       ...(num('queue-size') !== undefined ? { queueSize: num('queue-size')! } : {}),
+      ...(num('vectors') !== undefined ? { vectors: num('vectors')! } : {}),
       ...(str(dev['serial']) ? { serial: str(dev['serial'])! } : {}),
       ...(dev['disable-legacy'] !== undefined ? { disableLegacy: dev['disable-legacy'] === 'on' || dev['disable-legacy'] === 'true' } : {}),
     }));

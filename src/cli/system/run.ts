@@ -1,9 +1,10 @@
 /**
  * `spindle system`: builds the machine the command line describes, opens its block devices,
- * and serves qtest and QMP until `quit`, SIGINT or SIGTERM. No CPU runs yet: the qtest
- * client plays the guest (the CPU adapter comes with the boot issue).
+ * and runs it until the guest powers off, `quit`, SIGINT or SIGTERM. The guest is the v86
+ * CPU (firmware, a Linux kernel, or a multiboot program), or with -qtest a test harness that
+ * plays the guest through qtest.
  */
-import { appendFileSync, existsSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, mkdtempSync, openSync, rmSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { connect, createServer, type Socket } from 'node:net';
@@ -16,7 +17,8 @@ import { packageRoot, packageVersion } from '../version.js';
 import { parseSystemArgs, type SocketSpec } from './args.js';
 import { createRawFile } from '../img/create.js';
 import { imgCreateQcow2 } from '../img/create-qcow2.js';
-import { bootGuest } from './boot.js';
+import { prepareGuest, runGuest, SerialWatch } from './boot.js';
+import type { V86Guest } from '../../../hw/cpu/v86.js';
 import { plugDevices, type Plugged } from './devices.js';
 
 /**
@@ -48,8 +50,9 @@ async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) =
 }
 
 /**
- * The embedded default: a qcow2 overlay over a raw base, in a scratch directory, as the
- * primary IDE disk of Spindle's own guest program, whose verdict ends the run.
+ * The embedded default: two qcow2 overlays over one raw base (which starts with the marker
+ * the guest looks for through the backing file), in a scratch directory: one the primary IDE
+ * disk, one a virtio-blk disk, of Spindle's own guest program, whose verdict ends the run.
  */
 async function embeddedDefault(): Promise<{ argv: string[]; cleanup: () => void }> {
   const guest = join(packageRoot(), 'build', 'roms', 'guest.elf');
@@ -57,11 +60,16 @@ async function embeddedDefault(): Promise<{ argv: string[]; cleanup: () => void 
   const dir = mkdtempSync(join(tmpdir(), 'spindle-default-'));
   const base = join(dir, 'base.raw');
   createRawFile(base, 8 << 20);
-  const overlay = join(dir, 'disk.qcow2');
-  await imgCreateQcow2(overlay, undefined, { q: true, b: base, F: 'raw' });
-  process.stdout.write(`spindle: booting the embedded guest (roms/guest) from ${overlay} over ${base}\n`);
+  const fd = openSync(base, 'r+');
+  writeSync(fd, Buffer.from('SPINDLE-BASE', 'latin1'), 0, 12, 0);
+  closeSync(fd);
+  const ideDisk = join(dir, 'ide.qcow2');
+  const virtioDisk = join(dir, 'virtio.qcow2');
+  for (const overlay of [ideDisk, virtioDisk]) await imgCreateQcow2(overlay, undefined, { q: true, b: base, F: 'raw' });
+  process.stdout.write(`spindle: booting the embedded guest (roms/guest) from ${ideDisk} (IDE) and ${virtioDisk} (virtio-blk) over ${base}\n`);
   return {
-    argv: ['-machine', 'pc', '-m', '32', '-kernel', guest, '-drive', `file=${overlay},if=ide,format=qcow2`, '-serial', 'stdio', '-display', 'none'],
+    argv: ['-machine', 'pc', '-m', '32', '-kernel', guest, '-drive', `file=${ideDisk},if=ide,format=qcow2`,
+      '-drive', `file=${virtioDisk},if=virtio,format=qcow2`, '-serial', 'stdio', '-display', 'none'],
     cleanup: () => rmSync(dir, { recursive: true, force: true }),
   };
 }
@@ -77,8 +85,13 @@ export async function runSystem(args: readonly string[]): Promise<void> {
 
 async function runMachine(argv: readonly string[], verdict: boolean): Promise<void> {
   const cfg = parseSystemArgs(argv);
-  if (cfg.kernel && cfg.qtest) throw new CliError('-kernel and -qtest: a machine is driven by a CPU or by qtest, not both');
-  const machine = new PcMachine({ ramSize: cfg.ramSize });
+  const qtest = cfg.qtest !== null || cfg.accel === 'qtest';
+  if (cfg.kernel && qtest) throw new CliError('-kernel and -qtest: a machine is driven by a CPU or by qtest, not both');
+  const watch = new SerialWatch(cfg.serial === 'stdio' || verdict ? (s: string) => void process.stdout.write(s) : null);
+  // The CPU owns guest RAM, so it comes first and the machine is built on its memory.
+  const guest: V86Guest | null = qtest ? null : await prepareGuest(cfg, watch.byte);
+  // v86 has no path for MSI writes to its local APIC (devices interrupt by INTx there) and no SMM.
+  const machine = new PcMachine({ ramSize: cfg.ramSize, ...(guest ? { ram: guest.memory, msi: false, smm: false } : {}) });
   const closers: (() => Promise<void> | void)[] = [];
   let plugged: Plugged | null = null;
   let stop!: () => void;
@@ -110,22 +123,16 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     const onSignal = (): void => stop();
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
-    if (cfg.kernel) {
-      let kernel: Buffer;
-      try {
-        kernel = readFileSync(cfg.kernel);
-      } catch (e) {
-        throw new CliError(`-kernel: could not read '${cfg.kernel}': ${(e as Error).message}`);
-      }
-      const serial = cfg.serial === 'stdio' || verdict ? (s: string) => void process.stdout.write(s) : null;
-      const passed = await bootGuest(machine, { kernel, serial, verdict }, stopped);
-      if (passed === false) process.exitCode = 1;
-      if (passed !== null) stop();
+    if (guest) {
+      const end = await runGuest(guest, machine, watch, stopped);
+      if (end === 'fail') process.exitCode = 1;
+      if (end !== 'stopped') stop();
     }
     await stopped;
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
   } finally {
+    guest?.stop();
     for (const close of closers) await close();
     // Devices let go of their backends first, then the backends and nodes go.
     for (const d of machine.allDevices().reverse()) machine.removeDevice(d.id);
