@@ -107,6 +107,8 @@ export interface V86Guest {
   attach(m: Machine, o?: MirrorOptions): void;
   /** Starts the CPU (once). */
   run(): void;
+  /** Bytes into COM1's receiver, as typed at the guest's serial console. */
+  sendSerial(data: Uint8Array): void;
   stop(): void;
 }
 
@@ -151,6 +153,9 @@ export function createGuest(o: GuestOptions): Promise<V86Guest> {
         cpu,
         memory: () => new Uint8Array(cpu.wasm_memory.buffer, cpu.mem8.byteOffset, o.memorySize),
         attach: (m, mo) => mirrorMachine(cpu, m, mo),
+        sendSerial: (data) => {
+          if (!stopped) emu.serial0_send(Buffer.from(data).toString('latin1'));
+        },
         run: () => {
           if (started || stopped) return;
           started = true;

@@ -61,10 +61,12 @@ class JsonFramer {
 export class QmpClient {
   negotiated = false;
   private readonly framer = new JsonFramer();
+  /** Commands run one at a time, replies in order, even when one waits (a drained media change). */
+  private queue: Promise<void> = Promise.resolve();
 
   constructor(private readonly socket: Socket, private readonly monitor: QmpMonitor) {
     socket.setEncoding('utf8');
-    socket.on('data', (d: string) => this.framer.push(d, (t) => this.handle(t)));
+    socket.on('data', (d: string) => this.framer.push(d, (t) => void (this.queue = this.queue.then(() => this.handle(t)))));
     socket.on('error', () => {});
   }
 
@@ -72,7 +74,7 @@ export class QmpClient {
     if (!this.socket.destroyed) this.socket.write(`${JSON.stringify(obj)}\r\n`);
   }
 
-  private handle(text: string): void {
+  private async handle(text: string): Promise<void> {
     let req: unknown;
     try {
       if (text === '\u0000too-long') throw new Error('request too long');
@@ -99,7 +101,7 @@ export class QmpClient {
     const cmd = this.monitor.command(name);
     if (!cmd) return fail('CommandNotFound', `The command ${name} has not been found`);
     try {
-      const ret = cmd.run(args as Record<string, unknown>, this);
+      const ret = await cmd.run(args as Record<string, unknown>, this);
       this.send({ return: ret ?? {}, ...id });
     } catch (e) {
       if (e instanceof QmpError) fail(e.errorClass, e.message);

@@ -97,13 +97,20 @@ export class SerialWatch {
   };
 }
 
-/** Puts the machine on the CPU and runs it until the guest ends or `stopped` settles. */
-export async function runGuest(guest: V86Guest, machine: PcMachine, watch: SerialWatch, stopped: Promise<void>): Promise<GuestEnd> {
+/**
+ * Puts the machine on the CPU and runs it until the guest ends or `stopped` settles. With
+ * `input` (-serial stdio), what arrives there is typed at COM1.
+ */
+export async function runGuest(guest: V86Guest, machine: PcMachine, watch: SerialWatch, stopped: Promise<void>, input: NodeJS.ReadableStream | null): Promise<GuestEnd> {
   guest.attach(machine, { keepPorts: [FW_CFG_PORTS] });
+  const typed = (d: Buffer | string): void => guest.sendSerial(typeof d === 'string' ? Buffer.from(d, 'latin1') : d);
+  input?.on('data', typed);
   guest.run();
   try {
     return await Promise.race([watch.ended, stopped.then((): GuestEnd => 'stopped')]);
   } finally {
+    input?.off('data', typed);
+    input?.pause();
     guest.stop();
   }
 }

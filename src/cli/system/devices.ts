@@ -3,6 +3,9 @@
  * models (-drive if=ide|none, -device ide-hd|ide-cd) plugged into the pc machine, with
  * QEMU's names and defaults (if=ide; index N is bus N/2, unit N%2; ide-cd may be empty).
  */
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 import type { PcMachine } from '../../../hw/pc/pc.js';
 import { IdeDrive, PiixIde } from '../../../hw/ide/piix.js';
 import { VirtioBlkPci } from '../../../hw/block/virtio-blk.js';
@@ -14,6 +17,7 @@ import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/types.js';
 import type { ErrorAction } from '../../backend/device-ops.js';
 import { imageOptions } from '../img/open.js';
+import { imgCreateQcow2 } from '../img/create-qcow2.js';
 import { CliError } from '../fail.js';
 import type { SystemConfig } from './args.js';
 import type { KeyvalObject } from './keyval.js';
@@ -31,6 +35,8 @@ function typed(v: unknown): unknown {
 export interface Plugged {
   nodes: BlockNode[];
   backends: BlockBackend[];
+  /** Scratch directories (-snapshot's overlays), removed at exit. */
+  scratch: string[];
   ide: PiixIde;
   /** The xenbus stand-in, made with the first xen-disk. */
   xen: XenBridge | null;
@@ -43,7 +49,7 @@ function str(v: unknown): string | undefined {
 }
 
 export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promise<Plugged> {
-  const p: Plugged = { nodes: [], backends: [], ide: new PiixIde({ id: 'ide', bus: machine.chipset.bus, irqs: machine.ioapic }), xen: null };
+  const p: Plugged = { nodes: [], backends: [], scratch: [], ide: new PiixIde({ id: 'ide', bus: machine.chipset.bus, irqs: machine.ioapic }), xen: null };
   // The pc machine always has its IDE controller at 01.1.
   machine.addDevice(p.ide);
   const used = new Set<string>();
@@ -97,7 +103,7 @@ export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promis
         if (discard !== 'unmap' && discard !== 'ignore' && discard !== 'on' && discard !== 'off') throw new CliError(`-drive: discard must be unmap or ignore, not '${discard}'`);
         o.discard = discard;
       }
-      const node = await openNode(o);
+      const node = await openNode(cfg.snapshot && !readOnly ? await snapshotOverlay(file, o, p) : o);
       const policy = (k: 'werror' | 'rerror'): { [x: string]: ErrorAction } => {
         const v = str(d[k]);
         return v === undefined ? {} : { [k]: v as ErrorAction };
@@ -125,6 +131,19 @@ export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promis
   }
   for (const [i, dev] of cfg.devices.entries()) plugDevice(machine, dev, i, p, backendFor, takePosition);
   return p;
+}
+
+/**
+ * -snapshot: the image becomes the backing file of a temporary qcow2 overlay that takes the
+ * writes and goes at exit, as QEMU's snapshot=on.
+ */
+async function snapshotOverlay(file: string, o: NodeOptions, p: Plugged): Promise<NodeOptions> {
+  if (typeof o.driver !== 'string' || file.startsWith('json:')) throw new CliError(`-snapshot: '${file}' must be a plain image file`);
+  const dir = mkdtempSync(join(tmpdir(), 'spindle-snapshot-'));
+  p.scratch.push(dir);
+  const overlay = join(dir, 'overlay.qcow2');
+  await imgCreateQcow2(overlay, undefined, { q: true, b: resolve(file), F: o.driver });
+  return { driver: 'qcow2', file: { driver: 'file', filename: overlay } };
 }
 
 /** Xen's names for disks: xvda.. (major 202, 16 minors each), or a number. */

@@ -12,6 +12,7 @@ import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
 import { settleCloses, unref } from '../../block/graph.js';
 import { QmpMonitor } from '../../monitor/qmp.js';
+import { registerMediaCommands } from '../../monitor/block-media.js';
 import { CliError } from '../fail.js';
 import { packageRoot, packageVersion } from '../version.js';
 import { parseSystemArgs, type SocketSpec } from './args.js';
@@ -118,13 +119,14 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
         setImmediate(stop);
       },
     });
+    registerMediaCommands(monitor);
     monitor.register({ name: 'query-status', run: () => ({ status: 'running', singlestep: false, running: true }) });
     for (const m of cfg.monitors) closers.push(await socketEnd(m, '-mon', (s) => void monitor.attach(s)));
     const onSignal = (): void => stop();
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
     if (guest) {
-      const end = await runGuest(guest, machine, watch, stopped);
+      const end = await runGuest(guest, machine, watch, stopped, cfg.serial === 'stdio' && !verdict ? process.stdin : null);
       if (end === 'fail') process.exitCode = 1;
       if (end !== 'stopped') stop();
     }
@@ -139,5 +141,6 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     for (const be of plugged?.backends ?? []) if (!be.dead) be.unref();
     for (const n of plugged?.nodes ?? []) unref(n);
     await settleCloses();
+    for (const d of plugged?.scratch ?? []) rmSync(d, { recursive: true, force: true });
   }
 }

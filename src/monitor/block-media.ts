@@ -1,0 +1,101 @@
+/**
+ * QMP's removable-media commands, as QEMU words them: `eject` (open the tray, then take the
+ * medium out), `blockdev-open-tray`, `blockdev-close-tray` and `blockdev-remove-medium`. A
+ * tray the guest locked is not opened without `force`: the guest is asked to eject (the
+ * request reaches it as a media event) and the command fails with QEMU's message.
+ * DEVICE_TRAY_MOVED goes to every client when a tray moves.
+ */
+import { liveBackends, findBackend, type BlockBackend } from '../backend/backend.js';
+import { QmpError, type QmpMonitor } from './qmp.js';
+
+interface MediaArgs {
+  device?: string;
+  id?: string;
+  force?: boolean;
+}
+
+function mediaArgs(a: Record<string, unknown>): MediaArgs {
+  for (const k of ['device', 'id'] as const) {
+    if (a[k] !== undefined && typeof a[k] !== 'string') throw new QmpError('GenericError', `Invalid parameter type for '${k}', expected: string`);
+  }
+  if (a['force'] !== undefined && typeof a['force'] !== 'boolean') throw new QmpError('GenericError', "Invalid parameter type for 'force', expected: boolean");
+  return a as MediaArgs;
+}
+
+/** The backend named by `device` (a block device name) or `id` (the device's id), as QEMU finds it. */
+function lookup(a: MediaArgs): BlockBackend {
+  if ((a.device === undefined) === (a.id === undefined)) throw new QmpError('GenericError', "Need exactly one of 'device' and 'id'");
+  const be = a.device !== undefined ? findBackend(a.device) : liveBackends().find((b) => b.device?.id === a.id);
+  if (!be) throw new QmpError('DeviceNotFound', a.device !== undefined ? `Device '${a.device}' not found` : `Device '${a.id}' not found`);
+  return be;
+}
+
+const label = (a: MediaArgs): string => a.device ?? a.id ?? '';
+
+function trayMoved(monitor: QmpMonitor, be: BlockBackend, open: boolean): void {
+  monitor.emit('DEVICE_TRAY_MOVED', { device: be.name, id: be.device?.id ?? '', 'tray-open': open });
+}
+
+/** blockdev-open-tray; true if the tray is open afterwards. */
+function openTray(monitor: QmpMonitor, a: MediaArgs): BlockBackend {
+  const be = lookup(a);
+  const ops = be.ops;
+  if (!ops?.changeMedia) throw new QmpError('GenericError', `Device '${label(a)}' is not removable`);
+  if (!ops.isTrayOpen) throw new QmpError('GenericError', `Device '${label(a)}' does not have a tray`);
+  if (ops.isTrayOpen()) return be;
+  const locked = ops.isMediumLocked?.() ?? false;
+  if (locked) ops.ejectRequest?.(a.force ?? false);
+  if (!locked || a.force) {
+    ops.changeMedia(false);
+    trayMoved(monitor, be, true);
+    return be;
+  }
+  throw new QmpError('GenericError', `Device '${label(a)}' is locked and force was not specified, wait for tray to open and try again`);
+}
+
+async function removeMedium(a: MediaArgs, be: BlockBackend): Promise<void> {
+  if (!be.ops?.isTrayOpen?.()) throw new QmpError('GenericError', `Tray of device '${label(a)}' is not open`);
+  await be.removeNode();
+}
+
+export function registerMediaCommands(monitor: QmpMonitor): void {
+  monitor.register({
+    name: 'eject',
+    run: async (raw) => {
+      const a = mediaArgs(raw);
+      const be = openTray(monitor, a);
+      await removeMedium(a, be);
+      return {};
+    },
+  });
+  monitor.register({
+    name: 'blockdev-open-tray',
+    run: (raw) => {
+      openTray(monitor, mediaArgs(raw));
+      return {};
+    },
+  });
+  monitor.register({
+    name: 'blockdev-remove-medium',
+    run: async (raw) => {
+      const a = mediaArgs(raw);
+      if (a.device !== undefined) throw new QmpError('GenericError', "Parameter 'device' is unexpected");
+      await removeMedium(a, lookup(a));
+      return {};
+    },
+  });
+  monitor.register({
+    name: 'blockdev-close-tray',
+    run: (raw) => {
+      const a = mediaArgs(raw);
+      const be = lookup(a);
+      const ops = be.ops;
+      if (!ops?.changeMedia) throw new QmpError('GenericError', `Device '${label(a)}' is not removable`);
+      if (!ops.isTrayOpen) throw new QmpError('GenericError', `Device '${label(a)}' does not have a tray`);
+      if (!ops.isTrayOpen()) return {};
+      ops.changeMedia(true);
+      trayMoved(monitor, be, false);
+      return {};
+    },
+  });
+}
