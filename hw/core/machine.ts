@@ -23,8 +23,8 @@ export interface Device {
 export interface MachineOptions {
   /** Guest RAM in bytes (default 128 MiB). */
   ramSize?: number;
-  /** The RAM itself, when a CPU already has it: makes a view of its ramSize bytes. */
-  ram?: () => Uint8Array;
+  /** The RAM itself, when a CPU already has it (ramSize bytes). */
+  ram?: Uint8Array;
   /** Whether MSI writes reach the CPU (default true); devices fall back to INTx when not. */
   msi?: boolean;
 }

@@ -7,27 +7,17 @@
 import { HwError } from './error.js';
 
 export class GuestRam {
-  private buf: Uint8Array;
+  readonly bytes: Uint8Array;
   /** Set by a CPU adapter: guest bytes [addr, addr+len) changed behind the CPU's back. */
   onDmaWrite: ((addr: number, len: number) => void) | null = null;
 
-  /**
-   * `memory`: guest RAM that already exists (a CPU's), exactly `size` bytes, as a function
-   * that makes a view of it: a growing WebAssembly memory detaches the views made before.
-   */
-  constructor(readonly size: number, private readonly memory?: () => Uint8Array) {
+  /** `memory`: guest RAM that already exists (a CPU's), exactly `size` bytes. */
+  constructor(readonly size: number, memory?: Uint8Array) {
     if (!Number.isSafeInteger(size) || size <= 0 || size % 4096) {
       throw new HwError('EINVAL', `guest RAM size must be a positive multiple of 4 KiB, not ${size}`);
     }
-    this.buf = memory ? memory() : new Uint8Array(size);
-    if (this.buf.length !== size) throw new HwError('EINVAL', `guest RAM of ${this.buf.length} bytes given for a ${size}-byte machine`);
-  }
-
-  /** The bytes of guest RAM (a view that is made again if the memory under it moved). */
-  get bytes(): Uint8Array {
-    let b = this.buf;
-    if (b.byteLength === 0 && this.memory) b = this.buf = this.memory();
-    return b;
+    if (memory && memory.length !== size) throw new HwError('EINVAL', `guest RAM of ${memory.length} bytes given for a ${size}-byte machine`);
+    this.bytes = memory ?? new Uint8Array(size);
   }
 
   /** After a device wrote into `view` (a view of these bytes). */

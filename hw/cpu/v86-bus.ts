@@ -48,9 +48,13 @@ const BLOCK_SHIFT = 17;
 const V86_OWNED = (block: number): boolean => block === 0xfec00000 >>> BLOCK_SHIFT || block === 0xfee00000 >>> BLOCK_SHIFT || block >= 0xfff00000 >>> BLOCK_SHIFT;
 
 export function mirrorMachine(cpu: V86Cpu, m: Machine, o: MirrorOptions = {}): void {
-  if (m.ram.bytes.buffer !== cpu.wasm_memory.buffer || m.ram.bytes.byteOffset !== cpu.mem8.byteOffset || m.ram.size !== cpu.mem8.length) {
-    throw new HwError('EINVAL', "the machine's RAM is not the CPU's: build the machine with the guest's memory");
-  }
+  // The machine's RAM must be the CPU's bytes: a byte written through one shows in the other.
+  const probe = new Uint8Array(cpu.wasm_memory.buffer, cpu.mem8.byteOffset, 1);
+  const was = probe[0]!;
+  probe[0] = was ^ 0xff;
+  const same = m.ram.bytes[0] === (was ^ 0xff) && m.ram.size === cpu.mem8.length;
+  probe[0] = was;
+  if (!same) throw new HwError('EINVAL', "the machine's RAM is not the CPU's: build the machine with the guest's memory");
   mirrorPorts(cpu, m.io, o.keepPorts ?? []);
   mirrorMmio(cpu, m.mmio, m.ram.size);
   m.interceptIn('ioapic', (line, level) => (level ? cpu.device_raise_irq(line) : cpu.device_lower_irq(line)));

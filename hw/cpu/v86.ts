@@ -10,6 +10,7 @@ import { createRequire } from 'node:module';
 import { V86 } from 'v86';
 import { HwError } from '../core/error.js';
 import type { Machine } from '../core/machine.js';
+import { wasmMemoryView } from '../../src/native/hostfacts.js';
 import { mirrorMachine, type MirrorOptions } from './v86-bus.js';
 
 /** One entry of v86's port table: called with `device` as `this`; reads get the port. */
@@ -99,10 +100,10 @@ export interface GuestOptions {
 export interface V86Guest {
   readonly cpu: V86Cpu;
   /**
-   * Makes a view of guest RAM (the wasm memory may grow, detaching earlier views): the
-   * machine's RAM must be this (PcMachine's `ram` option).
+   * Guest RAM, as a view the wasm memory's growth (v86's JIT grows it as it runs) does not
+   * detach: the machine's RAM must be this (PcMachine's `ram` option).
    */
-  readonly memory: () => Uint8Array;
+  readonly memory: Uint8Array;
   /** Puts `m`'s ports, MMIO, interrupt lines and DMA on this CPU. */
   attach(m: Machine, o?: MirrorOptions): void;
   /** Starts the CPU (once). */
@@ -151,7 +152,7 @@ export function createGuest(o: GuestOptions): Promise<V86Guest> {
       let stopped = false;
       resolve({
         cpu,
-        memory: () => new Uint8Array(cpu.wasm_memory.buffer, cpu.mem8.byteOffset, o.memorySize),
+        memory: wasmMemoryView(cpu.wasm_memory, cpu.mem8.byteOffset, o.memorySize),
         attach: (m, mo) => mirrorMachine(cpu, m, mo),
         sendSerial: (data) => {
           if (!stopped) emu.serial0_send(Buffer.from(data).toString('latin1'));

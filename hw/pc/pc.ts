@@ -14,8 +14,8 @@ import { I440fx } from '../pci/i440fx.js';
 export interface PcOptions {
   /** Guest RAM in bytes (default 128 MiB, as QEMU's). */
   ramSize?: number;
-  /** The RAM itself, when a CPU already has it: makes a view of its ramSize bytes. */
-  ram?: () => Uint8Array;
+  /** The RAM itself, when a CPU already has it (ramSize bytes). */
+  ram?: Uint8Array;
   /** Whether MSI writes reach the CPU (default true). */
   msi?: boolean;
   /** Whether the CPU has system-management mode (default true; v86 has none). */

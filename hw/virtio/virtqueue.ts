@@ -73,21 +73,11 @@ export class VirtQueue {
   private inflightCount = 0;
   private valid = false;
   private readonly inflight = new Uint8Array(VIRTQUEUE_MAX_SIZE);
-  private mem: DataView;
+  private readonly dv: DataView;
 
   constructor(private readonly ram: GuestRam, readonly index: number, readonly maxNum: number) {
     this.num = maxNum;
-    this.mem = new DataView(ram.bytes.buffer, ram.bytes.byteOffset, ram.bytes.byteLength);
-  }
-
-  /** Guest RAM as a DataView, made again if a CPU's growing memory detached the last one. */
-  private dv(): DataView {
-    let m = this.mem;
-    if (m.buffer.byteLength === 0) {
-      const b = this.ram.bytes;
-      m = this.mem = new DataView(b.buffer, b.byteOffset, b.byteLength);
-    }
-    return m;
+    this.dv = new DataView(ram.bytes.buffer, ram.bytes.byteOffset, ram.bytes.byteLength);
   }
 
   reset(): void {
@@ -142,7 +132,7 @@ export class VirtQueue {
    */
   pop(e: VirtQueueElement): number {
     if (!this.valid) return this.fail(`queue ${this.index}: rings are not inside guest RAM or are misaligned`);
-    const dv = this.dv();
+    const dv = this.dv;
     const n = this.num;
     const availIdx = dv.getUint16(this.avail + 2, true);
     const count = (availIdx - this.lastAvail) & 0xffff;
@@ -168,7 +158,7 @@ export class VirtQueue {
 
   /** Reads a chain into `e`; returns the fault ('' if none). Bounded by the table sizes. */
   private walk(e: VirtQueueElement, head: number): string {
-    const dv = this.dv();
+    const dv = this.dv;
     const ram = this.ram;
     let table = this.desc;
     let tableLen = this.num;
@@ -224,8 +214,8 @@ export class VirtQueue {
   push(e: VirtQueueElement, len: number): boolean {
     if (e.gen !== this.gen || !this.valid) return false;
     const slot = this.used + 4 + 8 * (this.usedIdx % this.num);
-    this.dv().setUint32(slot, e.head, true);
-    this.dv().setUint32(slot + 4, len, true);
+    this.dv.setUint32(slot, e.head, true);
+    this.dv.setUint32(slot + 4, len, true);
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     this.inflight[e.head] = 0;
     this.inflightCount--;
@@ -237,7 +227,7 @@ export class VirtQueue {
   flush(): boolean {
     if (this.pending === 0 || !this.valid) return false;
     this.pending = 0;
-    const dv = this.dv();
+    const dv = this.dv;
     const old = this.publishedUsed;
     const now = this.usedIdx;
     dv.setUint16(this.used + 2, now, true);
@@ -252,11 +242,11 @@ export class VirtQueue {
 
   /** With EVENT_IDX: asks the driver to kick once it adds beyond what was consumed. */
   updateAvailEvent(): void {
-    if (this.eventIdx && this.valid) this.dv().setUint16(this.used + 4 + 8 * this.num, this.lastAvail, true);
+    if (this.eventIdx && this.valid) this.dv.setUint16(this.used + 4 + 8 * this.num, this.lastAvail, true);
   }
 
   /** Whether the driver made more chains available than were popped. */
   hasAvail(): boolean {
-    return this.valid && this.dv().getUint16(this.avail + 2, true) !== this.lastAvail;
+    return this.valid && this.dv.getUint16(this.avail + 2, true) !== this.lastAvail;
   }
 }

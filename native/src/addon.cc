@@ -44,9 +44,39 @@ static Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// aliasMemory(memory, offset, length) -> ArrayBuffer over [offset, offset+length) of a
+// WebAssembly.Memory's bytes. Growing a wasm memory detaches its ArrayBuffers, but on 64-bit
+// hosts V8 grows it in place, so this alias (external, never detached) stays valid; it holds
+// the Memory object until it is collected, so the bytes outlive every view of them.
+static Napi::Value AliasMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject() || !info[1].IsNumber() || !info[2].IsNumber()) {
+    Napi::TypeError::New(env, "aliasMemory(memory, offset, length)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Object memory = info[0].As<Napi::Object>();
+  Napi::Value buf = memory.Get("buffer");
+  if (!buf.IsArrayBuffer()) {
+    Napi::TypeError::New(env, "aliasMemory: memory.buffer is not an ArrayBuffer").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::ArrayBuffer ab = buf.As<Napi::ArrayBuffer>();
+  double offset = info[1].As<Napi::Number>().DoubleValue();
+  double length = info[2].As<Napi::Number>().DoubleValue();
+  if (!(offset >= 0) || !(length > 0) || offset + length > (double)ab.ByteLength()) {
+    Napi::RangeError::New(env, "aliasMemory: range outside the memory").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto* keep = new Napi::ObjectReference(Napi::Persistent(memory));
+  return Napi::ArrayBuffer::New(
+      env, (uint8_t*)ab.Data() + (size_t)offset, (size_t)length,
+      [](Napi::Env, void*, Napi::ObjectReference* ref) { delete ref; }, keep);
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(new AddonData());
   exports.Set("allocSlab", Napi::Function::New(env, AllocSlab, "allocSlab"));
+  exports.Set("aliasMemory", Napi::Function::New(env, AliasMemory, "aliasMemory"));
   InitEngine(env, exports);
   InitHostFacts(env, exports);
   return exports;

@@ -35,6 +35,8 @@ export interface NativeAddon {
     flags?: number,
   ) => NativeEngineHandle;
   allocSlab(size: number): [number, ArrayBuffer];
+  /** An ArrayBuffer over part of a wasm memory that growing the memory does not detach. */
+  aliasMemory(memory: WebAssembly.Memory, offset: number, length: number): ArrayBuffer;
   open(path: string, write: boolean, create: boolean, direct: boolean, truncate: boolean): number;
   close(fd: number): number;
   strerror(errno: number): string;

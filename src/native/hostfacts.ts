@@ -74,3 +74,11 @@ export function testLock(fd: number, start: number, len: number, type: 'read' | 
   if (t === undefined || t === 0) throw new RangeError(`testLock: bad lock type ${String(type)}`);
   return check(native.testLock(fd, start, len, t), `Could not test lock on fd ${fd}`) === 1;
 }
+
+/**
+ * Bytes [offset, offset+length) of a WebAssembly memory as a Uint8Array that stays valid when
+ * the memory grows (an ordinary view is detached then): guest RAM that a CPU in wasm owns.
+ */
+export function wasmMemoryView(memory: WebAssembly.Memory, offset: number, length: number): Uint8Array {
+  return new Uint8Array(native.aliasMemory(memory, offset, length));
+}

@@ -126,6 +126,25 @@ describe('v86 CPU adapter', () => {
     }
   });
 
+  it("keeps the machine's view of guest RAM when v86's wasm memory grows", async () => {
+    const g = await createGuest({ memorySize: 2 * MiB });
+    try {
+      const m = new PcMachine({ ramSize: 2 * MiB, ram: g.memory, msi: false, smm: false });
+      const view = m.ram.bytes;
+      const old = new Uint8Array(g.cpu.wasm_memory.buffer);
+      g.cpu.wasm_memory.grow(16); // as v86's JIT does while a guest runs
+      expect(old.byteLength).toBe(0); // an ordinary view is detached now
+      expect(m.ram.bytes).toBe(view); // Spindle's is not, and is the same memory:
+      const fresh = new Uint8Array(g.cpu.wasm_memory.buffer, g.cpu.mem8.byteOffset, 2 * MiB);
+      fresh[4096] = 0xa5;
+      expect(view[4096]).toBe(0xa5);
+      view[8191] = 0x5a;
+      expect(fresh[8191]).toBe(0x5a);
+    } finally {
+      g.stop();
+    }
+  });
+
   it('names every internal that moved', () => {
     const fake = { v86: { cpu: { io: { ports: [] }, mem8: new Uint8Array(1) } } };
     expect(() => checkInternals(fake)).toThrow(
