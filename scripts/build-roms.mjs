@@ -1,7 +1,8 @@
-// Builds Spindle's guest programs (roms/) with the compiler a fresh machine has:
-// gcc -m32 -ffreestanding -nostdlib, into build/roms/. Prints the paths it built.
+// Builds Spindle's guest programs (roms/) with the compiler a fresh machine has, into
+// build/roms/: the multiboot guest with gcc -m32 -ffreestanding -nostdlib, the boot sector
+// with binutils (as --32, ld --oformat binary). Prints the paths it built.
 import { spawnSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -23,4 +24,25 @@ export function buildGuest() {
   return elf;
 }
 
-if (process.argv[1] === fileURLToPath(import.meta.url)) console.log(buildGuest());
+/**
+ * roms/bootsector/boot.S as the 512 bytes a BIOS loads at 0000:7C00 (build/roms/bootsector.bin),
+ * checked for its size and the 55 AA signature.
+ */
+export function buildBootSector() {
+  const obj = join(out, 'bootsector.o');
+  const bin = join(out, 'bootsector.bin');
+  const run = (cmd, args) => {
+    const r = spawnSync(cmd, args, { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`building roms/bootsector failed (${cmd}): ${r.stderr || r.error}`);
+  };
+  run('as', ['--32', '-o', obj, join(root, 'roms', 'bootsector', 'boot.S')]);
+  run('ld', ['-m', 'elf_i386', '-Ttext', '0x7c00', '--oformat', 'binary', '-o', bin, obj]);
+  const b = readFileSync(bin);
+  if (b.length !== 512 || b[510] !== 0x55 || b[511] !== 0xaa) throw new Error(`roms/bootsector: ${bin} is ${b.length} bytes, not a 512-byte sector ending 55 AA`);
+  return bin;
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  console.log(buildGuest());
+  console.log(buildBootSector());
+}

@@ -46,7 +46,9 @@ if (tsc.status !== 0) {
   process.exit(1);
 }
 
-// Spindle's guest program (roms/), which `spindle system` boots by default.
-const { buildGuest } = await import('./build-roms.mjs');
+// Spindle's guest programs (roms/): the guest `spindle system` boots by default, and the
+// boot sector the firmware-boot tests put on disks and CDs.
+const { buildGuest, buildBootSector } = await import('./build-roms.mjs');
 buildGuest();
+buildBootSector();
 

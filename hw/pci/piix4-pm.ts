@@ -55,17 +55,20 @@ export class Piix4Pm {
   }
 
   private read(off: number, size: number): number {
+    // One sample of the timer per access: bytes from two samples would tear, and a timer
+    // that seems to step back reads as a wrap to firmware (4.7 s lost each time).
+    const t = this.timer();
     let v = 0;
-    for (let i = 0; i < size; i++) v |= this.readByte(off + i) << (8 * i);
+    for (let i = 0; i < size; i++) v |= this.readByte(off + i, t) << (8 * i);
     return v >>> 0;
   }
 
-  private readByte(off: number): number {
+  private readByte(off: number, timer: number): number {
     switch (off) {
       case 0: case 1: return (this.pm1Status >> (8 * off)) & 0xff;
       case 2: case 3: return (this.pm1Enable >> (8 * (off - 2))) & 0xff;
       case 4: case 5: return (this.pm1Control >> (8 * (off - 4))) & 0xff;
-      case 8: case 9: case 10: case 11: return (this.timer() >> (8 * (off - 8))) & 0xff;
+      case 8: case 9: case 10: case 11: return (timer >> (8 * (off - 8))) & 0xff;
       default: return 0;
     }
   }

@@ -49,6 +49,30 @@ describe('pc machine', () => {
     expect(() => new PcMachine({ ramSize: 4 * 2 ** 30 })).toThrow(/ram size/);
   });
 
+  it("maps the PIIX4 PM block where firmware puts it, with a running 24-bit PM timer; SMM says 'done' where there is none", () => {
+    const m = new PcMachine({ ramSize: 64 << 20, smm: false });
+    expect(cfg(m, 1, 3, 0x00)).toBe(0x71138086);
+    expect(cfg(m, 1, 3, 0x58) >>> 24).toBe(0x02); // DEVACTB APMC enable: firmware skips SMM setup
+    expect(cfg(new PcMachine({ ramSize: 64 << 20 }), 1, 3, 0x58) >>> 24).toBe(0);
+    expect(cfg(m, 0, 0, 0x58) >>> 8 & 0xff).toBe(0x10); // PAM0: the BIOS area is RAM under v86
+    expect(m.portRead(0xb008, 4)).toBe(0xffffffff); // nothing mapped before PMREGMISC
+    cfg(m, 1, 3, 0x40, 4, 0xb000);
+    cfg(m, 1, 3, 0x80, 1, 1);
+    const t1 = m.portRead(0xb008, 4);
+    let t2 = t1;
+    const start = performance.now();
+    while (t2 === t1 && performance.now() - start < 1000) t2 = m.portRead(0xb008, 4);
+    expect(t1).toBeLessThan(2 ** 24);
+    expect((t2 - t1) & 0xffffff).toBeGreaterThan(0); // it runs forward
+    m.portWrite(0xb004, 2, 0x2001); // SCI_EN, and SLP_EN which does not stick
+    expect(m.portRead(0xb004, 2)).toBe(0x0001);
+    cfg(m, 1, 3, 0x40, 4, 0xc000); // moved: the old block goes
+    expect(m.portRead(0xb004, 2)).toBe(0xffff);
+    expect(m.portRead(0xc004, 2)).toBe(0x0001);
+    cfg(m, 1, 3, 0x80, 1, 0);
+    expect(m.portRead(0xc008, 4)).toBe(0xffffffff);
+  });
+
   it('routes INTx through the PIRQ route registers to the IOAPIC lines, honouring INTx disable', () => {
     const m = new PcMachine({ ramSize: 64 << 20 });
     const dev = new PciFunction('test-dev', { vendor: 0x1af4, device: 0x1001, classCode: 0x010000, interruptPin: 1 });

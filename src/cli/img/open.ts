@@ -5,7 +5,7 @@
  * Filenames are either paths (a format node over a `file` node) or `json:{...}`, QEMU's
  * pseudo-protocol whose JSON is the full blockdev-add options of the tree.
  */
-import { closeSync, openSync, readSync, statSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readSync, statSync } from 'node:fs';
 import { createBackend, type BackendOptions, type BlockBackend } from '../../backend/backend.js';
 import type { BackendIO } from '../../backend/io.js';
 import { driverNames, getDriver } from '../../block/drivers/index.js';
@@ -127,7 +127,8 @@ export function imageOptions(spec: ImageSpec, warn = true): NodeOptions {
     let fmt = spec.fmt;
     if (fmt === undefined) {
       fmt = probe(spec.filename);
-      if (fmt === 'raw' && warn && !spec.readOnly) process.stderr.write(PROBE_WARNING(spec.filename));
+      // A missing file gets the open's one-line error, not a warning about probing it.
+      if (fmt === 'raw' && warn && !spec.readOnly && existsSync(spec.filename)) process.stderr.write(PROBE_WARNING(spec.filename));
     }
     checkFormat(fmt);
     // The engine opens directories happily; an image never is one.
