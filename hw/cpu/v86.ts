@@ -91,8 +91,6 @@ export interface GuestOptions {
   bzimage?: Uint8Array;
   initrd?: Uint8Array;
   cmdline?: string;
-  /** A disk on v86's own IDE (the bench's baseline only; Spindle's disks never use it). */
-  v86Disk?: Uint8Array;
   /** Each byte the guest writes to COM1. */
   serial?: (byte: number) => void;
 }
@@ -130,7 +128,6 @@ export function createGuest(o: GuestOptions): Promise<V86Guest> {
     ...(o.bzimage ? { bzimage: { buffer: own(o.bzimage) } } : {}),
     ...(o.initrd ? { initrd: { buffer: own(o.initrd) } } : {}),
     ...(o.cmdline !== undefined ? { cmdline: o.cmdline } : {}),
-    ...(o.v86Disk ? { hda: { buffer: own(o.v86Disk) } } : {}),
     autostart: false,
     disable_keyboard: true,
     disable_mouse: true,
