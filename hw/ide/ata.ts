@@ -89,6 +89,9 @@ export function ataCommand(d: IdeDrive, cmd: number): void {
       return d.done();
     case CMD.DSM: return dsm(d);
     case CMD.RECALIBRATE: case CMD.INIT_PARAMS: return d.done();
+    // Power management: an emulated disk has no spindle to stop (Linux sends STANDBY
+    // IMMEDIATE at shutdown); it stays active, as CHECK POWER MODE says.
+    case CMD.STANDBY_IMMEDIATE: case CMD.IDLE_IMMEDIATE: case CMD.STANDBY: case CMD.IDLE: return d.done();
     default: return d.abort();
   }
 }

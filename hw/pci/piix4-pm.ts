@@ -2,7 +2,9 @@
  * The PIIX4 power-management function (00:01.3 on QEMU's pc): its I/O block at the base the
  * firmware writes to PMBA (config 0x40), switched on by PMREGMISC (0x80) bit 0, with the PM1
  * event and control registers and the ACPI PM timer (3.579545 MHz, 24 bits) firmware and
- * kernels use for delays. Without SMM the function says SMM is already set up (DEVACTB's
+ * kernels use for delays; and the APM control port (0xb2) through which an OS asks for ACPI
+ * mode, granted at once as QEMU does. Sleep type 0 (S5 in the firmware's tables) with SLP_EN
+ * powers the machine off. Without SMM the function says SMM is already set up (DEVACTB's
  * APMC enable, as QEMU's smm=off does), so firmware does not try to enter it.
  */
 import type { IoRegion } from '../core/address-space.js';
@@ -14,6 +16,11 @@ const PMREGMISC = 0x80;
 const DEVACTB_APMC = 0x5b;
 const PM_IO_SIZE = 64;
 const PM_TIMER_HZ = 3579545;
+const APM_CNT = 0xb2;
+const ACPI_ENABLE = 0xf1;
+const ACPI_DISABLE = 0xf0;
+const SCI_EN = 0x0001;
+const SLP_EN = 0x2000;
 
 export class Piix4Pm {
   readonly fn = new PciFunction('PIIX4_PM', { vendor: 0x8086, device: 0x7113, classCode: 0x068000, revision: 3, interruptPin: 1 });
@@ -23,6 +30,9 @@ export class Piix4Pm {
   private pm1Control = 0;
   private readonly start = performance.now();
   private readonly region: IoRegion;
+  private apmStatus = 0;
+  /** The guest asked for soft power-off (S5). */
+  onPowerOff: (() => void) | null = null;
 
   constructor(private readonly machine: Machine, o: { smm: boolean }) {
     const c = this.fn.config;
@@ -34,6 +44,15 @@ export class Piix4Pm {
       if ((off < PMBA + 4 && off + size > PMBA) || (off <= PMREGMISC && off + size > PMREGMISC)) this.remap();
     };
     this.region = { name: 'PIIX4_PM pm-io', read: (off, size) => this.read(off, size), write: (off, size, v) => this.write(off, size, v) };
+    machine.io.map(APM_CNT, 2, {
+      name: 'PIIX4_PM apm',
+      read: (off) => (off === 1 ? this.apmStatus : 0),
+      write: (off, _size, v) => {
+        if (off === 1) this.apmStatus = v & 0xff;
+        else if ((v & 0xff) === ACPI_ENABLE) this.pm1Control |= SCI_EN;
+        else if ((v & 0xff) === ACPI_DISABLE) this.pm1Control &= ~SCI_EN;
+      },
+    });
   }
 
   /** The timer's 24-bit count, from the host's monotonic clock. */
@@ -79,8 +98,12 @@ export class Piix4Pm {
       const at = off + i;
       if (at === 0 || at === 1) this.pm1Status &= ~(b << (8 * at)); // write 1 to clear
       else if (at === 2 || at === 3) this.pm1Enable = (this.pm1Enable & ~(0xff << (8 * (at - 2)))) | (b << (8 * (at - 2)));
-      // SLP_EN is not latched: a sleep request is a one-shot, and this machine has no S-states yet.
-      else if (at === 4 || at === 5) this.pm1Control = (this.pm1Control & ~(0xff << (8 * (at - 4)))) | ((at === 5 ? b & ~0x20 : b) << (8 * (at - 4)));
+      else if (at === 4 || at === 5) {
+        const v16 = (this.pm1Control & ~(0xff << (8 * (at - 4)))) | (b << (8 * (at - 4)));
+        // SLP_EN is not latched: a sleep request is a one-shot. Only S5 (type 0) is done.
+        this.pm1Control = v16 & ~SLP_EN;
+        if (v16 & SLP_EN && ((v16 >> 10) & 7) === 0) this.onPowerOff?.();
+      }
     }
   }
 }

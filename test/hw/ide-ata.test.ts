@@ -157,6 +157,14 @@ describe('PIIX IDE: errors, features and registers', () => {
     // The last sector itself is fine.
     res = await ch.pioIn(0x20, { lba: SIZE / 512 - 1, count: 1 }, 512);
     expect(res.status & ATA_ST.ERR).toBe(0);
+    // Power management (Linux's shutdown sends STANDBY IMMEDIATE): done, and the disk stays active.
+    for (const cmd of [0xe0, 0xe1, 0xe2, 0xe3]) {
+      await ch.command(cmd);
+      expect(await ch.waitNotBusy() & ATA_ST.ERR).toBe(0);
+    }
+    await ch.command(0xe5);
+    expect(await ch.waitNotBusy() & ATA_ST.ERR).toBe(0);
+    expect(await ch.reg(2)).toBe(0xff);
   });
 
   it('FLUSH CACHE (EXT) complete; SET FEATURES switches the backend write cache and transfer modes', async () => {

@@ -49,7 +49,7 @@ describe('pc machine', () => {
     expect(() => new PcMachine({ ramSize: 4 * 2 ** 30 })).toThrow(/ram size/);
   });
 
-  it("maps the PIIX4 PM block where firmware puts it, with a running 24-bit PM timer; SMM says 'done' where there is none", () => {
+  it("maps the PIIX4 PM block where firmware puts it, with a running 24-bit PM timer, ACPI enable and S5 power-off; SMM says 'done' where there is none", () => {
     const m = new PcMachine({ ramSize: 64 << 20, smm: false });
     expect(cfg(m, 1, 3, 0x00)).toBe(0x71138086);
     expect(cfg(m, 1, 3, 0x58) >>> 24).toBe(0x02); // DEVACTB APMC enable: firmware skips SMM setup
@@ -64,7 +64,17 @@ describe('pc machine', () => {
     while (t2 === t1 && performance.now() - start < 1000) t2 = m.portRead(0xb008, 4);
     expect(t1).toBeLessThan(2 ** 24);
     expect((t2 - t1) & 0xffffff).toBeGreaterThan(0); // it runs forward
-    m.portWrite(0xb004, 2, 0x2001); // SCI_EN, and SLP_EN which does not stick
+    expect(m.portRead(0xb004, 2) & 1).toBe(0);
+    m.portWrite(0xb2, 1, 0xf1); // the OS asks for ACPI mode through APM_CNT: SCI_EN comes on
+    expect(m.portRead(0xb004, 2)).toBe(0x0001);
+    let off = 0;
+    m.chipset.pm.onPowerOff = () => off++;
+    m.portWrite(0xb004, 2, 0x2001 | (1 << 10)); // SLP_EN with sleep type 1 (S3): not done, and SLP_EN does not stick
+    expect(off).toBe(0);
+    expect(m.portRead(0xb004, 2)).toBe(0x0401);
+    m.portWrite(0xb004, 2, 0x0001);
+    m.portWrite(0xb004, 2, 0x2001); // type 0 is S5 in the firmware's tables: power off
+    expect(off).toBe(1);
     expect(m.portRead(0xb004, 2)).toBe(0x0001);
     cfg(m, 1, 3, 0x40, 4, 0xc000); // moved: the old block goes
     expect(m.portRead(0xb004, 2)).toBe(0xffff);

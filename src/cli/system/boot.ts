@@ -71,8 +71,8 @@ export type GuestEnd = 'pass' | 'fail' | 'poweroff' | 'stopped';
 
 /**
  * Watches COM1 line by line for the end of a run: Spindle's guest program's verdict, or a
- * Linux kernel powering off (this machine has no ACPI power button; the kernel's last line is
- * the signal, as QEMU's exit on power-off).
+ * Linux kernel that halted without ACPI (its last line is the signal; with ACPI the PM
+ * block's S5 ends the run, as QEMU exits on power-off).
  */
 export class SerialWatch {
   private line = '';
@@ -80,6 +80,11 @@ export class SerialWatch {
   readonly ended = new Promise<GuestEnd>((r) => (this.settle = r));
 
   constructor(private readonly out: ((s: string) => void) | null) {}
+
+  /** Ends the run from elsewhere (the machine powered off). */
+  finish(e: GuestEnd): void {
+    this.settle(e);
+  }
 
   readonly byte = (b: number): void => {
     const ch = String.fromCharCode(b);
@@ -103,6 +108,7 @@ export class SerialWatch {
  */
 export async function runGuest(guest: V86Guest, machine: PcMachine, watch: SerialWatch, stopped: Promise<void>, input: NodeJS.ReadableStream | null): Promise<GuestEnd> {
   guest.attach(machine, { keepPorts: [FW_CFG_PORTS] });
+  machine.chipset.pm.onPowerOff = () => watch.finish('poweroff');
   const typed = (d: Buffer | string): void => guest.sendSerial(typeof d === 'string' ? Buffer.from(d, 'latin1') : d);
   input?.on('data', typed);
   guest.run();
