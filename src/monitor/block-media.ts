@@ -6,7 +6,7 @@
  * DEVICE_TRAY_MOVED goes to every client when a tray moves.
  */
 import { liveBackends, findBackend, type BlockBackend } from '../backend/backend.js';
-import { QmpError, type QmpMonitor } from './qmp.js';
+import { defineCommand, QmpError, type QmpMonitor } from './qmp.js';
 
 interface MediaArgs {
   device?: string;
@@ -14,13 +14,11 @@ interface MediaArgs {
   force?: boolean;
 }
 
-function mediaArgs(a: Record<string, unknown>): MediaArgs {
-  for (const k of ['device', 'id'] as const) {
-    if (a[k] !== undefined && typeof a[k] !== 'string') throw new QmpError('GenericError', `Invalid parameter type for '${k}', expected: string`);
-  }
-  if (a['force'] !== undefined && typeof a['force'] !== 'boolean') throw new QmpError('GenericError', "Invalid parameter type for 'force', expected: boolean");
-  return a as MediaArgs;
-}
+/** `device` (a block device name, deprecated in QEMU) or `id` (the device's id). */
+const TARGET = {
+  device: { type: 'str', optional: true, doc: 'the block device name' },
+  id: { type: 'str', optional: true, doc: "the device's id" },
+} as const;
 
 /** The backend named by `device` (a block device name) or `id` (the device's id), as QEMU finds it. */
 function lookup(a: MediaArgs): BlockBackend {
@@ -59,35 +57,39 @@ async function removeMedium(a: MediaArgs, be: BlockBackend): Promise<void> {
 }
 
 export function registerMediaCommands(monitor: QmpMonitor): void {
-  monitor.register({
+  monitor.register(defineCommand({
     name: 'eject',
-    run: async (raw) => {
-      const a = mediaArgs(raw);
+    doc: 'Opens the tray (asking the guest first if it locked it) and removes the medium',
+    args: { ...TARGET, force: { type: 'bool', optional: true, doc: 'open a locked tray anyway' } },
+    run: async (a) => {
       const be = openTray(monitor, a);
       await removeMedium(a, be);
       return {};
     },
-  });
-  monitor.register({
+  }));
+  monitor.register(defineCommand({
     name: 'blockdev-open-tray',
-    run: (raw) => {
-      openTray(monitor, mediaArgs(raw));
+    doc: "Opens a removable-media device's tray",
+    args: { ...TARGET, force: { type: 'bool', optional: true, doc: 'open a locked tray anyway' } },
+    run: (a) => {
+      openTray(monitor, a);
       return {};
     },
-  });
-  monitor.register({
+  }));
+  monitor.register(defineCommand({
     name: 'blockdev-remove-medium',
-    run: async (raw) => {
-      const a = mediaArgs(raw);
-      if (a.device !== undefined) throw new QmpError('GenericError', "Parameter 'device' is unexpected");
+    doc: 'Takes the medium out of an open tray',
+    args: { id: { type: 'str', doc: "the device's id" } },
+    run: async (a) => {
       await removeMedium(a, lookup(a));
       return {};
     },
-  });
-  monitor.register({
+  }));
+  monitor.register(defineCommand({
     name: 'blockdev-close-tray',
-    run: (raw) => {
-      const a = mediaArgs(raw);
+    doc: "Closes a removable-media device's tray",
+    args: TARGET,
+    run: (a) => {
       const be = lookup(a);
       const ops = be.ops;
       if (!ops?.changeMedia) throw new QmpError('GenericError', `Device '${label(a)}' is not removable`);
@@ -97,5 +99,5 @@ export function registerMediaCommands(monitor: QmpMonitor): void {
       trayMoved(monitor, be, false);
       return {};
     },
-  });
+  }));
 }

@@ -5,19 +5,11 @@
  */
 import type { Socket } from 'node:net';
 
-export type QmpErrorClass = 'GenericError' | 'CommandNotFound' | 'DeviceNotFound' | 'DeviceNotActive';
+import { QmpError, type QmpErrorClass } from './errors.js';
+import { checkArgs, defineCommand, type CommandDef } from './schema.js';
 
-export class QmpError extends Error {
-  constructor(readonly errorClass: QmpErrorClass, message: string) {
-    super(message);
-  }
-}
-
-export interface QmpCommand {
-  /** What query-commands reports and errors name. */
-  readonly name: string;
-  run(args: Record<string, unknown>, client: QmpClient): unknown;
-}
+export { QmpError, type QmpErrorClass } from './errors.js';
+export { defineCommand, type CommandDef } from './schema.js';
 
 /** Splits a byte stream into top-level JSON values: braces counted outside strings. */
 class JsonFramer {
@@ -101,7 +93,8 @@ export class QmpClient {
     const cmd = this.monitor.command(name);
     if (!cmd) return fail('CommandNotFound', `The command ${name} has not been found`);
     try {
-      const ret = await cmd.run(args as Record<string, unknown>, this);
+      checkArgs(cmd.args, args as Record<string, unknown>, cmd.open);
+      const ret = await cmd.run(args as never, this);
       this.send({ return: ret ?? {}, ...id });
     } catch (e) {
       if (e instanceof QmpError) fail(e.errorClass, e.message);
@@ -111,23 +104,39 @@ export class QmpClient {
 }
 
 export class QmpMonitor {
-  private readonly commands = new Map<string, QmpCommand>();
+  private readonly commands = new Map<string, CommandDef>();
   private readonly clients = new Set<QmpClient>();
 
   constructor(private readonly version: { major: number; minor: number; micro: number; package: string }) {
-    this.register({ name: 'qmp_capabilities', run: (_a, c) => void (c.negotiated = true) });
-    this.register({ name: 'query-commands', run: () => [...this.commands.keys()].map((name) => ({ name })) });
-    this.register({
+    this.register(defineCommand({
+      name: 'qmp_capabilities',
+      doc: 'Leaves capabilities negotiation mode (no capabilities are offered)',
+      args: { enable: { type: { array: { enum: ['oob'] } }, optional: true } },
+      run: (a, c) => {
+        if (a.enable?.length) throw new QmpError('GenericError', "Capability 'oob' not available");
+        c.negotiated = true;
+      },
+    }));
+    this.register(defineCommand({ name: 'query-commands', doc: 'The commands this monitor has', args: {}, run: () => [...this.commands.keys()].map((name) => ({ name })) }));
+    this.register(defineCommand({
       name: 'query-version',
+      doc: 'The version of the program',
+      args: {},
       run: () => ({ qemu: { major: version.major, minor: version.minor, micro: version.micro }, package: version.package }),
-    });
+    }));
   }
 
-  register(cmd: QmpCommand): void {
+  register(cmd: CommandDef): void {
+    if (this.commands.has(cmd.name)) throw new Error(`QMP command '${cmd.name}' is defined twice`);
     this.commands.set(cmd.name, cmd);
   }
 
-  command(name: string): QmpCommand | undefined {
+  /** Every command, with its definition (documentation, arguments). */
+  all(): CommandDef[] {
+    return [...this.commands.values()];
+  }
+
+  command(name: string): CommandDef | undefined {
     return this.commands.get(name);
   }
 

@@ -5,7 +5,7 @@ import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { QmpError, QmpMonitor } from '../../src/monitor/qmp.js';
+import { defineCommand, QmpError, QmpMonitor } from '../../src/monitor/qmp.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'spindle-qmp-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -41,9 +41,9 @@ async function pair(mon: QmpMonitor, name: string): Promise<{ send: (s: string) 
 describe('QMP monitor', () => {
   it('greets, negotiates, echoes ids, and answers bad input with errors while staying up', async () => {
     const mon = new QmpMonitor({ major: 0, minor: 1, micro: 0, package: 'spindle-test' });
-    mon.register({ name: 'fail-generic', run: () => { throw new Error('it broke'); } });
-    mon.register({ name: 'fail-device', run: () => { throw new QmpError('DeviceNotFound', "Device 'x' not found"); } });
-    mon.register({ name: 'echo', run: (a) => a });
+    mon.register(defineCommand({ name: 'fail-generic', doc: '', args: {}, run: () => { throw new Error('it broke'); } }));
+    mon.register(defineCommand({ name: 'fail-device', doc: '', args: {}, run: () => { throw new QmpError('DeviceNotFound', "Device 'x' not found"); } }));
+    mon.register(defineCommand({ name: 'echo', doc: '', args: { a: { type: 'any', optional: true } }, run: (a) => a }));
     const c = await pair(mon, 'a.sock');
     expect(await c.next()).toEqual({ QMP: { version: { qemu: { major: 0, minor: 1, micro: 0 }, package: 'spindle-test' }, capabilities: [] } });
     c.send('{"execute": "echo", "id": 1}\n');
@@ -73,6 +73,53 @@ describe('QMP monitor', () => {
     expect(await c.next()).toEqual({ error: { class: 'DeviceNotFound', desc: "Device 'x' not found" } });
     c.send('{"execute": "query-commands"}');
     expect((await c.next())['return']).toEqual(expect.arrayContaining([{ name: 'qmp_capabilities' }, { name: 'echo' }]));
+    c.sock.destroy();
+  });
+
+  it("checks every request against its command's typed definition, with QEMU's messages", async () => {
+    const mon = new QmpMonitor({ major: 0, minor: 1, micro: 0, package: 'p' });
+    const seen: unknown[] = [];
+    mon.register(defineCommand({
+      name: 'resize-ish',
+      doc: 'takes typed arguments',
+      args: {
+        device: { type: 'str' },
+        size: { type: 'int' },
+        mode: { type: { enum: ['fast', 'slow'] }, optional: true },
+        opts: { type: { object: { ro: { type: 'bool' } } }, optional: true },
+        list: { type: { array: 'str' }, optional: true },
+      },
+      run: (a) => {
+        // The handler's argument type comes from the definition: a.size is a number here.
+        seen.push([a.device, a.size + 1, a.mode ?? 'none', a.opts?.ro ?? null, a.list ?? []]);
+        return {};
+      },
+    }));
+    expect(() => mon.register(defineCommand({ name: 'resize-ish', doc: '', args: {}, run: () => ({}) }))).toThrow(/defined twice/);
+    const c = await pair(mon, 'd.sock');
+    await c.next();
+    c.send('{"execute": "qmp_capabilities"}');
+    await c.next();
+    const cases: [string, string][] = [
+      ['{"size": 1}', "Parameter 'device' is missing"],
+      ['{"device": 1, "size": 1}', "Invalid parameter type for 'device', expected: string"],
+      ['{"device": "d", "size": 1.5}', "Invalid parameter type for 'size', expected: integer"],
+      ['{"device": "d", "size": 1, "bogus": 1}', "Parameter 'bogus' is unexpected"],
+      ['{"device": "d", "size": 1, "mode": "warp"}', "Parameter 'mode' does not accept value 'warp'"],
+      ['{"device": "d", "size": 1, "opts": {}}', "Parameter 'opts.ro' is missing"],
+      ['{"device": "d", "size": 1, "opts": {"ro": "yes"}}', "Invalid parameter type for 'opts.ro', expected: boolean"],
+      ['{"device": "d", "size": 1, "list": ["a", 2]}', "Invalid parameter type for 'list[1]', expected: string"],
+    ];
+    for (const [args, desc] of cases) {
+      c.send(`{"execute": "resize-ish", "arguments": ${args}}`);
+      expect(await c.next()).toEqual({ error: { class: 'GenericError', desc } });
+    }
+    expect(seen).toEqual([]); // nothing ran with bad arguments
+    c.send('{"execute": "resize-ish", "arguments": {"device": "d", "size": 41, "mode": "slow", "opts": {"ro": true}, "list": ["x"]}}');
+    expect(await c.next()).toEqual({ return: {} });
+    expect(seen).toEqual([['d', 42, 'slow', true, ['x']]]);
+    c.send('{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}');
+    expect((await c.next())['error']).toMatchObject({ class: 'CommandNotFound' }); // already negotiated
     c.sock.destroy();
   });
 

@@ -6,11 +6,15 @@
 import { CliError } from '../fail.js';
 import { parseBool, parseKeyval, parseSize, type KeyvalObject } from './keyval.js';
 
-/** A UNIX socket end: Spindle connects to `path` (QEMU's default) or, with server=on, listens. */
-export interface SocketSpec {
-  path: string;
-  server: boolean;
-  wait: boolean;
+/**
+ * A socket end: a UNIX socket at `path`, or TCP at host:port. Spindle connects (QEMU's
+ * default) or, with server=on, listens.
+ */
+export type SocketSpec = ({ kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number }) & { server: boolean; wait: boolean };
+
+/** What a socket end is called in messages: the path, or host:port. */
+export function socketName(s: SocketSpec): string {
+  return s.kind === 'unix' ? s.path : `${s.host}:${s.port}`;
 }
 
 export interface SystemConfig {
@@ -44,15 +48,29 @@ const WITH_ARG = new Set(['machine', 'M', 'm', 'accel', 'qtest', 'qtest-log', 'c
   'initrd', 'append', 'bios', 'hda', 'hdb', 'hdc', 'hdd', 'cdrom', 'boot']);
 const NO_ARG = new Set(['nodefaults', 'snapshot']);
 
-/** `unix:PATH[,server=on|off][,wait=on|off]` (-qtest, -qmp). */
+/**
+ * `unix:PATH` or `tcp:[HOST]:PORT`, then `,server=on|off,wait=on|off` (-qtest, -qmp). A TCP
+ * end without a host is on loopback (QEMU's would be every interface).
+ */
 function parseSocketUri(opt: string, text: string): SocketSpec {
-  if (!text.startsWith('unix:')) throw new CliError(`${opt}: only 'unix:PATH' sockets are supported, not '${text}'`);
-  const kv = parseKeyval(opt, text.slice(5), 'path');
+  const tcp = text.startsWith('tcp:');
+  if (!tcp && !text.startsWith('unix:')) throw new CliError(`${opt}: only 'unix:PATH' and 'tcp:HOST:PORT' sockets are supported, not '${text}'`);
+  const kv = parseKeyval(opt, text.slice(tcp ? 4 : 5), 'path');
   const path = kv['path'];
-  if (typeof path !== 'string' || !path) throw new CliError(`${opt}: a socket path is required`);
+  if (typeof path !== 'string' || !path) throw new CliError(`${opt}: a socket ${tcp ? 'address' : 'path'} is required`);
   for (const k of Object.keys(kv)) if (!['path', 'server', 'wait'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
   const server = parseBool(opt, 'server', kv['server'], false);
-  return { path, server, wait: parseBool(opt, 'wait', kv['wait'], server) };
+  const wait = parseBool(opt, 'wait', kv['wait'], server);
+  if (!tcp) return { kind: 'unix', path, server, wait };
+  return { ...tcpAddress(opt, path), server, wait };
+}
+
+function tcpAddress(opt: string, addr: string): { kind: 'tcp'; host: string; port: number } {
+  const colon = addr.lastIndexOf(':');
+  const host = colon < 0 ? '' : addr.slice(0, colon).replace(/^\[(.*)\]$/, '$1');
+  const port = Number(addr.slice(colon + 1));
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new CliError(`${opt}: '${addr}' is not HOST:PORT`);
+  return { kind: 'tcp', host: host || '127.0.0.1', port };
 }
 
 export function parseSystemArgs(argv: readonly string[]): SystemConfig {
@@ -157,10 +175,13 @@ export function parseSystemArgs(argv: readonly string[]): SystemConfig {
         if (typeof id !== 'string' || !id) throw new CliError(`${opt}: Parameter 'id' is missing`);
         if (c.chardevs.has(id)) throw new CliError(`${opt}: duplicate chardev id '${id}'`);
         const path = kv['path'];
-        if (typeof path !== 'string' || !path) throw new CliError(`${opt}: chardev: socket: no path given (Spindle supports UNIX sockets)`);
-        for (const k of Object.keys(kv)) if (!['backend', 'id', 'path', 'server', 'wait'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
+        const port = kv['port'];
+        for (const k of Object.keys(kv)) if (!['backend', 'id', 'path', 'host', 'port', 'server', 'wait'].includes(k)) throw new CliError(`${opt}: Invalid parameter '${k}'`);
         const server = parseBool(opt, 'server', kv['server'], false);
-        c.chardevs.set(id, { path, server, wait: parseBool(opt, 'wait', kv['wait'], server) });
+        const wait = parseBool(opt, 'wait', kv['wait'], server);
+        if (typeof path === 'string' && path) c.chardevs.set(id, { kind: 'unix', path, server, wait });
+        else if (typeof port === 'string') c.chardevs.set(id, { ...tcpAddress(opt, `${typeof kv['host'] === 'string' ? kv['host'] : ''}:${port}`), server, wait });
+        else throw new CliError(`${opt}: chardev: socket: no path or port given`);
         break;
       }
       case 'mon': {

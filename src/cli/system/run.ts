@@ -4,51 +4,23 @@
  * CPU (firmware, a Linux kernel, or a multiboot program), or with -qtest a test harness that
  * plays the guest through qtest.
  */
-import { appendFileSync, closeSync, existsSync, mkdtempSync, openSync, rmSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { appendFileSync, closeSync, existsSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect, createServer, type Socket } from 'node:net';
 import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
 import { settleCloses, unref } from '../../block/graph.js';
-import { QmpMonitor } from '../../monitor/qmp.js';
+import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { registerMediaCommands } from '../../monitor/block-media.js';
 import { CliError } from '../fail.js';
 import { packageRoot, packageVersion } from '../version.js';
-import { parseSystemArgs, type SocketSpec } from './args.js';
+import { parseSystemArgs } from './args.js';
+import { socketEnd } from '../socket-end.js';
 import { createRawFile } from '../img/create.js';
 import { imgCreateQcow2 } from '../img/create-qcow2.js';
 import { prepareGuest, runGuest, SerialWatch } from './boot.js';
 import type { V86Guest } from '../../../hw/cpu/v86.js';
 import { plugDevices, type Plugged } from './devices.js';
-
-/**
- * Connects to (QEMU's default) or listens on a UNIX socket; `onSocket` gets each connection.
- * Returns what closes it.
- */
-async function socketEnd(spec: SocketSpec, what: string, onSocket: (s: Socket) => void): Promise<() => void> {
-  if (!spec.server) {
-    return new Promise((resolve, reject) => {
-      const s = connect(spec.path);
-      s.once('error', (e) => reject(new CliError(`${what}: Failed to connect to '${spec.path}': ${e.message}`)));
-      s.once('connect', () => {
-        onSocket(s);
-        resolve(() => s.destroy());
-      });
-    });
-  }
-  try {
-    unlinkSync(spec.path);
-  } catch {
-    // nothing there
-  }
-  const srv = createServer(onSocket);
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', (e) => reject(new CliError(`${what}: Failed to listen on '${spec.path}': ${e.message}`)));
-    srv.listen(spec.path, () => resolve());
-  });
-  return () => void srv.close();
-}
 
 /**
  * The embedded default: two qcow2 overlays over one raw base (which starts with the marker
@@ -103,7 +75,7 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     if (logPath) writeFileSync(logPath, '');
     const log = logPath ? (line: string) => appendFileSync(logPath, `${line}\n`) : undefined;
     if (cfg.qtest) {
-      if (cfg.qtest.server) {
+      if (cfg.qtest.server && cfg.qtest.kind === 'unix') {
         const srv = await startQtestServer(cfg.qtest.path, machine, log ? { log } : {});
         closers.push(() => srv.close());
       } else {
@@ -112,15 +84,17 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     }
     const [major, minor, micro] = packageVersion().split('.').map(Number);
     const monitor = new QmpMonitor({ major: major ?? 0, minor: minor ?? 0, micro: micro ?? 0, package: `spindle-${packageVersion()}` });
-    monitor.register({
+    monitor.register(defineCommand({
       name: 'quit',
+      doc: 'Stops the machine and exits',
+      args: {},
       run: () => {
         monitor.emit('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
         setImmediate(stop);
       },
-    });
+    }));
     registerMediaCommands(monitor);
-    monitor.register({ name: 'query-status', run: () => ({ status: 'running', singlestep: false, running: true }) });
+    monitor.register(defineCommand({ name: 'query-status', doc: "The machine's run state", args: {}, run: () => ({ status: 'running', singlestep: false, running: true }) }));
     for (const m of cfg.monitors) closers.push(await socketEnd(m, '-mon', (s) => void monitor.attach(s)));
     const onSignal = (): void => stop();
     process.once('SIGINT', onSignal);
