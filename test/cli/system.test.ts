@@ -145,7 +145,8 @@ describe('spindle system', () => {
       [['-drive', 'file=x.img,if=ide,bogus=1'], /-drive: Invalid parameter 'bogus'/],
       [['-drive', 'file=x.img,cache=fast'], /Invalid cache mode 'fast'/],
       [['-drive', 'file=x.img,format=raw,werror=sometimes'], /werror|sometimes/],
-      [['-qtest', 'tcp:localhost:4444'], /only 'unix:PATH' sockets/],
+      [['-qtest', 'udp:localhost:4444'], /only 'unix:PATH' and 'tcp:HOST:PORT' sockets are supported/],
+      [['-qmp', 'tcp:localhost:99999,server=on'], /-qmp: 'localhost:99999' is not HOST:PORT/],
       [['-mon', 'chardev=nope,mode=control'], /chardev 'nope' not found/],
       [['-drive', 'file=/nonexistent/x.img,if=none'], /nonexistent/],
     ] as const) {
