@@ -20,6 +20,7 @@ import { imgRebase } from './img/rebase.js';
 import { imgResize } from './img/resize.js';
 import { imgSnapshot } from './img/snapshot.js';
 import { runSystem } from './system/run.js';
+import { runDaemon } from './daemon/run.js';
 import { runTour } from './tour.js';
 import { packageVersion } from './version.js';
 
@@ -42,6 +43,10 @@ function buildProgram(): Command {
   program
     .command('system')
     .description('an emulated pc machine, with qemu-system-x86_64\'s options (-machine pc -qtest unix:PATH ...)');
+
+  program
+    .command('daemon')
+    .description("a storage daemon, with qemu-storage-daemon's options (--blockdev, --chardev, --monitor, --object iothread, --pidfile)");
 
   program
     .command('tour')
@@ -236,14 +241,16 @@ async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
   const isImg = argv[2] === 'img';
   const isSystem = argv[2] === 'system';
+  const isDaemon = argv[2] === 'daemon';
   try {
-    // QEMU's single-dash option syntax is not commander's: `system` parses its own.
+    // QEMU's option syntaxes are not commander's: `system` and `daemon` parse their own.
     if (isSystem) await runSystem(argv.slice(3));
+    else if (isDaemon) await runDaemon(argv.slice(3));
     else await program.parseAsync(argv);
   } catch (e) {
     // Commander already printed its own message (usage errors) or the help/version text.
     if (e instanceof CommanderError) process.exitCode = e.exitCode;
-    else reportError(isImg ? 'spindle img' : isSystem ? 'spindle system' : 'spindle', e);
+    else reportError(isImg ? 'spindle img' : isSystem ? 'spindle system' : isDaemon ? 'spindle daemon' : 'spindle', e);
   }
   await settleCloses();
   // The native engine keeps the event loop alive; stdout/stderr are synchronous here.

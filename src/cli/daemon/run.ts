@@ -1,0 +1,69 @@
+/**
+ * `spindle daemon`: Spindle's qemu-storage-daemon. Block nodes (--blockdev), iothreads
+ * (--object) and QMP monitors (--chardev + --monitor); it serves until `quit`, SIGINT or
+ * SIGTERM, then closes everything it opened.
+ */
+import { rmSync, writeFileSync } from 'node:fs';
+import { createIoThread } from '../../block/iothread.js';
+import { openNode, settleCloses, unref } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import type { NodeOptions } from '../../block/types.js';
+import { registerMediaCommands } from '../../monitor/block-media.js';
+import { registerObjectCommands } from '../../monitor/commands/objects.js';
+import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
+import { CliError } from '../fail.js';
+import { socketEnd } from '../socket-end.js';
+import { packageVersion } from '../version.js';
+import { DAEMON_USAGE, parseDaemonArgs } from './args.js';
+
+/** Monitors for the daemon: the commands a storage daemon has (no machine, no devices). */
+export function daemonMonitor(stop: () => void): QmpMonitor {
+  const [major, minor, micro] = packageVersion().split('.').map(Number);
+  const monitor = new QmpMonitor({ major: major ?? 0, minor: minor ?? 0, micro: micro ?? 0, package: `spindle-${packageVersion()}` });
+  monitor.register(defineCommand({
+    name: 'quit',
+    doc: 'Closes everything and exits',
+    args: {},
+    run: () => {
+      monitor.emit('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
+      setImmediate(stop);
+    },
+  }));
+  registerMediaCommands(monitor);
+  registerObjectCommands(monitor);
+  return monitor;
+}
+
+export async function runDaemon(argv: readonly string[]): Promise<void> {
+  const cfg = parseDaemonArgs(argv);
+  if (cfg.help) return void process.stdout.write(DAEMON_USAGE);
+  if (cfg.version) return void process.stdout.write(`spindle daemon ${packageVersion()}\n`);
+  let stop!: () => void;
+  const stopped = new Promise<void>((r) => (stop = r));
+  const nodes: BlockNode[] = [];
+  const closers: (() => void)[] = [];
+  const onSignal = (): void => stop();
+  try {
+    for (const t of cfg.iothreads) createIoThread(t.id, t.props);
+    for (const b of cfg.blockdevs) {
+      if (typeof b['node-name'] !== 'string') throw new CliError("--blockdev: 'node-name' must be specified for the root node");
+      nodes.push(await openNode(b as NodeOptions));
+    }
+    const monitor = daemonMonitor(stop);
+    for (const id of cfg.monitors) closers.push(await socketEnd(cfg.chardevs.get(id)!, '--monitor', (s) => void monitor.attach(s)));
+    if (cfg.pidfile) writeFileSync(cfg.pidfile, `${process.pid}\n`);
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
+    // A daemon with nothing listening still serves until it is told to stop.
+    const keepAlive = setInterval(() => {}, 2 ** 30);
+    await stopped;
+    clearInterval(keepAlive);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    for (const close of closers) close();
+    for (const n of nodes) if (!n.deleted) unref(n);
+    await settleCloses();
+    if (cfg.pidfile) rmSync(cfg.pidfile, { force: true });
+  }
+}

@@ -1,0 +1,98 @@
+// `spindle daemon`, Spindle's qemu-storage-daemon: block nodes from --blockdev, iothreads from
+// --object, QMP monitors on UNIX and TCP chardevs, a pidfile; iothread objects through QMP,
+// and a node moved into one and back; errors for what it does not have, by name.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { bundle, ensureBuilt, spindle } from './helpers.js';
+import { scratchDir } from '../helpers/tmp.js';
+import { qmpConnect } from '../helpers/qmp.js';
+
+const dir = scratchDir('spindle-daemon-');
+
+/** A TCP port nobody listens on right now. */
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as { port: number }).port;
+  await new Promise<void>((r) => srv.close(() => r()));
+  return port;
+}
+
+/** Starts the daemon; resolves once its pidfile exists (it writes it when ready). */
+async function startDaemon(args: string[], pidfile: string): Promise<ChildProcess> {
+  const p = spawn(process.execPath, [bundle, 'daemon', ...args, '--pidfile', pidfile]);
+  let err = '';
+  p.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  for (let i = 0; i < 500 && !existsSync(pidfile); i++) {
+    if (p.exitCode !== null) throw new Error(`daemon exited: ${err}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return p;
+}
+
+describe('spindle daemon', () => {
+  beforeAll(ensureBuilt);
+
+  it('serves QMP on UNIX and TCP monitors: iothreads, a node moved into one and back, quit', async () => {
+    const img = join(dir, 'a.img');
+    writeFileSync(img, Buffer.alloc(1 << 20));
+    const sock = join(dir, 'qmp.sock');
+    const port = await freePort();
+    const pidfile = join(dir, 'd.pid');
+    const p = await startDaemon([
+      '--blockdev', `driver=file,node-name=f0,filename=${img}`,
+      '--blockdev', '{"driver": "raw", "node-name": "r0", "file": "f0"}',
+      '--object', 'iothread,id=io0,poll-max-ns=0',
+      '--chardev', `socket,id=m0,path=${sock},server=on,wait=off`, '--monitor', 'chardev=m0',
+      '--chardev', `socket,id=m1,host=127.0.0.1,port=${port},server=on,wait=off`, '--monitor', 'm1',
+    ], pidfile);
+    const exited = new Promise<number | null>((r) => p.on('exit', (c) => r(c)));
+    expect(Number(readFileSync(pidfile, 'utf8'))).toBe(p.pid);
+    const a = await qmpConnect(sock);
+    const b = await qmpConnect(port);
+    expect(a.greeting).toMatchObject({ QMP: { version: { package: expect.stringMatching(/^spindle-/) } } });
+    expect(await a.run('query-iothreads')).toEqual({ return: [{ id: 'io0', 'thread-id': p.pid, 'poll-max-ns': 0, 'poll-grow': 0, 'poll-shrink': 0, 'aio-max-batch': 0 }] });
+    expect(await b.run('object-add', { 'qom-type': 'iothread', id: 'io1' })).toEqual({ return: {} });
+    expect((await a.run('object-add', { 'qom-type': 'iothread', id: 'io1' }))['error']).toMatchObject({ class: 'GenericError' });
+    expect((await a.run('object-add', { 'qom-type': 'memory-backend-ram', id: 'm' }))['error']).toMatchObject({ class: 'GenericError' });
+    expect(await a.run('x-blockdev-set-iothread', { 'node-name': 'r0', iothread: 'io0' })).toEqual({ return: {} });
+    // r0's file node moved with it, so io0 is in use until both come back.
+    expect(await a.run('object-del', { id: 'io0' })).toEqual({ error: { class: 'GenericError', desc: "iothread 'io0' is in use by node 'f0'" } });
+    expect(await a.run('x-blockdev-set-iothread', { 'node-name': 'nope', iothread: 'io0' })).toEqual({ error: { class: 'GenericError', desc: 'Cannot find node nope' } });
+    expect(await a.run('x-blockdev-set-iothread', { 'node-name': 'f0', iothread: null })).toEqual({ return: {} });
+    expect(await a.run('object-del', { id: 'io0' })).toEqual({ return: {} });
+    expect((await b.run('query-iothreads'))['return']).toEqual([expect.objectContaining({ id: 'io1' })]);
+    expect(await b.run('quit')).toEqual({ return: {} });
+    expect(await exited).toBe(0);
+    expect(a.events.map((e) => e['event'])).toEqual(['SHUTDOWN']); // every client gets the event
+    expect(existsSync(pidfile)).toBe(false);
+    a.close();
+    b.close();
+  });
+
+  it('exits cleanly on SIGTERM, and refuses what it does not have, by name', async () => {
+    const pidfile = join(dir, 'e.pid');
+    const p = await startDaemon(['--object', 'iothread,id=x'], pidfile);
+    const exited = new Promise<number | null>((r) => p.on('exit', (c) => r(c)));
+    p.kill('SIGTERM');
+    expect(await exited).toBe(0);
+    expect(existsSync(pidfile)).toBe(false);
+    const cases: [string[], RegExp][] = [
+      [['--nbd-server', 'addr.type=unix'], /^spindle daemon: --nbd-server: not supported yet/m],
+      [['--frob', 'x'], /^spindle daemon: --frob: invalid option$/m],
+      [['--monitor', 'chardev=nope'], /--monitor: chardev 'nope' not found/],
+      [['--blockdev', 'driver=null-co'], /'node-name' must be specified for the root node/],
+      [['--object', 'iothread,id=y,poll-max-ns=x'], /--object: Parameter 'poll-max-ns' expects a number/],
+      [['--blockdev', `driver=file,node-name=f,filename=${join(dir, 'nope.img')}`], /nope\.img/],
+    ];
+    for (const [args, re] of cases) {
+      const r = spindle('daemon', ...args);
+      expect(r.status, args.join(' ')).toBe(1);
+      expect(r.stderr).toMatch(re);
+    }
+    expect(spindle('daemon', '--help').stdout).toMatch(/--blockdev .*\n[\s\S]*--pidfile/);
+  });
+});
