@@ -10,6 +10,7 @@ import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/types.js';
 import { registerMediaCommands } from '../../monitor/block-media.js';
 import { registerObjectCommands } from '../../monitor/commands/objects.js';
+import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { socketEnd } from '../socket-end.js';
@@ -31,6 +32,7 @@ export function daemonMonitor(stop: () => void): QmpMonitor {
   }));
   registerMediaCommands(monitor);
   registerObjectCommands(monitor);
+  registerSnapshotCommands(monitor);
   return monitor;
 }
 
