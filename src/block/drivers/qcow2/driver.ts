@@ -274,6 +274,11 @@ export const qcow2Driver: BlockDriver = {
     const h = s.header;
     const info: Record<string, unknown> = { 'cluster-size': 2 ** h.clusterBits, 'format-specific': qcow2FormatSpecific(h) };
     if (s.snapshots?.length) info['snapshots'] = s.snapshots.map(snapshotJson);
+    // The backing file as the header names it (query-block's backing_file, ImageInfo).
+    if (h.backingFile) {
+      info['backing-filename'] = h.backingFile;
+      if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
+    }
     return info;
   },
 };

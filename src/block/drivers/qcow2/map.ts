@@ -5,6 +5,8 @@ import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import { compressedLocation, entryCompressed, entryCopied, entryOffset, entryZeroFlag, l2ReservedBits, subclusterBitmaps } from './entries.js';
 import type { Qcow2State } from './state.js';
+import { reportCorruption } from '../../corruption.js';
+import type { BlockNode } from '../../node.js';
 
 export const KIND_UNALLOCATED = 0;
 export const KIND_ZERO = 1;
@@ -35,8 +37,16 @@ function imageName(s: Qcow2State): string {
 
 /** Marks the image corrupt (no further writes) and returns the error to report. */
 export function corruptError(s: Qcow2State, msg: string): BlockError {
+  const full = `qcow2 image '${imageName(s)}' is corrupt: ${msg}`;
+  markCorrupt(s, full);
+  return new BlockError('EIO', full, { op: 'qcow2' });
+}
+
+/** The first corruption found is reported (the monitor's BLOCK_IMAGE_CORRUPTED); later ones are not. */
+function markCorrupt(s: Qcow2State, msg: string): void {
+  if (s.corrupt) return;
   s.corrupt = true;
-  return new BlockError('EIO', `qcow2 image '${imageName(s)}' is corrupt: ${msg}`, { op: 'qcow2' });
+  reportCorruption(s.file.parent as BlockNode, msg);
 }
 
 /**
@@ -47,7 +57,7 @@ export function corruptError(s: Qcow2State, msg: string): BlockError {
 export function bindRefcounts(s: Qcow2State): void {
   const r = s.refcounts;
   if (r.onCorrupt) return;
-  r.onCorrupt = () => void (s.corrupt = true);
+  r.onCorrupt = (msg) => markCorrupt(s, msg);
   r.metadataAt = (off, bytes) => l1OrL2At(s, off, bytes);
 }
 

@@ -34,7 +34,7 @@ export class Refcounts {
   freeHint = 0;
   readonly maxRefcount: number;
   /** Called once when corruption is found (the driver marks the image corrupt). */
-  onCorrupt: (() => void) | null = null;
+  onCorrupt: ((msg: string) => void) | null = null;
   /**
    * What metadata outside the refcount structures (L1 table, L2 tables) lies in bytes
    * [offset, offset+bytes), or '' if none known: such clusters are never handed out.
@@ -68,7 +68,7 @@ export class Refcounts {
     const full = `qcow2 image '${typeof f === 'string' ? f : this.nodeName}' is corrupt: ${msg}`;
     if (this.broken === null) {
       this.broken = full;
-      this.onCorrupt?.();
+      this.onCorrupt?.(full);
     }
     return new BlockError('EIO', full, { node: this.nodeName });
   }
