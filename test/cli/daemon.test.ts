@@ -65,6 +65,13 @@ describe('spindle daemon', () => {
     expect(await a.run('x-blockdev-set-iothread', { 'node-name': 'f0', iothread: null })).toEqual({ return: {} });
     expect(await a.run('object-del', { id: 'io0' })).toEqual({ return: {} });
     expect((await b.run('query-iothreads'))['return']).toEqual([expect.objectContaining({ id: 'io1' })]);
+    // --blockdev nodes are the monitor's, as blockdev-add's: listed, and deleted top first.
+    const names = ((await a.run('query-named-block-nodes'))['return'] as { 'node-name': string }[]).map((n) => n['node-name']);
+    expect(names.sort()).toEqual(['f0', 'r0']);
+    expect((await a.run('blockdev-del', { 'node-name': 'f0' }))['error']).toMatchObject({ class: 'GenericError' }); // r0 uses it
+    expect(await a.run('blockdev-del', { 'node-name': 'r0' })).toEqual({ return: {} });
+    expect(await a.run('blockdev-del', { 'node-name': 'f0' })).toEqual({ return: {} });
+    expect(await a.run('query-named-block-nodes')).toEqual({ return: [] });
     expect(await b.run('quit')).toEqual({ return: {} });
     expect(await exited).toBe(0);
     expect(a.events.map((e) => e['event'])).toEqual(['SHUTDOWN']); // every client gets the event

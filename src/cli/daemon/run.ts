@@ -5,12 +5,13 @@
  */
 import { rmSync, writeFileSync } from 'node:fs';
 import { createIoThread } from '../../block/iothread.js';
-import { openNode, settleCloses, unref } from '../../block/graph.js';
-import type { BlockNode } from '../../block/node.js';
+import { openNode, settleCloses } from '../../block/graph.js';
 import type { NodeOptions } from '../../block/types.js';
 import { registerMediaCommands } from '../../monitor/block-media.js';
 import { registerObjectCommands } from '../../monitor/commands/objects.js';
 import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
+import { adoptMonitorNode, registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
+import { forwardCorruption } from '../../monitor/block-events.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { socketEnd } from '../socket-end.js';
@@ -33,6 +34,8 @@ export function daemonMonitor(stop: () => void): QmpMonitor {
   registerMediaCommands(monitor);
   registerObjectCommands(monitor);
   registerSnapshotCommands(monitor);
+  registerBlockCommands(monitor);
+  forwardCorruption(monitor);
   return monitor;
 }
 
@@ -42,14 +45,14 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
   if (cfg.version) return void process.stdout.write(`spindle daemon ${packageVersion()}\n`);
   let stop!: () => void;
   const stopped = new Promise<void>((r) => (stop = r));
-  const nodes: BlockNode[] = [];
   const closers: (() => void)[] = [];
   const onSignal = (): void => stop();
   try {
     for (const t of cfg.iothreads) createIoThread(t.id, t.props);
     for (const b of cfg.blockdevs) {
       if (typeof b['node-name'] !== 'string') throw new CliError("--blockdev: 'node-name' must be specified for the root node");
-      nodes.push(await openNode(b as NodeOptions));
+      // Owned by the monitor, as blockdev-add's: blockdev-del may close it.
+      adoptMonitorNode(await openNode(b as NodeOptions));
     }
     const monitor = daemonMonitor(stop);
     for (const id of cfg.monitors) closers.push(await socketEnd(cfg.chardevs.get(id)!, '--monitor', (s) => void monitor.attach(s)));
@@ -64,7 +67,7 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     for (const close of closers) close();
-    for (const n of nodes) if (!n.deleted) unref(n);
+    releaseMonitorNodes();
     await settleCloses();
     if (cfg.pidfile) rmSync(cfg.pidfile, { force: true });
   }

@@ -35,6 +35,12 @@ export function adoptMonitorNode(node: BlockNode): void {
   monitorNodes.add(node);
 }
 
+/** Drops every reference the monitor holds (at exit). Context: main loop. */
+export function releaseMonitorNodes(): void {
+  for (const n of monitorNodes) if (!n.deleted) unref(n);
+  monitorNodes.clear();
+}
+
 /** Block-layer errors reach the client as GenericError with the layer's message. */
 async function blockOp<T>(fn: () => T | Promise<T>): Promise<T> {
   try {
