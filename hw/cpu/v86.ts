@@ -108,6 +108,9 @@ export interface V86Guest {
   run(): void;
   /** Bytes into COM1's receiver, as typed at the guest's serial console. */
   sendSerial(data: Uint8Array): void;
+  /** Pauses a running CPU (QMP `stop`, werror=stop); `resume` runs it on. No-ops when stopped for good. */
+  pause(): void;
+  resume(): void;
   stop(): void;
 }
 
@@ -158,6 +161,12 @@ export function createGuest(o: GuestOptions): Promise<V86Guest> {
           if (started || stopped) return;
           started = true;
           void emu.run();
+        },
+        pause: () => {
+          if (started && !stopped) void emu.stop();
+        },
+        resume: () => {
+          if (started && !stopped) void emu.run();
         },
         stop: () => {
           if (stopped) return;

@@ -137,7 +137,7 @@ describe('spindle system', () => {
       [['-m', 'lots'], /-m: invalid size 'lots'/],
       [['-machine', 'q35'], /unsupported machine type 'q35'/],
       [['-device', 'e1000,netdev=n0'], /-device e1000: Spindle has no such device model yet/],
-      [['-device', 'virtio-blk-pci,drive=d0'], /Property 'drive': Cannot find device 'd0' nor node 'd0'/],
+      [['-device', 'virtio-blk-pci,drive=d0'], /Property 'virtio-blk-device.drive' can't find value 'd0'/],
       [['-device', 'virtio-blk-pci,drive=d0,bogus=1'], /Property 'virtio-blk-pci.bogus' not found/],
       [['-device', 'ide-hd,bus=ide.7,drive=d0'], /Bus 'ide.7' not found/],
       [['-device', 'xen-disk,vdev=hda'], /invalid vdev 'hda'/],

@@ -20,7 +20,10 @@ import { createRawFile } from '../img/create.js';
 import { imgCreateQcow2 } from '../img/create-qcow2.js';
 import { prepareGuest, runGuest, SerialWatch } from './boot.js';
 import type { V86Guest } from '../../../hw/cpu/v86.js';
-import { plugDevices, type Plugged } from './devices.js';
+import { plugDevices, release, type Plugged } from './devices.js';
+import { DeviceCommands, registerDeviceCommands } from '../../monitor/commands/devices.js';
+import { registerRunStateCommands, RunState } from '../../monitor/commands/run-state.js';
+import { registerHmp } from '../../monitor/hmp.js';
 
 /**
  * The embedded default: two qcow2 overlays over one raw base (which starts with the marker
@@ -94,7 +97,13 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
       },
     }));
     registerMediaCommands(monitor);
-    monitor.register(defineCommand({ name: 'query-status', doc: "The machine's run state", args: {}, run: () => ({ status: 'running', singlestep: false, running: true }) }));
+    const runState = new RunState(monitor);
+    if (guest) runState.cpu = guest;
+    closers.push(runState.watchBlockEvents());
+    registerRunStateCommands(monitor, runState);
+    const devices = new DeviceCommands(monitor, machine, plugged);
+    registerDeviceCommands(monitor, devices);
+    registerHmp(monitor, { machine, plugged, devices, runState });
     for (const m of cfg.monitors) closers.push(await socketEnd(m, '-mon', (s) => void monitor.attach(s)));
     const onSignal = (): void => stop();
     process.once('SIGINT', onSignal);
@@ -112,7 +121,7 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     for (const close of closers) await close();
     // Devices let go of their backends first, then the backends and nodes go.
     for (const d of machine.allDevices().reverse()) machine.removeDevice(d.id);
-    for (const be of plugged?.backends ?? []) if (!be.dead) be.unref();
+    if (plugged) for (const be of [...plugged.owned]) release(plugged, be);
     for (const n of plugged?.nodes ?? []) unref(n);
     await settleCloses();
     for (const d of plugged?.scratch ?? []) rmSync(d, { recursive: true, force: true });
