@@ -19,6 +19,8 @@ import { Perm, type PermPair } from '../block/types.js';
 import type { DeviceHandle, DeviceOps, ErrorAction, IoStatus } from './device-ops.js';
 import { emitBlockEvent } from './events.js';
 import { BackendIOImpl, issue, type BackendCore, type BackendIO, type PendingReq } from './io.js';
+import { BlockAcctStats } from './stats.js';
+import type { ThrottleGroupMember } from './throttle-group.js';
 
 const visible = new Map<string, BlockBackend>();
 const live = new Set<BlockBackend>();
@@ -52,6 +54,10 @@ export class BlockBackend implements BlockParent, BackendCore {
   iostatus: IoStatus = 'ok';
   readonly queued: PendingReq[] = [];
   readonly stopped: PendingReq[] = [];
+  /** I/O limits (block_set_io_throttle): the backend's, so they survive media change. */
+  throttle: ThrottleGroupMember | null = null;
+  /** query-blockstats' counters. */
+  readonly stats = new BlockAcctStats();
   want: PermPair;
   device: DeviceHandle | null = null;
   ops: DeviceOps | null = null;
@@ -71,8 +77,11 @@ export class BlockBackend implements BlockParent, BackendCore {
   }
   childDrainedBegin(): void {
     if (this.quiesce++ === 0) this.ops?.drainedBegin?.();
+    // QEMU: throttled requests go at once, unlimited, so the drain can finish.
+    this.throttle?.drainedBegin();
   }
   childDrainedEnd(): void {
+    this.throttle?.drainedEnd();
     if (--this.quiesce > 0) return;
     this.ops?.drainedEnd?.();
     const q = this.queued.splice(0);
@@ -172,6 +181,8 @@ export class BlockBackend implements BlockParent, BackendCore {
     this.dead = true;
     if (this.name && visible.get(this.name) === this) visible.delete(this.name);
     live.delete(this);
+    this.throttle?.unregister();
+    this.throttle = null;
     if (this.root) {
       const r = this.root;
       this.root = null;

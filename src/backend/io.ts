@@ -5,12 +5,23 @@
  * change the graph by construction. Requests made while the backend is drained are queued
  * and issued when the section ends; errors go through the rerror/werror policy, and a
  * request stopped by the policy is kept and re-issued on resume.
+ *
+ *   start ─> issue ─ drained? ─> core.queued (re-issued at drained_end)
+ *              │ no medium / past the end ─> fails
+ *              │ throttled and over the limit ─> the throttle's FIFO (released by its timer)
+ *              v
+ *            send ─> root ─> reqDone (error policy) ─> complete (statistics, callback)
+ *
+ * An unthrottled backend pays one `core.throttle !== null` test; a throttled request waits in
+ * the throttle's queue as this same pooled PendingReq (no allocation).
  */
 import { BlockError } from '../block/error.js';
 import * as io from '../block/io.js';
 import type { BlockChild } from '../block/node.js';
 import { ReqFlags, type IoCallback, type IoVec } from '../block/types.js';
 import type { ErrorAction, IoStatus } from './device-ops.js';
+import { Acct, acctNow, type BlockAcctStats } from './stats.js';
+import type { Throttled, ThrottleGroupMember } from './throttle-group.js';
 
 /** What the I/O half needs of a backend (implemented by BlockBackend). */
 export interface BackendCore {
@@ -24,6 +35,9 @@ export interface BackendCore {
   iostatus: IoStatus;
   readonly queued: PendingReq[];
   readonly stopped: PendingReq[];
+  /** The backend's throttle group membership; null: not throttled. */
+  throttle: ThrottleGroupMember | null;
+  readonly stats: BlockAcctStats;
   /** Policy said stop: tell the world (BLOCK_IO_ERROR, VM stop). */
   reportError(op: 'read' | 'write', action: ErrorAction, err: BlockError): void;
   requestDone(): void;
@@ -43,8 +57,10 @@ export class PendingReq {
   iov: IoVec = null!;
   flags = 0;
   cb: IoCallback = null!;
-  /** Whether the request reached the root and counts as in flight. */
+  /** Whether the request counts in the backend's inFlight (sent to the root, or throttled). */
   counted = false;
+  /** When the request started (ns on the throttle clock), for the statistics. */
+  start = 0;
   readonly done: IoCallback = (err) => reqDone(this, err);
   readonly ok = (): void => reqDone(this, null);
   readonly failed = (e: unknown): void => reqDone(this, e instanceof BlockError ? e : new BlockError('EIO', String(e)));
@@ -68,17 +84,33 @@ export function issue(r: PendingReq): void {
     return;
   }
   const root = core.root;
-  r.counted = root !== null;
+  r.counted = false;
   if (!root) return void process.nextTick(r.done, noMedium(core));
   // The device sees the medium's length: a growable root (a bare file) must not grow through
   // it. Other roots refuse such requests themselves (io.checkRange), so they skip this check.
   const len = io.isGrowable(root.node) ? io.getLength(root) : Infinity;
   if (r.offset + r.bytes > len && Number.isSafeInteger(r.offset + r.bytes)) {
-    r.counted = false;
     const err = new BlockError('EINVAL', `${r.write ? 'write' : 'read'} on block device '${core.name}': request [${r.offset}, ${r.offset + r.bytes}) is past the end of the ${len}-byte medium`, { offset: r.offset, bytes: r.bytes });
     return void process.nextTick(r.done, err);
   }
+  r.counted = true;
   core.inFlight++;
+  // QEMU throttles reads and writes (write-zeroes is a write); flush and discard pass.
+  if (core.throttle !== null && (r.op === ReqOp.RW || r.op === ReqOp.ZEROES) && core.throttle.intercept(r, r.write)) return;
+  send(r, root);
+}
+
+/** Issues a request the throttle let go (it passed the drain and range checks before waiting). */
+export function releaseThrottled(t: Throttled): void {
+  const r = t as PendingReq;
+  const root = r.core.root;
+  if (root) return send(r, root);
+  r.counted = false;
+  r.core.inFlight--;
+  process.nextTick(r.done, noMedium(r.core));
+}
+
+function send(r: PendingReq, root: BlockChild): void {
   if (r.op === ReqOp.RW) {
     if (r.write) io.writev(root, r.offset, r.bytes, r.iov, r.flags, r.done);
     else io.readv(root, r.offset, r.bytes, r.iov, r.flags, r.done);
@@ -114,9 +146,12 @@ function reqDone(r: PendingReq, err: BlockError | null): void {
   complete(r, err);
 }
 
+const ACCT_OF: readonly Acct[] = [Acct.READ, Acct.FLUSH, Acct.UNMAP, Acct.WRITE];
+
 function complete(r: PendingReq, err: BlockError | null): void {
   const core = r.core;
   const cb = r.cb;
+  core.stats.done(r.op === ReqOp.RW ? (r.write ? Acct.WRITE : Acct.READ) : ACCT_OF[r.op]!, r.offset, r.bytes, r.start, err !== null);
   r.core = null!;
   r.cb = null!;
   r.iov = null!;
@@ -135,6 +170,7 @@ function start(core: BackendCore, write: boolean, offset: number, bytes: number,
   r.iov = iov;
   r.flags = flags;
   r.cb = cb;
+  r.start = acctNow();
   issue(r);
 }
 
