@@ -106,14 +106,17 @@ export class BlockBackend implements BlockParent, BackendCore {
     return this.root?.node ?? null;
   }
 
-  /** Inserts a root node (media change: the device is told). Context: main loop. */
-  insertNode(node: BlockNode): void {
+  /**
+   * Inserts a root node (media change: the device is told, unless `load` is false: a device
+   * with a tray learns of it when the tray closes). Context: main loop.
+   */
+  insertNode(node: BlockNode, load = true): void {
     assertMainLoop('insertNode');
     this.#alive();
     if (this.root) throw new BlockError('EBUSY', `Block device '${this.name}' already has a medium (node '${this.root.node.name}')`);
     const want = node.readOnly ? { perm: this.want.perm & ~WRITE_PERMS, shared: this.want.shared } : this.want;
     this.root = attachRoot(this, node, 'root', want);
-    if (this.ops) this.ops.changeMedia?.(true);
+    if (this.ops && load) this.ops.changeMedia?.(true);
     emitBlockEvent({ event: 'MEDIA_CHANGED', device: this.name, inserted: true });
   }
 

@@ -12,6 +12,7 @@ import { registerObjectCommands } from '../../monitor/commands/objects.js';
 import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { adoptMonitorNode, registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
 import { forwardCorruption } from '../../monitor/block-events.js';
+import { registerThrottleCommands } from '../../monitor/commands/throttle.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { socketEnd } from '../socket-end.js';
@@ -35,6 +36,7 @@ export function daemonMonitor(stop: () => void): QmpMonitor {
   registerObjectCommands(monitor);
   registerSnapshotCommands(monitor);
   registerBlockCommands(monitor);
+  registerThrottleCommands(monitor);
   forwardCorruption(monitor);
   return monitor;
 }

@@ -21,12 +21,12 @@ import { XenBridge } from '../../../hw/xen/xen-bridge.js';
 import { XenDisk } from '../../../hw/xen/xen-disk.js';
 import { createBackend, findBackend, type BlockBackend } from '../../backend/backend.js';
 import { findNode, openNode, unref } from '../../block/graph.js';
-import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/types.js';
 import type { ErrorAction } from '../../backend/device-ops.js';
 import { imageOptions } from '../img/open.js';
 import { imgCreateQcow2 } from '../img/create-qcow2.js';
 import { CliError } from '../fail.js';
+import { adoptMonitorNode } from '../../monitor/commands/block.js';
 import type { SystemConfig } from './args.js';
 import type { KeyvalObject } from './keyval.js';
 
@@ -62,7 +62,6 @@ export interface Peripheral {
 
 /** What the machine holds and must let go of at exit. */
 export interface Plugged {
-  nodes: BlockNode[];
   /** Backends whose creating reference the machine holds (see the banner). */
   owned: Set<BlockBackend>;
   /** Scratch directories (-snapshot's overlays), removed at exit. */
@@ -96,7 +95,7 @@ function fail(msg: string): never {
 
 export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promise<Plugged> {
   const p: Plugged = {
-    nodes: [], owned: new Set(), scratch: [], ide: new PiixIde({ id: 'ide', bus: machine.chipset.bus, irqs: machine.ioapic }), xen: null,
+    owned: new Set(), scratch: [], ide: new PiixIde({ id: 'ide', bus: machine.chipset.bus, irqs: machine.ioapic }), xen: null,
     peripherals: new Map(), ideUsed: new Set(), drives: 0, anon: 0, snapshot: cfg.snapshot,
   };
   // The pc machine always has its IDE controller at 01.1.
@@ -104,7 +103,8 @@ export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promis
   for (const b of cfg.blockdevs) {
     const o = typed(b) as NodeOptions;
     if (typeof o['node-name'] !== 'string') throw new CliError("-blockdev: Parameter 'node-name' is missing");
-    p.nodes.push(await openNode(o));
+    // As blockdev-add's: the monitor owns it, so blockdev-del may close it.
+    adoptMonitorNode(await openNode(o));
   }
   for (const d of cfg.drives) await addDrive(machine, p, d, false);
   for (const dev of cfg.devices) {

@@ -9,9 +9,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
-import { settleCloses, unref } from '../../block/graph.js';
+import { settleCloses } from '../../block/graph.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { registerMediaCommands } from '../../monitor/block-media.js';
+import { forwardCorruption } from '../../monitor/block-events.js';
+import { registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
+import { registerObjectCommands } from '../../monitor/commands/objects.js';
+import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
+import { registerThrottleCommands } from '../../monitor/commands/throttle.js';
 import { CliError } from '../fail.js';
 import { packageRoot, packageVersion } from '../version.js';
 import { parseSystemArgs } from './args.js';
@@ -97,6 +102,11 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
       },
     }));
     registerMediaCommands(monitor);
+    registerBlockCommands(monitor);
+    registerThrottleCommands(monitor);
+    registerSnapshotCommands(monitor);
+    registerObjectCommands(monitor);
+    closers.push(forwardCorruption(monitor));
     const runState = new RunState(monitor);
     if (guest) runState.cpu = guest;
     closers.push(runState.watchBlockEvents());
@@ -122,7 +132,7 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     // Devices let go of their backends first, then the backends and nodes go.
     for (const d of machine.allDevices().reverse()) machine.removeDevice(d.id);
     if (plugged) for (const be of [...plugged.owned]) release(plugged, be);
-    for (const n of plugged?.nodes ?? []) unref(n);
+    releaseMonitorNodes();
     await settleCloses();
     for (const d of plugged?.scratch ?? []) rmSync(d, { recursive: true, force: true });
   }

@@ -15,6 +15,7 @@ import { liveBackends, type BlockBackend } from '../../backend/backend.js';
 import type { BlockNode } from '../../block/node.js';
 import { combinePath } from '../../cli/img/qcow2-info.js';
 import { qdictOrder } from '../../cli/img/qdict.js';
+import { throttleLimits } from './throttle.js';
 
 /** QEMU's bs->filename: a protocol node's own name, else its data child's. */
 export function nodeFilename(node: BlockNode): string {
@@ -72,8 +73,9 @@ export function imageInfo(node: BlockNode, flat: boolean): Record<string, unknow
  * I/O throttling as query-block reports it. Zero until throttling is wired in; the monitor
  * fills the real limits here (bps_max and friends appear only when a limit is set).
  */
-function throttleFields(_be: BlockBackend | null): Record<string, number> {
-  return { bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 };
+/** The backend's I/O limits as query-block shows them (the six rates always; the rest when set). */
+function throttleFields(be: BlockBackend | null): Record<string, number | string> {
+  return be ? throttleLimits(be) : { bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 };
 }
 
 /** BlockDeviceInfo of `node`, seen through `be` (query-block) or alone (query-named-block-nodes). */
