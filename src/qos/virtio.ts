@@ -5,7 +5,7 @@
  * entries by polling the used ring (bounded; no timers).
  */
 import type { GuestAlloc } from './alloc.js';
-import { QPciBus, type QPciDevice } from './pci.js';
+import { QPciBus, QPciDevice } from './pci.js';
 import type { QtestClient } from './qtest-client.js';
 
 export const VIRTIO_STATUS_ACKNOWLEDGE = 1;
@@ -160,6 +160,10 @@ export class QVirtQueue {
 export interface QVirtioOpenOptions {
   /** Drive it through the legacy I/O BAR (a transitional device). */
   legacy?: boolean;
+  /** The device in this PCI slot (default: the first of its type). */
+  slot?: number;
+  /** The bus that places its BARs; share one among devices so their BARs do not overlap. */
+  bus?: QPciBus;
 }
 
 export class QVirtioPciDevice {
@@ -183,11 +187,11 @@ export class QVirtioPciDevice {
 
   /** Finds the first virtio device of type `virtioId` (2: block), maps it and enables it. */
   static async open(qts: QtestClient, alloc: GuestAlloc, virtioId: number, opts: QVirtioOpenOptions = {}): Promise<QVirtioPciDevice> {
-    const bus = new QPciBus(qts);
+    const bus = opts.bus ?? new QPciBus(qts);
     const legacyId = 0x1000 + virtioId - 1;
-    const hit = (await bus.enumerate()).find(([, v, d]) => v === 0x1af4 && (d === 0x1040 + virtioId || d === legacyId));
-    if (!hit) throw new Error(`no virtio device of type ${virtioId}`);
-    const pdev = (await bus.find(hit[1], hit[2]))!;
+    const hit = (await bus.enumerate()).find(([devfn, v, d]) => v === 0x1af4 && (d === 0x1040 + virtioId || d === legacyId) && (opts.slot === undefined || devfn >> 3 === opts.slot));
+    if (!hit) throw new Error(`no virtio device of type ${virtioId}${opts.slot === undefined ? '' : ` in slot ${opts.slot}`}`);
+    const pdev = new QPciDevice(bus, hit[0]);
     const dev = new QVirtioPciDevice(qts, pdev, alloc, opts.legacy ?? false);
     await dev.map();
     return dev;
