@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { startMachine, type RunningMachine } from '../../src/qos/machine.js';
 import { QPciBus } from '../../src/qos/pci.js';
+import { QAtaChannel } from '../../src/qos/ata.js';
 import type { QtestClient } from '../../src/qos/qtest-client.js';
 import { QVirtioBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK } from '../../src/qos/virtio-blk.js';
 import { ensureBuilt, tempDir } from '../cli/helpers.js';
@@ -167,13 +168,12 @@ describe('device hotplug over QMP', () => {
     }
   }, 60_000);
 
-  it("refuses what QEMU refuses, with QEMU's messages: IDE hotplug, a duplicate id, an unknown drive, a drive in use, an unknown model, unknown HMP commands", async () => {
+  it("refuses what QEMU refuses, with QEMU's messages: a bad bus, a duplicate id, an unknown drive, a drive in use, an unknown model, unknown HMP commands", async () => {
     const img = image('refuse.img', 4);
     const { vm, qmp } = await boot('refuse', ['-drive', `if=none,id=hd2,file=${img},format=raw`]);
     try {
       const err = (desc: string, cls = 'GenericError') => ({ error: { class: cls, desc } });
-      expect(await qmp.cmd('device_add', { driver: 'ide-hd', id: 'ide1', drive: 'hd2' })).toEqual(err("Bus 'ide.0' does not support hotplugging"));
-      expect(await qmp.cmd('device_add', { driver: 'ide-cd', id: 'cd1', bus: 'ide.1' })).toEqual(err("Bus 'ide.1' does not support hotplugging"));
+      expect(await qmp.cmd('device_add', { driver: 'ide-hd', id: 'ide1', drive: 'hd2', bus: 'ide.7' })).toEqual(err("Bus 'ide.7' not found (ide.0 or ide.1)"));
       expect(await qmp.cmd('device_add', { driver: 'virtio-blk-pci', id: 'd0', drive: 'nope' })).toEqual(err("Property 'virtio-blk-device.drive' can't find value 'nope'"));
       expect(await qmp.cmd('device_add', { driver: 'virtio-blk-pci', id: 'd0', drive: 'hd2', bogus: 1 })).toEqual(err("Property 'virtio-blk-pci.bogus' not found"));
       expect(await qmp.cmd('device_add', { driver: 'e1000', id: 'n0' })).toEqual(err("'e1000' is not a valid device model name"));
@@ -190,6 +190,36 @@ describe('device hotplug over QMP', () => {
       expect(await qmp.cmd('human-monitor-command', { 'command-line': 'info status', 'cpu-index': 3 })).toEqual(err("Parameter 'cpu-index' expects a CPU number"));
       // The refused attempts left nothing behind: hd2 is the only backend, attached to d0.
       expect(await qmp.hmp('info block')).toMatch(/^hd2 \(#block\d+\): .*refuse\.img \(raw\)\r\n    Attached to:      \/machine\/peripheral\/d0\/virtio-backend\r\n    Cache mode:       writeback\r\n$/);
+    } finally {
+      qmp.close();
+      expect(await vm.quit()).toBe(0);
+    }
+  }, 60_000);
+});
+
+describe('IDE hotplug (a Spindle extension: QEMU refuses it)', () => {
+  it('device_add puts an ide-hd on a free position the guest then finds; device_del takes it at once, DEVICE_DELETED, the backend freed', async () => {
+    const img = image('idehot.img', 5);
+    const { vm, qmp, pid } = await boot('idehot');
+    const { qts } = vm;
+    try {
+      expect(await qmp.hmp(`drive_add 0 if=none,id=hd3,file=${img},format=raw`)).toBe('OK\r\n');
+      expect(await qmp.cmd('device_add', { driver: 'ide-hd', id: 'idehot', drive: 'hd3', bus: 'ide.1', serial: 'HOT3' })).toEqual({ return: {} });
+      const [, ide1] = await QAtaChannel.piix(qts, new QPciBus(qts), await GuestAlloc.forPc(qts));
+      await ide1.select(0);
+      const id = await ide1.identify();
+      expect(Buffer.from(id).readUInt32LE(60 * 2)).toBe(SIZE / 512);
+      const r = await ide1.pioIn(0x20, { lba: 3, count: 1 }, 512);
+      expect(Buffer.from(r.data).equals(pattern(SIZE, 5).subarray(3 * 512, 4 * 512))).toBe(true);
+      const data = pattern(512, 11);
+      expect((await ide1.pioOut(0x30, { lba: 9, count: 1 }, data)).status & 0x01).toBe(0);
+      expect(readFileSync(img).subarray(9 * 512, 10 * 512).equals(data)).toBe(true);
+      expect(await qmp.cmd('device_del', { id: 'idehot' })).toEqual({ return: {} });
+      expect(await qmp.waitEvent('DEVICE_DELETED')).toEqual([{ device: 'idehot', path: '/machine/peripheral/idehot' }]);
+      await eventually(() => openCount(pid, img) === 0, 'the image file to be closed');
+      await ide1.select(0);
+      expect(await ide1.reg(7)).toBe(0xff); // nobody answers on ide.1 now: a floating bus
+      expect(await qmp.hmp('info block')).toBe('');
     } finally {
       qmp.close();
       expect(await vm.quit()).toBe(0);

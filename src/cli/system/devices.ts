@@ -298,7 +298,8 @@ export function plugDevice(machine: PcMachine, p: Plugged, dev: DeviceProps, hot
     const m = bus === undefined ? null : /^ide\.([01])$/.exec(bus);
     if (bus !== undefined && !m) fail(`Bus '${bus}' not found (ide.0 or ide.1)`);
     ideBus = m ? (Number(m[1]) as 0 | 1) : p.ideUsed.has('0.0') && p.ideUsed.has('0.1') ? 1 : 0;
-    if (hot) fail(`Bus 'ide.${ideBus}' does not support hotplugging`);
+    // Hot-plugged IDE drives are a Spindle extension (QEMU refuses): the guest finds them when
+    // it next probes the position.
   }
   const given = text(dev, 'id');
   if (given !== undefined) {

@@ -41,7 +41,16 @@ export class DeviceCommands {
     const id = idOrPath.startsWith('/machine/peripheral/') ? idOrPath.slice('/machine/peripheral/'.length) : idOrPath;
     const per = this.plugged.peripherals.get(id);
     if (!per || !this.machine.device(id) && !per.ide) throw new QmpError('DeviceNotFound', `Device '${idOrPath}' not found`);
-    if (per.ide) throw new QmpError('GenericError', `Bus 'ide.${per.ide[0]}' does not support hotplugging`);
+    if (per.ide) {
+      // IDE has no hotplug signalling: the drive goes at once (a Spindle extension; QEMU
+      // refuses). The guest finds the position empty at its next command.
+      const [bus, unit] = per.ide;
+      this.plugged.ide.detach(bus, unit);
+      this.plugged.ideUsed.delete(`${bus}.${unit}`);
+      deviceGone(this.plugged, id);
+      this.monitor.emit('DEVICE_DELETED', { device: id, path: peripheralPath(id) });
+      return;
+    }
     if (per.unplugging) throw new QmpError('GenericError', `Device ${id} is already in the process of unplug`);
     per.unplugging = true;
     this.machine.unplugRequest(id, () => {
