@@ -69,6 +69,25 @@ describe('media change', () => {
     expect(info['tray_open']).toBe(false);
   });
 
+  it('a tray the guest locked: eject fails with QEMU message and the guest sees the eject request; with force the medium goes', async () => {
+    const { qmp } = await setup();
+    const ch = r!.ch[1];
+    await ch.select(0);
+    const be = r!.backends[0]!;
+    expect((await ch.packet([0x1e, 0, 0, 0, 1])).status & 0x01).toBe(0); // PREVENT MEDIUM REMOVAL
+    expect(await qmp.run('eject', { id: 'cd10' })).toEqual({
+      error: { class: 'GenericError', desc: "Device 'cd10' is locked and force was not specified, wait for tray to open and try again" },
+    });
+    expect(be.node).not.toBeNull();
+    const ev = (await ch.packet([0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8])).data; // GET EVENT STATUS NOTIFICATION, media class
+    expect([ev[4], ev[5]]).toEqual([1, 2]); // an eject request, medium present
+    expect(qmp.events).toEqual([]);
+    expect(await qmp.run('eject', { id: 'cd10', force: true })).toEqual({ return: {} });
+    expect(be.node).toBeNull();
+    expect(qmp.events.map((e) => (e['data'] as Record<string, unknown>)['tray-open'])).toEqual([true]);
+    expect(await readSector(0)).toBe(0x02); // NOT READY: no medium
+  });
+
   it('open-tray, remove-medium, insert-medium and close-tray one by one, with their refusals', async () => {
     const { qmp, isoB } = await setup();
     const be = r!.backends[0]!;
