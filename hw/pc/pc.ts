@@ -88,6 +88,11 @@ export class PcMachine extends Machine {
     for (const s of slots) this.hotplug.requestUnplug(s);
   }
 
+  /** Forgets unplug requests still waiting for the guest (the machine is going away). */
+  cancelUnplugRequests(): void {
+    this.unplugging.clear();
+  }
+
   private ejected(slot: number): void {
     for (const [id, slots] of this.slotsOf) if (slots.includes(slot)) return this.removeDevice(id);
   }

@@ -129,7 +129,9 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
   } finally {
     guest?.stop();
     for (const close of closers) await close();
-    // Devices let go of their backends first, then the backends and nodes go.
+    // Devices let go of their backends first, then the backends and nodes go. Unplugs the
+    // guest never completed are not reported as done (no DEVICE_DELETED at quit).
+    machine.cancelUnplugRequests();
     for (const d of machine.allDevices().reverse()) machine.removeDevice(d.id);
     if (plugged) for (const be of [...plugged.owned]) release(plugged, be);
     releaseMonitorNodes();
