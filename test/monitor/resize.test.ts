@@ -48,8 +48,10 @@ describe('block_resize', () => {
       expect(await blk.write((5 << 20) / 512, data)).toBe(VIRTIO_BLK_S_OK);
       expect(await blk.flush()).toBe(VIRTIO_BLK_S_OK);
       expect(readFileSync(img).subarray(5 << 20, (5 << 20) + 512).equals(data)).toBe(true);
-      const info = (await qmp.ok('query-block')) as { device: string; inserted: { image: { 'virtual-size': number } } }[];
-      expect(info.find((b) => b.device === 'd0')!.inserted.image['virtual-size']).toBe(6 << 20);
+      const info = (await qmp.ok('query-block')) as { device: string; qdev: string; inserted: { image: { 'virtual-size': number } } }[];
+      const d0 = info.find((b) => b.device === 'd0')!;
+      expect(d0.inserted.image['virtual-size']).toBe(6 << 20);
+      expect(d0.qdev).toBe('/machine/peripheral/vd0/virtio-backend'); // as QEMU names virtio-blk's holder
       // An unplug the guest never completes is not reported as done when the machine quits.
       expect(await qmp.cmd('device_del', { id: 'vd0' })).toEqual({ return: {} });
     } finally {

@@ -16,6 +16,7 @@ import type { BlockNode } from '../../block/node.js';
 import { combinePath } from '../../cli/img/qcow2-info.js';
 import { qdictOrder } from '../../cli/img/qdict.js';
 import { throttleLimits } from './throttle.js';
+import { qdevOf } from './qdev.js';
 
 /** QEMU's bs->filename: a protocol node's own name, else its data child's. */
 export function nodeFilename(node: BlockNode): string {
@@ -121,7 +122,8 @@ export function blockInfo(be: BlockBackend): Record<string, unknown> {
   const ops = be.ops;
   const hasTray = ops?.isTrayOpen !== undefined;
   const info: Record<string, unknown> = { device: be.visible ? be.name : '' };
-  if (be.device) info['qdev'] = be.device.id;
+  const qdev = qdevOf(be);
+  if (qdev) info['qdev'] = qdev;
   info['type'] = 'unknown';
   info['removable'] = be.device === null || hasTray;
   info['locked'] = ops?.isMediumLocked?.() ?? false;

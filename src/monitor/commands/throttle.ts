@@ -13,6 +13,7 @@ import { allNodes } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { ChildRole } from '../../block/types.js';
 import { defineCommand, QmpError, type QmpMonitor } from '../qmp.js';
+import { qdevOf } from './qdev.js';
 
 const int = (doc: string) => ({ type: 'int', doc }) as const;
 const opt = (doc: string) => ({ type: 'int', optional: true, doc }) as const;
@@ -95,7 +96,8 @@ function nodeEntry(n: BlockNode, blkLevel: boolean): Record<string, unknown> {
 function backendEntry(be: BlockBackend): Record<string, unknown> {
   const root = be.root?.node;
   const s: Record<string, unknown> = { device: be.name };
-  if (be.device) s['qdev'] = be.device.id;
+  const qdev = qdevOf(be);
+  if (qdev) s['qdev'] = qdev;
   if (root) {
     const n = nodeEntry(root, true);
     s['node-name'] = n['node-name'];
