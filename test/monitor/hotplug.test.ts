@@ -227,6 +227,26 @@ describe('IDE hotplug (a Spindle extension: QEMU refuses it)', () => {
   }, 60_000);
 });
 
+describe('xen-disk over QMP', () => {
+  it('device_add plugs a xen-disk on a drive_add backend; device_del takes it at once with DEVICE_DELETED and frees the backend', async () => {
+    const img = image('xen.img', 12);
+    const { vm, qmp, pid } = await boot('xen');
+    try {
+      expect(await qmp.hmp(`drive_add 0 if=none,id=xd0,file=${img},format=raw`)).toBe('OK\r\n');
+      expect(await qmp.cmd('device_add', { driver: 'xen-disk', id: 'x0', vdev: 'xvda', drive: 'xd0' })).toEqual({ return: {} });
+      expect(await qmp.hmp('info block')).toMatch(/^xd0 \(#block\d+\): .*xen\.img \(raw\)\r\n    Attached to:      x0\r\n/);
+      expect(await qmp.cmd('device_add', { driver: 'xen-disk', id: 'x1', vdev: 'xvda', drive: 'xd0' })).toMatchObject({ error: { class: 'GenericError' } });
+      expect(await qmp.cmd('device_del', { id: 'x0' })).toEqual({ return: {} });
+      expect(await qmp.waitEvent('DEVICE_DELETED')).toEqual([{ device: 'x0', path: '/machine/peripheral/x0' }]);
+      await eventually(() => openCount(pid, img) === 0, 'the image file to be closed');
+      expect(await qmp.hmp('info block')).toBe('');
+    } finally {
+      qmp.close();
+      expect(await vm.quit()).toBe(0);
+    }
+  }, 60_000);
+});
+
 describe('run state over QMP', () => {
   it('stop and cont change query-status and emit STOP and RESUME (once per change)', async () => {
     const { vm, qmp } = await boot('runstate');
