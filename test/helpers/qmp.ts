@@ -1,9 +1,15 @@
 /** A QMP client for tests: connects (UNIX path or TCP port), negotiates, runs commands, keeps events. */
-import { connect, type Socket } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
+import type { QmpMonitor } from '../../src/monitor/qmp.js';
 
 export interface QmpSession {
   greeting: Record<string, unknown>;
+  /** The whole reply: { return } or { error }. */
   run(cmd: string, args?: object): Promise<Record<string, unknown>>;
+  /** The `return` of a command that must succeed. */
+  ok(cmd: string, args?: object): Promise<unknown>;
+  /** The `error` of a command that must fail. */
+  err(cmd: string, args?: object): Promise<{ class: string; desc: string }>;
   events: Record<string, unknown>[];
   close(): void;
 }
@@ -33,5 +39,29 @@ export async function qmpConnect(where: string | number, negotiate = true): Prom
     });
   const g = await greeting;
   if (negotiate) await run('qmp_capabilities');
-  return { greeting: g, run, events, close: () => s.destroy() };
+  const ok = async (cmd: string, args?: object): Promise<unknown> => {
+    const r = await run(cmd, args);
+    if (!('return' in r)) throw new Error(`${cmd} failed: ${JSON.stringify(r)}`);
+    return r['return'];
+  };
+  const err = async (cmd: string, args?: object): Promise<{ class: string; desc: string }> => {
+    const r = await run(cmd, args);
+    if (!('error' in r)) throw new Error(`${cmd} succeeded: ${JSON.stringify(r)}`);
+    return r['error'] as { class: string; desc: string };
+  };
+  return { greeting: g, run, ok, err, events, close: () => s.destroy() };
+}
+
+/** Serves `mon` on a UNIX socket at `path` and connects a negotiated session; close() ends both. */
+export async function serveMonitor(mon: QmpMonitor, path: string): Promise<QmpSession> {
+  const srv = createServer((sock) => void mon.attach(sock));
+  await new Promise<void>((r) => srv.listen(path, r));
+  const q = await qmpConnect(path);
+  return {
+    ...q,
+    close: () => {
+      q.close();
+      srv.close();
+    },
+  };
 }

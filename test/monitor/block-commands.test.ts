@@ -2,75 +2,24 @@
 // QEMU's argument errors), query-named-block-nodes and query-block against what qemu-img says
 // about the same images, blockdev-del's refusals, and block_resize through backends and nodes.
 import { statSync, writeFileSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createBackend, type BlockBackend } from '../../src/backend/backend.js';
 import { findNode } from '../../src/block/graph.js';
 import { registerBlockCommands } from '../../src/monitor/commands/block.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';
+import { serveMonitor, type QmpSession } from '../helpers/qmp.js';
 import { createImage, qemuInfo, expectClean } from '../helpers/qemu.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const dir = scratchDir('spindle-qmp-block-');
-type Reply = Record<string, unknown>;
 
-interface Client {
-  cmd(execute: string, args?: Record<string, unknown>): Promise<Reply>;
-  ok(execute: string, args?: Record<string, unknown>): Promise<unknown>;
-  err(execute: string, args?: Record<string, unknown>): Promise<{ class: string; desc: string }>;
-  close(): void;
-}
+type Client = QmpSession;
 
-let server: Server;
 let client: Client;
 
 async function open(mon: QmpMonitor): Promise<Client> {
-  const path = join(dir, 'qmp.sock');
-  server = createServer((s) => void mon.attach(s));
-  await new Promise<void>((r) => server.listen(path, r));
-  const sock: Socket = connect(path);
-  let buf = '';
-  const queue: string[] = [];
-  let waiter: ((s: string) => void) | null = null;
-  sock.setEncoding('utf8').on('data', (d: string) => {
-    buf += d;
-    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-      const line = buf.slice(0, nl).trim();
-      buf = buf.slice(nl + 1);
-      if (waiter) {
-        const w = waiter;
-        waiter = null;
-        w(line);
-      } else queue.push(line);
-    }
-  });
-  const next = async (): Promise<Reply> => {
-    for (;;) {
-      const m = JSON.parse(queue.shift() ?? (await new Promise<string>((r) => (waiter = r)))) as Reply;
-      if (!('event' in m)) return m;
-    }
-  };
-  const cmd = async (execute: string, args?: Record<string, unknown>): Promise<Reply> => {
-    sock.write(JSON.stringify(args ? { execute, arguments: args } : { execute }));
-    return next();
-  };
-  expect(await next()).toHaveProperty('QMP');
-  expect(await cmd('qmp_capabilities')).toEqual({ return: {} });
-  return {
-    cmd,
-    async ok(execute, args) {
-      const r = await cmd(execute, args);
-      if (!('return' in r)) throw new Error(`${execute} failed: ${JSON.stringify(r)}`);
-      return r['return'];
-    },
-    async err(execute, args) {
-      const r = await cmd(execute, args);
-      if (!('error' in r)) throw new Error(`${execute} succeeded: ${JSON.stringify(r)}`);
-      return r['error'] as { class: string; desc: string };
-    },
-    close: () => sock.destroy(),
-  };
+  return serveMonitor(mon, join(dir, 'qmp.sock'));
 }
 
 beforeAll(async () => {
@@ -80,7 +29,6 @@ beforeAll(async () => {
 });
 afterAll(() => {
   client.close();
-  server.close();
 });
 
 type Info = Record<string, unknown>;

@@ -2,14 +2,13 @@
 // backend fails with EIO, the image takes no more metadata writes, and QMP clients get
 // BLOCK_IMAGE_CORRUPTED once, naming the device and the node.
 import { openSync, readSync, writeSync, closeSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createBackend } from '../../src/backend/backend.js';
 import { openNode, settleCloses, unref } from '../../src/block/graph.js';
 import { forwardCorruption } from '../../src/monitor/block-events.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';
-import { qmpConnect } from '../helpers/qmp.js';
+import { serveMonitor } from '../helpers/qmp.js';
 import { createImage, qemuIo } from '../helpers/qemu.js';
 import { scratchDir } from '../helpers/tmp.js';
 
@@ -32,10 +31,7 @@ describe('BLOCK_IMAGE_CORRUPTED', () => {
 
     const mon = new QmpMonitor({ major: 0, minor: 1, micro: 0, package: 'test' });
     const stop = forwardCorruption(mon);
-    const sock = join(dir, 'm.sock');
-    const srv = createServer((s) => void mon.attach(s));
-    await new Promise<void>((r) => srv.listen(sock, r));
-    const qmp = await qmpConnect(sock);
+    const qmp = await serveMonitor(mon, join(dir, 'm.sock'));
     const node = await openNode({ driver: 'qcow2', 'node-name': 'corrupt-top', file: { driver: 'file', filename: img } });
     const be = createBackend({ name: 'corrupt-disk' }, node);
     unref(node);
@@ -51,7 +47,6 @@ describe('BLOCK_IMAGE_CORRUPTED', () => {
       ]);
     } finally {
       qmp.close();
-      srv.close();
       stop();
       be.detachDevice(dev);
       be.unref();

@@ -2,7 +2,6 @@
 // I/O limits gets a new ISO by blockdev-change-medium; the tray opens and closes (events),
 // the guest sees UNIT ATTENTION then the new data, and the limits are still the backend's.
 // The step-by-step commands (open, remove, insert, close) leave the tray as QEMU does.
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { registerMediaCommands } from '../../src/monitor/block-media.js';
@@ -10,7 +9,7 @@ import { registerBlockCommands } from '../../src/monitor/commands/block.js';
 import { registerThrottleCommands } from '../../src/monitor/commands/throttle.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';
 import { openNode, unref } from '../../src/block/graph.js';
-import { qmpConnect, type QmpSession } from '../helpers/qmp.js';
+import { serveMonitor, type QmpSession } from '../helpers/qmp.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { imageFile, rig, type Rig } from '../hw/ide-helpers.js';
 
@@ -31,14 +30,8 @@ async function setup(): Promise<{ qmp: QmpSession; isoB: string }> {
   registerMediaCommands(mon);
   registerBlockCommands(mon);
   registerThrottleCommands(mon);
-  const sock = join(dir, `m${Math.random().toString(36).slice(2)}.sock`);
-  const srv = createServer((s) => void mon.attach(s));
-  await new Promise<void>((res) => srv.listen(sock, res));
-  const qmp = await qmpConnect(sock);
-  closeAll = () => {
-    qmp.close();
-    srv.close();
-  };
+  const qmp = await serveMonitor(mon, join(dir, `m${Math.random().toString(36).slice(2)}.sock`));
+  closeAll = qmp.close;
   return { qmp, isoB };
 }
 

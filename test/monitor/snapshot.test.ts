@@ -1,7 +1,6 @@
 // External snapshots over a real QMP socket: blockdev-snapshot-sync creates a qcow2 overlay
 // naming the old top as its backing file and swaps it in under a backend a device is writing
 // through; blockdev-snapshot does the same with a node the user opened. QEMU reads the result.
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createBackend, type BlockBackend } from '../../src/backend/backend.js';
@@ -9,7 +8,7 @@ import type { BackendIO } from '../../src/backend/io.js';
 import { findNode, openNode, settleCloses, unref } from '../../src/block/graph.js';
 import { registerSnapshotCommands } from '../../src/monitor/commands/snapshot.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';
-import { qmpConnect, type QmpSession } from '../helpers/qmp.js';
+import { serveMonitor, type QmpSession } from '../helpers/qmp.js';
 import { createImage, qemuCheck, qemuImg, qemuIo, qemuRaw } from '../helpers/qemu.js';
 import { scratchDir } from '../helpers/tmp.js';
 
@@ -19,10 +18,8 @@ const path = (n: string): string => join(dir, n);
 async function monitorOn(name: string): Promise<{ qmp: QmpSession; close: () => void }> {
   const mon = new QmpMonitor({ major: 0, minor: 1, micro: 0, package: 'test' });
   registerSnapshotCommands(mon);
-  const srv = createServer((s) => void mon.attach(s));
-  await new Promise<void>((r) => srv.listen(path(name), r));
-  const qmp = await qmpConnect(path(name));
-  return { qmp, close: () => (qmp.close(), srv.close()) };
+  const qmp = await serveMonitor(mon, path(name));
+  return { qmp, close: qmp.close };
 }
 
 function write(io: BackendIO, offset: number, byte: number, len: number): Promise<void> {

@@ -2,7 +2,6 @@
 // and messages (checked against QEMU 7.2), limits that take effect on a device's I/O, and
 // counters after real I/O through a device's BackendIO.
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -11,42 +10,16 @@ import { setThrottleClock, type ThrottleClock } from '../../src/backend/throttle
 import { openNode, unref } from '../../src/block/graph.js';
 import { registerThrottleCommands, throttleLimits } from '../../src/monitor/commands/throttle.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';
+import { serveMonitor, type QmpSession } from '../helpers/qmp.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'spindle-thr-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 type Reply = Record<string, unknown>;
-async function client(name: string): Promise<{ cmd: (execute: string, args?: Record<string, unknown>) => Promise<Reply>; sock: Socket }> {
+async function client(name: string): Promise<QmpSession> {
   const mon = new QmpMonitor({ major: 0, minor: 1, micro: 0, package: 'spindle-test' });
   registerThrottleCommands(mon);
-  const path = join(dir, name);
-  const srv = createServer((s) => void mon.attach(s));
-  await new Promise<void>((r) => srv.listen(path, r));
-  const sock = connect(path);
-  let buf = '';
-  const queue: string[] = [];
-  let waiter: ((s: string) => void) | null = null;
-  sock.setEncoding('utf8').on('data', (d: string) => {
-    buf += d;
-    for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
-      const line = buf.slice(0, nl).trim();
-      buf = buf.slice(nl + 1);
-      if (waiter) {
-        const w = waiter;
-        waiter = null;
-        w(line);
-      } else queue.push(line);
-    }
-  });
-  sock.on('close', () => srv.close());
-  const next = async (): Promise<Reply> => JSON.parse(queue.shift() ?? (await new Promise<string>((r) => (waiter = r)))) as Reply;
-  await next(); // greeting
-  const cmd = async (execute: string, args?: Record<string, unknown>): Promise<Reply> => {
-    sock.write(JSON.stringify({ execute, ...(args ? { arguments: args } : {}) }));
-    return next();
-  };
-  expect(await cmd('qmp_capabilities')).toEqual({ return: {} });
-  return { cmd, sock };
+  return serveMonitor(mon, join(dir, name));
 }
 
 const ZERO = { bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 };
@@ -59,8 +32,8 @@ describe('block_set_io_throttle', () => {
     unref(node);
     const empty = createBackend({ name: 'thrq-empty' });
     const c = await client('a.sock');
-    const set = (a: Record<string, unknown>): Promise<Reply> => c.cmd('block_set_io_throttle', { device: 'thrq0', ...ZERO, ...a });
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq0', bps: 1 })).toEqual(err("Parameter 'bps_rd' is missing"));
+    const set = (a: Record<string, unknown>): Promise<Reply> => c.run('block_set_io_throttle', { device: 'thrq0', ...ZERO, ...a });
+    expect(await c.run('block_set_io_throttle', { device: 'thrq0', bps: 1 })).toEqual(err("Parameter 'bps_rd' is missing"));
     expect(await set({ bps: 1, bps_rd: 1 })).toEqual(err('bps/iops/max total values and read/write values cannot be used at the same time'));
     expect(await set({ iops: 1, iops_wr: 1 })).toEqual(err('bps/iops/max total values and read/write values cannot be used at the same time'));
     expect(await set({ bps: -1 })).toEqual(err('bps/iops/max values must be within [0, 1000000000000000]'));
@@ -70,13 +43,13 @@ describe('block_set_io_throttle', () => {
     expect(await set({ bps: 10, bps_max: 20, bps_max_length: 0 })).toEqual(err('the burst length cannot be 0'));
     expect(await set({ bps: 10, bps_max: 20, bps_max_length: -1 })).toEqual(err('burst length too high for this burst rate'));
     expect(await set({ bps: 10, iops_size: 512 })).toEqual(err('iops size requires an iops value to be set'));
-    expect(await c.cmd('block_set_io_throttle', { device: 'nope', ...ZERO, bps: 10 })).toEqual(err("Device 'nope' not found", 'DeviceNotFound'));
-    expect(await c.cmd('block_set_io_throttle', { id: 'nodev', ...ZERO, bps: 10 })).toEqual(err("Device 'nodev' not found", 'DeviceNotFound'));
-    expect(await c.cmd('block_set_io_throttle', { ...ZERO, bps: 10 })).toEqual(err("Need exactly one of 'device' and 'id'"));
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq-empty', ...ZERO, bps: 10 })).toEqual(err('Device has no medium'));
+    expect(await c.run('block_set_io_throttle', { device: 'nope', ...ZERO, bps: 10 })).toEqual(err("Device 'nope' not found", 'DeviceNotFound'));
+    expect(await c.run('block_set_io_throttle', { id: 'nodev', ...ZERO, bps: 10 })).toEqual(err("Device 'nodev' not found", 'DeviceNotFound'));
+    expect(await c.run('block_set_io_throttle', { ...ZERO, bps: 10 })).toEqual(err("Need exactly one of 'device' and 'id'"));
+    expect(await c.run('block_set_io_throttle', { device: 'thrq-empty', ...ZERO, bps: 10 })).toEqual(err('Device has no medium'));
     expect(be.throttle).toBeNull();
     expect(throttleLimits(be)).toEqual(ZERO);
-    c.sock.destroy();
+    c.close();
     be.unref();
     empty.unref();
   });
@@ -93,22 +66,22 @@ describe('block_set_io_throttle', () => {
     const dev = { id: 'disk-b' };
     b.attachDevice(dev);
     const c = await client('b.sock');
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq1', ...ZERO, iops: 100, iops_max: 200, iops_size: 4096 })).toEqual({ return: {} });
+    expect(await c.run('block_set_io_throttle', { device: 'thrq1', ...ZERO, iops: 100, iops_max: 200, iops_size: 4096 })).toEqual({ return: {} });
     expect(throttleLimits(a)).toEqual({ ...ZERO, iops: 100, iops_max: 200, iops_max_length: 1, iops_size: 4096, group: 'thrq1' });
     // By id, without a group: QEMU names the group after the argument given.
-    expect(await c.cmd('block_set_io_throttle', { id: 'disk-b', ...ZERO, bps_rd: 1000 })).toEqual({ return: {} });
+    expect(await c.run('block_set_io_throttle', { id: 'disk-b', ...ZERO, bps_rd: 1000 })).toEqual({ return: {} });
     expect(throttleLimits(b)).toEqual({ ...ZERO, bps_rd: 1000, group: 'disk-b' });
     // Moving b into a's group gives the group b's limits: both see them.
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq2', ...ZERO, iops: 50, group: 'thrq1' })).toEqual({ return: {} });
+    expect(await c.run('block_set_io_throttle', { device: 'thrq2', ...ZERO, iops: 50, group: 'thrq1' })).toEqual({ return: {} });
     expect(b.throttle!.group).toBe(a.throttle!.group);
     expect(throttleLimits(a)).toEqual({ ...ZERO, iops: 50, group: 'thrq1' });
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq2', ...ZERO })).toEqual({ return: {} });
+    expect(await c.run('block_set_io_throttle', { device: 'thrq2', ...ZERO })).toEqual({ return: {} });
     expect(b.throttle).toBeNull();
     expect(throttleLimits(b)).toEqual(ZERO);
     expect(throttleLimits(a)['group']).toBe('thrq1');
-    expect(await c.cmd('block_set_io_throttle', { device: 'thrq1', ...ZERO })).toEqual({ return: {} });
+    expect(await c.run('block_set_io_throttle', { device: 'thrq1', ...ZERO })).toEqual({ return: {} });
     expect(a.throttle).toBeNull();
-    c.sock.destroy();
+    c.close();
     b.detachDevice(dev);
     a.unref();
     b.unref();
@@ -132,7 +105,7 @@ describe('limits set over QMP apply to the device', () => {
       const dev = { id: 'io-disk' };
       const io = be.attachDevice(dev);
       const c = await client('e.sock');
-      expect(await c.cmd('block_set_io_throttle', { id: 'io-disk', ...ZERO, iops: 10 })).toEqual({ return: {} });
+      expect(await c.run('block_set_io_throttle', { id: 'io-disk', ...ZERO, iops: 10 })).toEqual({ return: {} });
       let done = 0;
       for (let i = 0; i < 5; i++) io.readv(i * 512, 512, [new Uint8Array(512)], 0, () => void done++);
       await new Promise<void>((r) => setImmediate(r));
@@ -144,12 +117,12 @@ describe('limits set over QMP apply to the device', () => {
       await new Promise<void>((r) => setImmediate(r));
       expect(done).toBe(3);
       // Removing the limits over QMP lets the rest go without any time passing.
-      expect(await c.cmd('block_set_io_throttle', { id: 'io-disk', ...ZERO })).toEqual({ return: {} });
+      expect(await c.run('block_set_io_throttle', { id: 'io-disk', ...ZERO })).toEqual({ return: {} });
       await new Promise<void>((r) => setImmediate(r));
       expect(done).toBe(5);
-      const st = (((await c.cmd('query-blockstats'))['return'] as Reply[]).find((x) => x['device'] === 'thrq-io')!)['stats'];
+      const st = (((await c.run('query-blockstats'))['return'] as Reply[]).find((x) => x['device'] === 'thrq-io')!)['stats'];
       expect(st).toMatchObject({ rd_operations: 5, rd_bytes: 2560 });
-      c.sock.destroy();
+      c.close();
       be.detachDevice(dev);
       be.unref();
     } finally {
@@ -168,7 +141,7 @@ describe('query-blockstats', () => {
     const dev = { id: 'stats-disk' };
     const io = be.attachDevice(dev);
     const c = await client('c.sock');
-    const before = ((await c.cmd('query-blockstats'))['return'] as Reply[]).find((s) => s['device'] === 'thrq-stats')!;
+    const before = ((await c.run('query-blockstats'))['return'] as Reply[]).find((s) => s['device'] === 'thrq-stats')!;
     expect(before['stats']).not.toHaveProperty('idle_time_ns');
     for (let i = 0; i < 3; i++) await io.write(i * 4096, Buffer.alloc(4096, 1));
     await io.read(0, Buffer.alloc(512));
@@ -177,7 +150,7 @@ describe('query-blockstats', () => {
     await io.discard(65536, 8192);
     await io.writeZeroes(131072, 4096, false);
     await expect(io.read((1 << 20) - 512, Buffer.alloc(4096))).rejects.toThrow(/past the end/);
-    const all = (await c.cmd('query-blockstats'))['return'] as Reply[];
+    const all = (await c.run('query-blockstats'))['return'] as Reply[];
     const s = all.find((x) => x['device'] === 'thrq-stats')!;
     expect(s).toMatchObject({ device: 'thrq-stats', qdev: 'stats-disk', 'node-name': 'stats-fmt', parent: { 'node-name': 'stats-file' } });
     const st = s['stats'] as Record<string, unknown>;
@@ -196,10 +169,10 @@ describe('query-blockstats', () => {
     }
     expect((s['parent'] as Reply)['stats']).toMatchObject({ rd_operations: 0, account_failed: false });
     // Named nodes, with query-nodes.
-    const nodes = (await c.cmd('query-blockstats', { 'query-nodes': true }))['return'] as Reply[];
+    const nodes = (await c.run('query-blockstats', { 'query-nodes': true }))['return'] as Reply[];
     expect(nodes.find((x) => x['node-name'] === 'stats-fmt')).toMatchObject({ parent: { 'node-name': 'stats-file' } });
-    expect(await c.cmd('query-blockstats', { 'query-nodes': 1 })).toEqual(err("Invalid parameter type for 'query-nodes', expected: boolean"));
-    c.sock.destroy();
+    expect(await c.run('query-blockstats', { 'query-nodes': 1 })).toEqual(err("Invalid parameter type for 'query-nodes', expected: boolean"));
+    c.close();
     be.detachDevice(dev);
     be.unref();
   });
@@ -207,13 +180,13 @@ describe('query-blockstats', () => {
   it('leaves out anonymous backends no device uses', async () => {
     const anon = createBackend({});
     const c = await client('d.sock');
-    const all = (await c.cmd('query-blockstats'))['return'] as Reply[];
+    const all = (await c.run('query-blockstats'))['return'] as Reply[];
     expect(all.some((x) => x['device'] === '')).toBe(false);
     const dev = { id: 'anon-dev' };
     anon.attachDevice(dev);
-    const again = (await c.cmd('query-blockstats'))['return'] as Reply[];
+    const again = (await c.run('query-blockstats'))['return'] as Reply[];
     expect(again.find((x) => x['qdev'] === 'anon-dev')).toMatchObject({ device: '' });
-    c.sock.destroy();
+    c.close();
     anon.detachDevice(dev);
     anon.unref();
   });
