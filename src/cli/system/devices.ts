@@ -11,9 +11,6 @@
  * devices. The devices keep the backend objects they were given, never names, so a later
  * backend that reuses a name is never the one let go of.
  */
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
 import type { PcMachine } from '../../../hw/pc/pc.js';
 import { IdeDrive, PiixIde } from '../../../hw/ide/piix.js';
 import { VirtioBlkPci } from '../../../hw/block/virtio-blk.js';
@@ -24,7 +21,8 @@ import { findNode, openNode, unref } from '../../block/graph.js';
 import type { NodeOptions } from '../../block/types.js';
 import type { ErrorAction } from '../../backend/device-ops.js';
 import { imageOptions } from '../img/open.js';
-import { imgCreateQcow2 } from '../img/create-qcow2.js';
+import { snapshotOverlay } from './snapshot-overlay.js';
+import { openParams, parseVdev } from './xen-params.js';
 import { CliError } from '../fail.js';
 import { adoptMonitorNode } from '../../monitor/commands/block.js';
 import type { SystemConfig } from './args.js';
@@ -212,38 +210,6 @@ export async function addDrive(machine: PcMachine, p: Plugged, d: KeyvalObject, 
 export function release(p: Plugged, be: BlockBackend): void {
   if (!p.owned.delete(be)) return;
   if (!be.dead) be.unref();
-}
-
-/**
- * -snapshot: the image becomes the backing file of a temporary qcow2 overlay that takes the
- * writes and goes at exit, as QEMU's snapshot=on.
- */
-async function snapshotOverlay(file: string, o: NodeOptions, p: Plugged): Promise<NodeOptions> {
-  if (typeof o.driver !== 'string' || file.startsWith('json:')) throw new CliError(`-snapshot: '${file}' must be a plain image file`);
-  const dir = mkdtempSync(join(tmpdir(), 'spindle-snapshot-'));
-  p.scratch.push(dir);
-  const overlay = join(dir, 'overlay.qcow2');
-  await imgCreateQcow2(overlay, undefined, { q: true, b: resolve(file), F: o.driver });
-  return { driver: 'qcow2', file: { driver: 'file', filename: overlay } };
-}
-
-/** Xen's names for disks: xvda.. (major 202, 16 minors each), or a number. */
-export function parseVdev(opt: string, v: string | undefined): number {
-  if (v === undefined) throw new CliError(`${opt}: Property 'vdev' is required`);
-  if (/^\d+$/.test(v)) return Number(v);
-  const m = /^xvd([a-z])$/.exec(v);
-  if (!m) throw new CliError(`${opt}: invalid vdev '${v}' (xvda..xvdz or a number)`);
-  return (202 << 8) | ((m[1]!.charCodeAt(0) - 97) << 4);
-}
-
-/** A params key as a Xen toolstack writes it: [FORMAT:]PATH, with aio: meaning raw. */
-async function openParams(params: string): Promise<BlockBackend> {
-  const m = /^(aio|raw|qcow2):(.*)$/.exec(params);
-  const format = !m || m[1] === 'aio' ? 'raw' : m[1]!;
-  const node = await openNode({ driver: format, file: { driver: 'file', filename: m ? m[2]! : params } });
-  const be = createBackend({}, node);
-  unref(node);
-  return be;
 }
 
 const PROPS: Record<string, readonly string[]> = {
