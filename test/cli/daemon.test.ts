@@ -1,7 +1,7 @@
 // `spindle daemon`, Spindle's qemu-storage-daemon: block nodes from --blockdev, iothreads from
 // --object, QMP monitors on UNIX and TCP chardevs, a pidfile; iothread objects through QMP,
 // and a node moved into one and back; errors for what it does not have, by name.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -80,6 +80,48 @@ describe('spindle daemon', () => {
     b.close();
   });
 
+  it('exports a node over NBD from the command line and over QMP; QEMU reads and writes it', async () => {
+    const img = join(dir, 'nbd.img');
+    const data = Buffer.alloc(1 << 20);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+    writeFileSync(img, data);
+    const sock = join(dir, 'q2.sock');
+    const nbd = join(dir, 'nbd.sock');
+    const pidfile = join(dir, 'n.pid');
+    const p = await startDaemon([
+      '--blockdev', `driver=file,node-name=nf,filename=${img}`, '--blockdev', 'driver=raw,node-name=nr,file=nf',
+      '--nbd-server', `addr.type=unix,addr.path=${nbd}`, '--export', 'type=nbd,id=e0,node-name=nr,name=disk,writable=on',
+      '--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'chardev=m',
+    ], pidfile);
+    const exited = new Promise<number | null>((r) => p.on('exit', (c) => r(c)));
+    const q = await qmpConnect(sock);
+    try {
+      const uri = `nbd+unix:///disk?socket=${nbd}`;
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', uri]).toString()) as { 'virtual-size': number };
+      expect(info['virtual-size']).toBe(1 << 20);
+      execFileSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 4096 4096', uri]);
+      expect(readFileSync(img).subarray(4096, 8192).every((x) => x === 0xab)).toBe(true);
+      expect(await q.ok('query-block-exports')).toEqual([{ type: 'nbd', id: 'e0', 'node-name': 'nr', 'shutting-down': false }]);
+      expect(await q.err('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'nf' })).toEqual({ class: 'GenericError', desc: "Block export id 'e0' is already in use" });
+      expect(await q.run('block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'nf', name: 'file' })).toEqual({ return: {} });
+      // A read-only export: QEMU's client is refused a write.
+      const ro = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write 0 512', `nbd+unix:///file?socket=${nbd}`], { encoding: 'utf8' });
+      expect(ro.stdout + ro.stderr).toMatch(/Permission denied|Operation not permitted/); // QEMU's client will not open it for writing
+      expect(readFileSync(img).subarray(0, 512).equals(data.subarray(0, 512))).toBe(true);
+      expect(await q.run('block-export-del', { id: 'e1' })).toEqual({ return: {} });
+      expect(q.events.filter((e) => e['event'] === 'BLOCK_EXPORT_DELETED').map((e) => e['data'])).toEqual([{ id: 'e1' }]);
+      expect(await q.err('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } })).toEqual({ class: 'GenericError', desc: 'NBD server already running' });
+      expect(await q.run('nbd-server-stop')).toEqual({ return: {} });
+      expect(await q.ok('query-block-exports')).toEqual([]);
+      expect(await q.err('nbd-server-stop')).toEqual({ class: 'GenericError', desc: 'NBD server not running' });
+      expect(await q.run('quit')).toEqual({ return: {} });
+      expect(await exited).toBe(0);
+    } finally {
+      q.close();
+      if (p.exitCode === null) p.kill();
+    }
+  });
+
   it('exits cleanly on SIGTERM, and refuses what it does not have, by name', async () => {
     const pidfile = join(dir, 'e.pid');
     const p = await startDaemon(['--object', 'iothread,id=x'], pidfile);
@@ -88,7 +130,9 @@ describe('spindle daemon', () => {
     expect(await exited).toBe(0);
     expect(existsSync(pidfile)).toBe(false);
     const cases: [string[], RegExp][] = [
-      [['--nbd-server', 'addr.type=unix'], /^spindle daemon: --nbd-server: not supported yet/m],
+      [['--daemonize', 'x'], /^spindle daemon: --daemonize: not supported yet/m],
+      [['--export', 'type=nbd,id=x,node-name=y'], /--export: type=nbd needs --nbd-server/],
+      [['--export', 'type=vhost-user-blk,id=x'], /export type 'vhost-user-blk' is not supported/],
       [['--frob', 'x'], /^spindle daemon: --frob: invalid option$/m],
       [['--monitor', 'chardev=nope'], /--monitor: chardev 'nope' not found/],
       [['--blockdev', 'driver=null-co'], /'node-name' must be specified for the root node/],

@@ -13,13 +13,17 @@ export interface DaemonConfig {
   monitors: string[];
   iothreads: { id: string; props: Record<string, number> }[];
   pidfile: string | null;
+  /** --nbd-server: where the NBD server listens. */
+  nbdServer: Record<string, unknown> | null;
+  /** --export type=nbd,...: block exports, as block-export-add's arguments. */
+  exports: Record<string, unknown>[];
   help: boolean;
   version: boolean;
 }
 
-const WITH_ARG = new Set(['blockdev', 'chardev', 'monitor', 'object', 'pidfile']);
+const WITH_ARG = new Set(['blockdev', 'chardev', 'monitor', 'object', 'pidfile', 'nbd-server', 'export']);
 /** qemu-storage-daemon options Spindle does not have yet, and where they come from. */
-const LATER: Record<string, string> = { 'nbd-server': 'the exports issue', export: 'the exports issue', daemonize: 'a later release' };
+const LATER: Record<string, string> = { daemonize: 'a later release' };
 
 export const DAEMON_USAGE = `Usage: spindle daemon [options]
 Spindle's storage daemon, with qemu-storage-daemon's options:
@@ -32,6 +36,10 @@ Spindle's storage daemon, with qemu-storage-daemon's options:
   --monitor [chardev=]<id>[,mode=control]
                         a QMP monitor on a chardev
   --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>][,aio-max-batch=<n>]
+  --nbd-server addr.type=unix,addr.path=<path> | addr.type=inet,addr.host=<host>,addr.port=<port>
+                        start the NBD server (loopback when no host is given)
+  --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on][,description=<text>][,allocation-depth=on]
+                        export a node over NBD
   --pidfile <path>      write the process id there (removed at exit)
   -h, --help            this text
   -V, --version         the version
@@ -73,7 +81,7 @@ function chardev(opt: string, kv: KeyvalObject): [string, SocketSpec] {
 }
 
 export function parseDaemonArgs(argv: readonly string[]): DaemonConfig {
-  const c: DaemonConfig = { blockdevs: [], chardevs: new Map(), monitors: [], iothreads: [], pidfile: null, help: false, version: false };
+  const c: DaemonConfig = { blockdevs: [], chardevs: new Map(), monitors: [], iothreads: [], pidfile: null, nbdServer: null, exports: [], help: false, version: false };
   for (let i = 0; i < argv.length; i++) {
     const tok = argv[i]!;
     if (tok === '-h' || tok === '--help') {
@@ -125,8 +133,23 @@ export function parseDaemonArgs(argv: readonly string[]): DaemonConfig {
       case 'pidfile':
         c.pidfile = arg;
         break;
+      case 'nbd-server': {
+        if (c.nbdServer) throw new CliError(`${opt}: only one NBD server`);
+        const o = jsonOrKeyval(opt, arg);
+        for (const k of Object.keys(o)) if (!['addr', 'max-connections', 'tls-creds'].includes(k)) throw new CliError(`${opt}: Parameter '${k}' is unexpected`);
+        if (!o['addr'] || typeof o['addr'] !== 'object') throw new CliError(`${opt}: Parameter 'addr' is missing`);
+        c.nbdServer = o;
+        break;
+      }
+      case 'export': {
+        const o = jsonOrKeyval(opt, arg, 'type');
+        if (o['type'] !== 'nbd') throw new CliError(`${opt}: export type '${String(o['type'])}' is not supported (nbd)`);
+        c.exports.push(o);
+        break;
+      }
     }
   }
   for (const id of c.monitors) if (!c.chardevs.has(id)) throw new CliError(`--monitor: chardev '${id}' not found`);
+  if (c.exports.length && !c.nbdServer) throw new CliError('--export: type=nbd needs --nbd-server');
   return c;
 }

@@ -13,6 +13,7 @@ import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { adoptMonitorNode, registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
 import { forwardCorruption } from '../../monitor/block-events.js';
 import { registerThrottleCommands } from '../../monitor/commands/throttle.js';
+import { ExportState, nbdAddress, registerExportCommands } from '../../monitor/commands/exports.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { socketEnd } from '../socket-end.js';
@@ -20,7 +21,7 @@ import { packageVersion } from '../version.js';
 import { DAEMON_USAGE, parseDaemonArgs } from './args.js';
 
 /** Monitors for the daemon: the commands a storage daemon has (no machine, no devices). */
-export function daemonMonitor(stop: () => void): QmpMonitor {
+export function daemonMonitor(stop: () => void, exports: ExportState): QmpMonitor {
   const [major, minor, micro] = packageVersion().split('.').map(Number);
   const monitor = new QmpMonitor({ major: major ?? 0, minor: minor ?? 0, micro: micro ?? 0, package: `spindle-${packageVersion()}` });
   monitor.register(defineCommand({
@@ -37,8 +38,31 @@ export function daemonMonitor(stop: () => void): QmpMonitor {
   registerSnapshotCommands(monitor);
   registerBlockCommands(monitor);
   registerThrottleCommands(monitor);
+  registerExportCommands(monitor, exports);
   forwardCorruption(monitor);
   return monitor;
+}
+
+/** --nbd-server and --export, through the same code as nbd-server-start and block-export-add. */
+async function startNbd(st: ExportState, server: Record<string, unknown>, exports: Record<string, unknown>[]): Promise<void> {
+  const asCli = async (what: string, fn: () => unknown): Promise<void> => {
+    try {
+      await fn();
+    } catch (e) {
+      throw new CliError(`${what}: ${(e as Error).message}`);
+    }
+  };
+  await asCli('--nbd-server', () => st.start(nbdAddress(server['addr'] as Record<string, unknown>)));
+  for (const e of exports) {
+    const { type: _t, id, 'node-name': node, name, description, writable, 'allocation-depth': depth, ...rest } = e;
+    if (Object.keys(rest).length) throw new CliError(`--export: Parameter '${Object.keys(rest)[0]}' is unexpected`);
+    if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
+    if (typeof node !== 'string') throw new CliError("--export: Parameter 'node-name' is missing");
+    await asCli('--export', () => st.add(id, node, {
+      ...(typeof name === 'string' ? { name } : {}), ...(typeof description === 'string' ? { description } : {}),
+      writable: writable === true, allocationDepth: depth === true,
+    }));
+  }
 }
 
 export async function runDaemon(argv: readonly string[]): Promise<void> {
@@ -48,6 +72,7 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
   let stop!: () => void;
   const stopped = new Promise<void>((r) => (stop = r));
   const closers: (() => void)[] = [];
+  const exportState = new ExportState();
   const onSignal = (): void => stop();
   try {
     for (const t of cfg.iothreads) createIoThread(t.id, t.props);
@@ -56,7 +81,8 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
       // Owned by the monitor, as blockdev-add's: blockdev-del may close it.
       adoptMonitorNode(await openNode(b as NodeOptions));
     }
-    const monitor = daemonMonitor(stop);
+    const monitor = daemonMonitor(stop, exportState);
+    if (cfg.nbdServer) await startNbd(exportState, cfg.nbdServer, cfg.exports);
     for (const id of cfg.monitors) closers.push(await socketEnd(cfg.chardevs.get(id)!, '--monitor', (s) => void monitor.attach(s)));
     if (cfg.pidfile) writeFileSync(cfg.pidfile, `${process.pid}\n`);
     process.once('SIGINT', onSignal);
@@ -69,6 +95,7 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     for (const close of closers) close();
+    await exportState.close();
     releaseMonitorNodes();
     await settleCloses();
     if (cfg.pidfile) rmSync(cfg.pidfile, { force: true });

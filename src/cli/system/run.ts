@@ -15,6 +15,7 @@ import { registerMediaCommands } from '../../monitor/block-media.js';
 import { forwardCorruption } from '../../monitor/block-events.js';
 import { registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
 import { registerObjectCommands } from '../../monitor/commands/objects.js';
+import { ExportState, registerExportCommands } from '../../monitor/commands/exports.js';
 import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { registerThrottleCommands } from '../../monitor/commands/throttle.js';
 import { CliError } from '../fail.js';
@@ -106,6 +107,9 @@ async function runMachine(argv: readonly string[], verdict: boolean): Promise<vo
     registerThrottleCommands(monitor);
     registerSnapshotCommands(monitor);
     registerObjectCommands(monitor);
+    const exportState = new ExportState();
+    registerExportCommands(monitor, exportState);
+    closers.push(() => exportState.close());
     closers.push(forwardCorruption(monitor));
     const runState = new RunState(monitor);
     if (guest) runState.cpu = guest;
