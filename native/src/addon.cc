@@ -79,6 +79,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("aliasMemory", Napi::Function::New(env, AliasMemory, "aliasMemory"));
   InitEngine(env, exports);
   InitHostFacts(env, exports);
+  InitUnixFd(env, exports);
   return exports;
 }
 

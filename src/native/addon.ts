@@ -48,6 +48,53 @@ export interface NativeAddon {
   /** type: 0 unlock, 1 read, 2 write */
   lock(fd: number, start: number, len: number, type: number): number;
   testLock(fd: number, start: number, len: number, type: number): number;
+
+  // ---- native/src/unixfd.cc: vhost-user host facts (fd passing, mmap, eventfd, memfd) ----
+  /** Adopts a socket fd (made non-blocking); closed by close() or when collected. */
+  UnixSocket: new (fd: number) => NativeUnixSocket;
+  /** AF_UNIX stream listener (non-blocking, CLOEXEC) -> fd | -errno. */
+  unixListen(path: string, backlog: number): number;
+  /** Non-blocking AF_UNIX stream connect -> fd | -errno (-EAGAIN when the backlog is full). */
+  unixConnect(path: string): number;
+  /** [fd, fd] | -errno: a connected AF_UNIX stream pair (non-blocking, CLOEXEC). */
+  socketPair(): [number, number] | number;
+  /** MAP_SHARED mapping as an external ArrayBuffer (munmap'ed when collected) | -errno; throws RangeError on bad ranges. */
+  mmapFd(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer | number;
+  /** Detach an mmapFd ArrayBuffer and munmap it now -> 0 | -EINVAL (not a live mapping). */
+  unmap(buffer: ArrayBuffer): number;
+  /** Live mmapFd mappings in this process. */
+  mappingCount(): number;
+  /** eventfd(2) with EFD_CLOEXEC -> fd | -errno. */
+  eventfd(initial: number, nonblocking: boolean): number;
+  /** 0 | -errno */
+  eventfdWrite(fd: number, value: number): number;
+  /** counter value (> 0) | -errno (-EAGAIN when 0 and non-blocking) */
+  eventfdRead(fd: number): number;
+  /** memfd_create(MFD_CLOEXEC|MFD_ALLOW_SEALING) + ftruncate -> fd | -errno. */
+  memfdCreate(name: string, size: number): number;
+}
+
+/** Native UNIX socket handle (native/src/unixfd.cc). */
+export interface NativeUnixSocket {
+  readonly fd: number;
+  /** True between start() and close()/EOF/a poll error. */
+  readonly polling: boolean;
+  /**
+   * Begin watching for readability (once per object). `callback(0)`: readable (level-triggered:
+   * drain with accept/recvmsg until -EAGAIN); `callback(-errno)`: polling failed and has stopped.
+   * Called through MakeCallback; never after close() or after recvmsg returned EOF.
+   */
+  start(callback: (status: number) => void): void;
+  /** fd (non-blocking, CLOEXEC) | -errno (-EAGAIN: none pending). */
+  accept(): number;
+  /** [bytes, fds] | -errno; bytes 0 = EOF (polling stops). Too many fds: they are closed, -EMSGSIZE. */
+  recvmsg(buf: Uint8Array, maxFds?: number): [number, number[]] | number;
+  /** bytes sent | -errno; fds travel with the first byte. */
+  sendmsg(buf: Uint8Array, fds?: readonly number[]): number;
+  /** Whether a polling socket keeps the event loop alive (default true). */
+  setRef(ref: boolean): void;
+  /** Stop polling, close the fd -> 0 | -errno; idempotent. */
+  close(): number;
 }
 
 function findPackageRoot(from: string): string {
