@@ -145,6 +145,35 @@ describe('v86 CPU adapter', () => {
     }
   });
 
+  it('pause holds the CPU (no guest output across event-loop turns) and resume lets it finish', async () => {
+    let out = '';
+    let done!: () => void;
+    const verdict = new Promise<void>((r) => (done = r));
+    const g = await createGuest({
+      memorySize: 32 * MiB,
+      multiboot: readFileSync((buildGuest as () => string)()),
+      serial: (b) => {
+        out += String.fromCharCode(b);
+        if (/spindle guest: (PASS|FAIL.*)\n$/.test(out)) done();
+      },
+    });
+    try {
+      const m = new PcMachine({ ramSize: 32 * MiB, ram: g.memory, msi: false, smm: false });
+      g.attach(m);
+      g.run();
+      g.pause();
+      const held = out;
+      for (let i = 0; i < 50; i++) await new Promise<void>((r) => setImmediate(r));
+      expect(out).toBe(held); // nothing ran while paused
+      expect(out).not.toMatch(/PASS|FAIL/);
+      g.resume();
+      await verdict;
+      expect(out).toMatch(/spindle guest: (PASS|FAIL no disk found)\n$/); // it ran on to its verdict (no disks here)
+    } finally {
+      g.stop();
+    }
+  });
+
   it('names every internal that moved', () => {
     const fake = { v86: { cpu: { io: { ports: [] }, mem8: new Uint8Array(1) } } };
     expect(() => checkInternals(fake)).toThrow(
