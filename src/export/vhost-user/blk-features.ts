@@ -1,0 +1,49 @@
+/** What a vhost-user-blk back-end offers: virtio feature bits, protocol features, config layout. */
+import {
+  VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+} from '../../../hw/virtio/virtio-blk-abi.js';
+import { bit, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK } from './protocol.js';
+
+// virtio 1.x transport feature bits (virtio spec 6, "Reserved Feature Bits").
+export const VIRTIO_RING_F_INDIRECT_DESC = 28;
+export const VIRTIO_RING_F_EVENT_IDX = 29;
+export const VIRTIO_F_VERSION_1 = 32;
+
+/** Largest split virtqueue (virtio 1.x 2.7: Queue Size is at most 32768). */
+export const MAX_QUEUE_SIZE = 32768;
+
+/**
+ * struct virtio_blk_config through the zoned fields (virtio 1.3 5.2.4): 96 bytes. Offsets of
+ * the fields this back-end fills.
+ */
+export const BLK_CONFIG_SIZE = 96;
+export const BLK_CFG_CAPACITY = 0;
+export const BLK_CFG_SIZE_MAX = 8;
+export const BLK_CFG_SEG_MAX = 12;
+export const BLK_CFG_BLK_SIZE = 20;
+export const BLK_CFG_WCE = 32;
+export const BLK_CFG_NUM_QUEUES = 34;
+export const SECTOR = 512;
+export const SIZE_MAX_BYTES = 4 << 20;
+
+/**
+ * Features offered: virtio-blk's size_max, seg_max, blk_size, flush, topology, config_wce, mq
+ * (and ro for read-only exports); the ring layout the data plane must honour (VERSION_1,
+ * INDIRECT_DESC, EVENT_IDX); and vhost-user protocol-feature negotiation. Not offered: discard
+ * and write-zeroes (no data path yet), LOG_ALL (no migration logging), IOMMU_PLATFORM, packed rings.
+ */
+export function blkFeatures(readOnly: boolean): bigint {
+  let f = bit(VIRTIO_BLK_F_SIZE_MAX) | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) |
+    bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_TOPOLOGY) | bit(VIRTIO_BLK_F_CONFIG_WCE) | bit(VIRTIO_BLK_F_MQ) |
+    bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_F_VERSION_1) |
+    bit(VHOST_USER_F_PROTOCOL_FEATURES);
+  if (readOnly) f |= bit(VIRTIO_BLK_F_RO);
+  return f;
+}
+
+/** Protocol features offered: MQ, REPLY_ACK, CONFIG. */
+export const PROTOCOL_FEATURES = bit(VHOST_USER_PROTOCOL_F_MQ) | bit(VHOST_USER_PROTOCOL_F_REPLY_ACK) |
+  bit(VHOST_USER_PROTOCOL_F_CONFIG);
+
+/** A ring's addresses from SET_VRING_ADDR, translated through the current memory table. */

@@ -1,0 +1,42 @@
+/** One vring as the front-end set it up: size, base, addresses in guest memory, eventfds. */
+import type { GuestView } from './memory.js';
+
+export interface VringAddresses {
+  readonly flags: number;
+  /** The front-end's user addresses as sent (kept to re-translate after a new SET_MEM_TABLE). */
+  readonly descUser: number;
+  readonly availUser: number;
+  readonly usedUser: number;
+  readonly logGuest: number;
+  /** Descriptor table: 16 * num bytes. */
+  readonly desc: GuestView;
+  /** Available ring: 6 + 2 * num bytes (flags, idx, ring[num], used_event). */
+  readonly avail: GuestView;
+  /** Used ring: 6 + 8 * num bytes (flags, idx, ring[num], avail_event). */
+  readonly used: GuestView;
+}
+
+/**
+ * One vring's state. The control plane writes every field except lastAvailIdx, which the data
+ * plane advances while the ring runs and GET_VRING_BASE reports.
+ */
+export class Vring {
+  /** Queue size from SET_VRING_NUM (0: not set). */
+  num = 0;
+  /** SET_VRING_BASE: the next avail index to process. */
+  base = 0;
+  /** The data plane's position; reset to base by SET_VRING_BASE. */
+  lastAvailIdx = 0;
+  addr: VringAddresses | null = null;
+  /** -1: none (or polling, when the front-end sent the no-fd bit). */
+  kickFd = -1;
+  callFd = -1;
+  errFd = -1;
+  /** Started by SET_VRING_KICK, stopped by GET_VRING_BASE ("Ring states"). */
+  started = false;
+  /** SET_VRING_ENABLE; see VhostUserBlkBackend.ringEnabled() for the effective state. */
+  enabled = false;
+  constructor(readonly index: number) {}
+}
+
+/** Notifications for the data plane; every member is optional and runs synchronously. */
