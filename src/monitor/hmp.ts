@@ -7,14 +7,13 @@
  *   info status, stop, cont|c, device_add OPTS, device_del ID
  * Errors are output, not QMP errors, as in QEMU ("unknown command: 'x'").
  */
-import { VirtioBlkPci } from '../../hw/block/virtio-blk.js';
 import type { PcMachine } from '../../hw/pc/pc.js';
-import { driveDel, findBackend, liveBackends, type BlockBackend } from '../backend/backend.js';
+import { driveDel, findBackend, liveBackends } from '../backend/backend.js';
 import type { BlockNode } from '../block/node.js';
 import { addDrive, DeviceError, type Plugged } from '../cli/system/devices.js';
 import { parseKeyval } from '../cli/system/keyval.js';
 import type { DeviceCommands } from './commands/devices.js';
-import { peripheralPath } from './commands/devices.js';
+import { qdevOf } from './commands/qdev.js';
 import type { RunState } from './commands/run-state.js';
 import { defineCommand, QmpError, type QmpMonitor } from './qmp.js';
 
@@ -43,19 +42,11 @@ function filename(node: BlockNode): string {
   return '';
 }
 
-/** What QEMU's info block shows as "Attached to": the device's id or, for virtio, its backend child. */
-function qdevOf(be: BlockBackend, plugged: Plugged): string | null {
-  const dev = be.device;
-  if (!dev) return null;
-  if (dev instanceof VirtioBlkPci) return plugged.peripherals.has(dev.id) ? `${peripheralPath(dev.id)}/virtio-backend` : `/machine/peripheral-anon/${dev.id}/virtio-backend`;
-  return dev.id;
-}
-
 function infoBlock(plugged: Plugged, only: string | undefined): string {
   const entries: string[] = [];
   for (const be of liveBackends()) {
     const name = be.visible ? be.name : '';
-    const qdev = qdevOf(be, plugged);
+    const qdev = qdevOf(be);
     if (!name && !qdev) continue; // QEMU's query-block: named, or attached to a device
     if (only !== undefined && name !== only) continue;
     const node = be.node;

@@ -5,8 +5,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bundle, ensureBuilt, spindle, tempDir } from './helpers.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { bundle, ensureBuilt, spindle } from './helpers.js';
+import { scratchDir } from '../helpers/tmp.js';
 
 /** Lines from a socket, awaited one at a time. */
 class Lines {
@@ -60,13 +61,8 @@ function exited(p: ChildProcess): Promise<{ code: number | null; stderr: string 
   return new Promise((r) => p.on('exit', (code) => r({ code, stderr })));
 }
 
-let dir: string;
-let cleanup: () => void;
-beforeAll(async () => {
-  await ensureBuilt();
-  ({ dir, cleanup } = tempDir());
-});
-afterAll(() => cleanup());
+const dir = scratchDir('spindle-system-');
+beforeAll(ensureBuilt);
 
 describe('spindle system', () => {
   it('connects to the harness as QEMU does, answers qtest and QMP, and quits on QMP quit', async () => {

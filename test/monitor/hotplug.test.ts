@@ -4,25 +4,20 @@
 // by port writes to the ACPI PCI hotplug registers (0xae00..0xae13, GPE0 at 0xafe0).
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { startMachine, type RunningMachine } from '../../src/qos/machine.js';
 import { QPciBus } from '../../src/qos/pci.js';
 import { QAtaChannel } from '../../src/qos/ata.js';
 import type { QtestClient } from '../../src/qos/qtest-client.js';
 import { QVirtioBlk, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK } from '../../src/qos/virtio-blk.js';
-import { ensureBuilt, tempDir } from '../cli/helpers.js';
-import { pattern } from '../helpers/tmp.js';
+import { ensureBuilt } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
 import { eventually, openCount, RawQmp } from './hotplug-helpers.js';
 
 const SIZE = 4 << 20;
-let dir: string;
-let cleanup: () => void;
-beforeAll(async () => {
-  await ensureBuilt();
-  ({ dir, cleanup } = tempDir());
-});
-afterAll(() => cleanup());
+const dir = scratchDir('spindle-hotplug-qmp-');
+beforeAll(ensureBuilt);
 
 function image(name: string, seed: number): string {
   const p = join(dir, name);

@@ -4,7 +4,7 @@
 // The step-by-step commands (open, remove, insert, close) leave the tray as QEMU does.
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { registerMediaCommands } from '../../src/monitor/block-media.js';
+import { registerMediaCommands } from '../../src/monitor/commands/media.js';
 import { registerBlockCommands } from '../../src/monitor/commands/block.js';
 import { registerThrottleCommands } from '../../src/monitor/commands/throttle.js';
 import { QmpMonitor } from '../../src/monitor/qmp.js';

@@ -3,21 +3,16 @@
 // bit, and the new capacity, on which the guest then writes past the old end.
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { startMachine } from '../../src/qos/machine.js';
 import { QVirtioBlk, VIRTIO_BLK_S_OK } from '../../src/qos/virtio-blk.js';
-import { ensureBuilt, tempDir } from '../cli/helpers.js';
-import { pattern } from '../helpers/tmp.js';
+import { ensureBuilt } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
 import { RawQmp } from './hotplug-helpers.js';
 
-let dir: string;
-let cleanup: () => void;
-beforeAll(async () => {
-  await ensureBuilt();
-  ({ dir, cleanup } = tempDir());
-});
-afterAll(() => cleanup());
+const dir = scratchDir('spindle-resize-');
+beforeAll(ensureBuilt);
 
 describe('block_resize', () => {
   it('grows a disk under a running guest: config interrupt, new capacity, I/O past the old end', async () => {

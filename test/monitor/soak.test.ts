@@ -4,24 +4,19 @@
 // growing, and every write the guest saw acknowledged is in the image files.
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { startMachine } from '../../src/qos/machine.js';
 import { QPciBus } from '../../src/qos/pci.js';
 import { QVirtioBlk, VIRTIO_BLK_S_OK } from '../../src/qos/virtio-blk.js';
-import { ensureBuilt, tempDir } from '../cli/helpers.js';
-import { pattern } from '../helpers/tmp.js';
+import { ensureBuilt } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
 import { eventually, openCount, RawQmp } from './hotplug-helpers.js';
 
 const CYCLES = 1000;
 const SECTOR = 512;
-let dir: string;
-let cleanup: () => void;
-beforeAll(async () => {
-  await ensureBuilt();
-  ({ dir, cleanup } = tempDir());
-});
-afterAll(() => cleanup());
+const dir = scratchDir('spindle-soak-');
+beforeAll(ensureBuilt);
 
 const fds = (pid: number): number => readdirSync(`/proc/${pid}/fd`).length;
 const rssKiB = (pid: number): number => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);

@@ -3,23 +3,18 @@
 // image files, and what the files hold reads back.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { GuestAlloc } from '../../src/qos/alloc.js';
 import { QAtaChannel } from '../../src/qos/ata.js';
 import { startMachine } from '../../src/qos/machine.js';
 import { QPciBus } from '../../src/qos/pci.js';
 import { QVirtioBlk } from '../../src/qos/virtio-blk.js';
 import { XenBlkfront, XenGuest } from '../../src/qos/xen-blkfront.js';
-import { ensureBuilt, tempDir } from '../cli/helpers.js';
-import { pattern } from '../helpers/tmp.js';
+import { ensureBuilt } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
 
-let dir: string;
-let cleanup: () => void;
-beforeAll(async () => {
-  await ensureBuilt();
-  ({ dir, cleanup } = tempDir());
-});
-afterAll(() => cleanup());
+const dir = scratchDir('spindle-disks-');
+beforeAll(ensureBuilt);
 
 describe('disks through spindle system', () => {
   it('virtio-blk, IDE (PIO) and xen-disk each write into their image and read it back', async () => {

@@ -3,7 +3,7 @@
  * with one argument (`--opt value` or `--opt=value`), values in QEMU's keyval form or JSON.
  */
 import { CliError } from '../fail.js';
-import { parseBool, parseKeyval, type KeyvalObject } from '../system/keyval.js';
+import { parseBool, parseKeyval, typedKeyval, type KeyvalObject } from '../system/keyval.js';
 import type { SocketSpec } from '../system/args.js';
 
 export interface DaemonConfig {
@@ -45,14 +45,6 @@ Spindle's storage daemon, with qemu-storage-daemon's options:
   -V, --version         the version
 `;
 
-/** Keyval strings as the typed values QMP arguments are: numbers, booleans. */
-export function typedKeyval(v: unknown): unknown {
-  if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typedKeyval(x)]));
-  if (v === 'on' || v === 'true') return true;
-  if (v === 'off' || v === 'false') return false;
-  if (typeof v === 'string' && /^\d+$/.test(v) && v.length < 16) return Number(v);
-  return v;
-}
 
 function jsonOrKeyval(opt: string, text: string, implied?: string): Record<string, unknown> {
   if (!text.trimStart().startsWith('{')) return typedKeyval(parseKeyval(opt, text, implied)) as Record<string, unknown>;

@@ -7,7 +7,7 @@ import { rmSync, writeFileSync } from 'node:fs';
 import { createIoThread } from '../../block/iothread.js';
 import { openNode, settleCloses } from '../../block/graph.js';
 import type { NodeOptions } from '../../block/types.js';
-import { registerMediaCommands } from '../../monitor/block-media.js';
+import { registerMediaCommands } from '../../monitor/commands/media.js';
 import { registerObjectCommands } from '../../monitor/commands/objects.js';
 import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { adoptMonitorNode, registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';

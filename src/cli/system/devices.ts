@@ -26,7 +26,7 @@ import { openParams, parseVdev } from './xen-params.js';
 import { CliError } from '../fail.js';
 import { adoptMonitorNode } from '../../monitor/commands/block.js';
 import type { SystemConfig } from './args.js';
-import type { KeyvalObject } from './keyval.js';
+import { typedKeyval, type KeyvalObject } from './keyval.js';
 
 /** A device's property values: strings from -device, JSON values from device_add. */
 export type DeviceProps = Record<string, unknown>;
@@ -34,16 +34,6 @@ export type DeviceProps = Record<string, unknown>;
 /** A refused device or drive, with QEMU's message (no option prefix). */
 export class DeviceError extends Error {
   override name = 'DeviceError';
-}
-
-/** Keyval strings as the typed values blockdev options take. */
-function typed(v: unknown): unknown {
-  if (Array.isArray(v)) return v.map(typed);
-  if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typed(x)]));
-  if (v === 'on' || v === 'true') return true;
-  if (v === 'off' || v === 'false') return false;
-  if (typeof v === 'string' && /^\d+$/.test(v) && v.length < 16) return Number(v);
-  return v;
 }
 
 /** A device the user made (-device, device_add), by its id. */
@@ -99,7 +89,7 @@ export async function plugDevices(machine: PcMachine, cfg: SystemConfig): Promis
   // The pc machine always has its IDE controller at 01.1.
   machine.addDevice(p.ide);
   for (const b of cfg.blockdevs) {
-    const o = typed(b) as NodeOptions;
+    const o = typedKeyval(b) as NodeOptions;
     if (typeof o['node-name'] !== 'string') throw new CliError("-blockdev: Parameter 'node-name' is missing");
     // As blockdev-add's: the monitor owns it, so blockdev-del may close it.
     adoptMonitorNode(await openNode(o));

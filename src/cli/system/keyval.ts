@@ -83,3 +83,13 @@ export function parseSize(opt: string, text: string, unit = 1): number {
   if (!Number.isSafeInteger(v)) throw new CliError(`${opt}: size '${text}' is not a whole number of bytes`);
   return v;
 }
+
+/** Keyval strings as the typed values QMP arguments are: numbers, booleans (arrays and objects inside). */
+export function typedKeyval(v: unknown): unknown {
+  if (Array.isArray(v)) return v.map(typedKeyval);
+  if (typeof v === 'object' && v !== null) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, typedKeyval(x)]));
+  if (v === 'on' || v === 'true') return true;
+  if (v === 'off' || v === 'false') return false;
+  if (typeof v === 'string' && /^\d+$/.test(v) && v.length < 16) return Number(v);
+  return v;
+}

@@ -11,7 +11,7 @@ import { PcMachine } from '../../../hw/pc/pc.js';
 import { serveQtestSocket, startQtestServer } from '../../../hw/qtest/server.js';
 import { settleCloses } from '../../block/graph.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
-import { registerMediaCommands } from '../../monitor/block-media.js';
+import { registerMediaCommands } from '../../monitor/commands/media.js';
 import { forwardCorruption } from '../../monitor/block-events.js';
 import { registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
 import { registerObjectCommands } from '../../monitor/commands/objects.js';

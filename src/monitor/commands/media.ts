@@ -6,12 +6,12 @@
  * request reaches it as a media event) and the command fails with QEMU's message.
  * DEVICE_TRAY_MOVED goes to every client when a tray moves.
  */
-import { liveBackends, findBackend, type BlockBackend } from '../backend/backend.js';
-import { BlockError } from '../block/error.js';
-import { findNode, openNode, unref } from '../block/graph.js';
-import type { BlockNode } from '../block/node.js';
-import { imageOptions } from '../cli/img/open.js';
-import { defineCommand, QmpError, type QmpMonitor } from './qmp.js';
+import { liveBackends, findBackend, type BlockBackend } from '../../backend/backend.js';
+import { BlockError } from '../../block/error.js';
+import { findNode, openNode, unref } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import { imageOptions } from '../../cli/img/open.js';
+import { defineCommand, QmpError, type QmpMonitor } from '../qmp.js';
 
 interface MediaArgs {
   device?: string;
