@@ -71,6 +71,8 @@ export class VirtioBlk extends VirtioDevice {
   private readonly wceDefault: boolean;
   private capacity = 0;
   private readonly ram: GuestRam;
+  /** Called after each request completes (a vhost-user back-end waits for a ring to go idle). */
+  onFinish: ((vq: VirtQueue) => void) | null = null;
 
   constructor(ram: GuestRam, private readonly io: BackendIO, o: VirtioBlkConfigOptions) {
     super(VIRTIO_ID_BLOCK,
@@ -150,19 +152,24 @@ export class VirtioBlk extends VirtioDevice {
 
   protected override handleQueue(vq: VirtQueue): void {
     if (this.drained) return;
-    // One pass takes at most a queue's worth of chains.
-    for (let budget = vq.num; budget > 0; budget--) {
-      const req = this.pool.pop() ?? new BlkReq(this);
-      const r = vq.pop(req.elem);
-      if (r <= 0) {
-        this.pool.push(req);
-        if (r < 0) this.markBroken(vq.error);
-        break;
+    // Every available chain is popped (at most a queue's worth can be: heads in flight are not
+    // reusable); then, having asked for the next kick, look once more, or a chain the driver
+    // added while we were asking goes unnoticed until some later kick.
+    for (;;) {
+      for (;;) {
+        const req = this.pool.pop() ?? new BlkReq(this);
+        const r = vq.pop(req.elem);
+        if (r <= 0) {
+          this.pool.push(req);
+          if (r < 0) return this.markBroken(vq.error);
+          break;
+        }
+        req.vq = vq;
+        this.submit(req);
       }
-      req.vq = vq;
-      this.submit(req);
+      vq.updateAvailEvent();
+      if (!vq.eventIdx || !vq.hasAvail() || this.drained) return;
     }
-    vq.updateAvailEvent();
   }
 
   private submit(req: BlkReq): void {
@@ -303,6 +310,7 @@ export class VirtioBlk extends VirtioDevice {
     req.statusAt = -1;
     e.clear();
     this.pool.push(req);
+    this.onFinish?.(vq);
   }
 
   get driverOk(): boolean {

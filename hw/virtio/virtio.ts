@@ -107,6 +107,16 @@ export abstract class VirtioDevice {
     if (v & VIRTIO_CONFIG_S_DRIVER_OK && !(before & VIRTIO_CONFIG_S_DRIVER_OK)) this.kickAll();
   }
 
+  /**
+   * Start without a transport's status register (a vhost-user back-end: the front-end negotiated
+   * for us): take `features` (masked to what is offered) and set DRIVER_OK. No queue is kicked.
+   */
+  activate(features: bigint): void {
+    this.guestFeatures = features & this.hostFeatures;
+    this.applyFeatures();
+    this.status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+  }
+
   /** What the legacy interface offers: the low 32 bits, plus the legacy-only NOTIFY_ON_EMPTY and ANY_LAYOUT. */
   legacyFeatures(): number {
     return Number((this.hostFeatures | bit(VIRTIO_F_NOTIFY_ON_EMPTY) | bit(VIRTIO_F_ANY_LAYOUT)) & 0xffffffffn);

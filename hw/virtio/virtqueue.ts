@@ -74,10 +74,24 @@ export class VirtQueue {
   private valid = false;
   private readonly inflight = new Uint8Array(VIRTQUEUE_MAX_SIZE);
   private readonly dv: DataView;
+  /** For stores that must be fenced (Atomics.store is sequentially consistent: xchg on x86). */
+  private readonly u16: Uint16Array | null;
 
   constructor(private readonly ram: GuestRam, readonly index: number, readonly maxNum: number) {
     this.num = maxNum;
     this.dv = new DataView(ram.bytes.buffer, ram.bytes.byteOffset, ram.bytes.byteLength);
+    const b = ram.bytes;
+    this.u16 = b.byteOffset % 2 === 0 ? new Uint16Array(b.buffer, b.byteOffset, b.byteLength >>> 1) : null;
+  }
+
+  /**
+   * A 16-bit index store followed by a full fence: when the driver runs on another CPU (a
+   * vhost-user front-end's guest), the load that follows must not pass the store, or a kick or
+   * an interrupt can be lost (virtio 1.x 2.7.7 / 2.7.10). The rings are 2-byte aligned.
+   */
+  private storeFenced(addr: number, v: number): void {
+    if (this.u16 && addr % 2 === 0) Atomics.store(this.u16, addr >>> 1, v);
+    else this.dv.setUint16(addr, v, true);
   }
 
   reset(): void {
@@ -124,6 +138,25 @@ export class VirtQueue {
 
   get inFlight(): number {
     return this.inflightCount;
+  }
+
+  /** The next avail index to pop (what a vhost-user back-end reports as the ring's base). */
+  get lastAvailIdx(): number {
+    return this.lastAvail;
+  }
+
+  /**
+   * Continue a ring another owner ran (vhost-user's SET_VRING_BASE): pop from `lastAvail`, push
+   * after `usedIdx` (read from the used ring). Call after ringsChanged().
+   */
+  resume(lastAvail: number, usedIdx: number): void {
+    this.lastAvail = lastAvail & 0xffff;
+    this.usedIdx = this.publishedUsed = usedIdx & 0xffff;
+  }
+
+  /** The used index currently in guest memory (0 if the ring is not valid). */
+  usedIdxInRam(): number {
+    return this.valid ? this.dv.getUint16(this.used + 2, true) : 0;
   }
 
   /**
@@ -230,7 +263,7 @@ export class VirtQueue {
     const dv = this.dv;
     const old = this.publishedUsed;
     const now = this.usedIdx;
-    dv.setUint16(this.used + 2, now, true);
+    this.storeFenced(this.used + 2, now);
     this.publishedUsed = now;
     if (this.eventIdx) {
       const usedEvent = dv.getUint16(this.avail + 4 + 2 * this.num, true);
@@ -242,7 +275,7 @@ export class VirtQueue {
 
   /** With EVENT_IDX: asks the driver to kick once it adds beyond what was consumed. */
   updateAvailEvent(): void {
-    if (this.eventIdx && this.valid) this.dv.setUint16(this.used + 4 + 8 * this.num, this.lastAvail, true);
+    if (this.eventIdx && this.valid) this.storeFenced(this.used + 4 + 8 * this.num, this.lastAvail);
   }
 
   /** Whether the driver made more chains available than were popped. */

@@ -173,8 +173,10 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
                         InstanceAccessor<&UnixSocket::GetPolling>("polling")});
   }
 
-  // new UnixSocket(fd): adopts fd (closed by close() or when collected).  It
-  // must be a socket; it is made non-blocking.
+  // new UnixSocket(fd, eventfd = false): adopts fd (closed by close() or when
+  // collected).  It must be a socket, or with `eventfd` an eventfd whose
+  // counter is read (reset) natively before each callback, so one callback
+  // serves any number of kicks.  It is made non-blocking.
   UnixSocket(const Napi::CallbackInfo& info) : Napi::ObjectWrap<UnixSocket>(info) {
     Napi::Env env = info.Env();
     int fd;
@@ -186,7 +188,8 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
       e.ThrowAsJavaScriptException();
       return;
     }
-    if (!S_ISSOCK(st.st_mode)) {
+    eventfd_ = info.Length() > 1 && info[1].ToBoolean();
+    if (!eventfd_ && !S_ISSOCK(st.st_mode)) {
       Throw(env, std::string("UnixSocket: fd ") + std::to_string(fd) + " is not a socket");
       return;
     }
@@ -416,6 +419,13 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
   static void OnPoll(uv_poll_t* h, int status, int events) {
     UnixSocket* self = (UnixSocket*)h->data;
     if (!self || !self->polling_) return;
+    if (status >= 0 && self->eventfd_) {
+      uint64_t v;
+      ssize_t r;
+      do r = read(self->fd_, &v, sizeof v); while (r < 0 && errno == EINTR);
+      if (r < 0 && errno == EAGAIN) return;  // spurious wake-up
+      if (r != (ssize_t)sizeof v) status = r < 0 ? -errno : -EINVAL;
+    }
     self->Fire(status);
   }
 
@@ -439,6 +449,7 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
   }
 
   int fd_ = -1;
+  bool eventfd_ = false;
   bool started_ = false;
   bool polling_ = false;
   bool held_ = false;
@@ -511,6 +522,69 @@ Napi::Value MmapFd(const Napi::CallbackInfo& info) {
     }
     munmap(m.base, m.len);
     if (!env.IsExceptionPending()) Napi::Error::New(env, "mmapFd: cannot create an external ArrayBuffer").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  return Napi::Value(env, ab);
+}
+
+// mmapLayout(length, fds, offsets, gpas, sizes) -> ArrayBuffer | -errno.  One
+// reservation of `length` bytes (PROT_NONE, so a stray access faults instead of
+// reading anything) with each fds[i] range [offsets[i], +sizes[i]) mapped
+// MAP_SHARED read-write at gpas[i] inside it: guest-physical addresses become
+// offsets into one buffer.  Everything page-aligned, ranges inside `length`
+// (checked by the caller; re-checked here).  Unmapped as a whole.
+Napi::Value MmapLayout(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!IsInt(info[0]) || !info[1].IsArray() || !info[2].IsArray() || !info[3].IsArray() || !info[4].IsArray())
+    return Throw(env, "mmapLayout(length, fds, offsets, gpas, sizes)");
+  Napi::Array fds = info[1].As<Napi::Array>(), offs = info[2].As<Napi::Array>();
+  Napi::Array gpas = info[3].As<Napi::Array>(), sizes = info[4].As<Napi::Array>();
+  uint32_t n = fds.Length();
+  if (offs.Length() != n || gpas.Length() != n || sizes.Length() != n) return Throw(env, "mmapLayout: arrays differ in length", true);
+  uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+  double length = info[0].As<Napi::Number>().DoubleValue();
+  if (!(length > 0) || length > (double)(SIZE_MAX / 4) || fmod(length, (double)page) != 0)
+    return Throw(env, "mmapLayout: length must be a positive multiple of the page size", true);
+  size_t total = (size_t)length;
+  struct Piece { int fd; uint64_t off, gpa, size; };
+  std::vector<Piece> pieces;
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value f = fds[i], o = offs[i], g = gpas[i], z = sizes[i];
+    if (!IsInt(f) || !IsInt(o) || !IsInt(g) || !IsInt(z)) return Throw(env, "mmapLayout: entries must be integers", true);
+    double fv = f.As<Napi::Number>().DoubleValue(), ov = o.As<Napi::Number>().DoubleValue();
+    double gv = g.As<Napi::Number>().DoubleValue(), zv = z.As<Napi::Number>().DoubleValue();
+    if (fv < 0 || fv > 2147483647.0 || ov < 0 || ov > kMaxSafe || gv < 0 || !(zv > 0) || gv + zv > length)
+      return Throw(env, "mmapLayout: entry out of range", true);
+    Piece p{(int)fv, (uint64_t)ov, (uint64_t)gv, (uint64_t)zv};
+    if (p.off % page || p.gpa % page || p.size % page) return Throw(env, "mmapLayout: entries must be page-aligned", true);
+    pieces.push_back(p);
+  }
+  void* base = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) return Errno(env);
+  for (const Piece& p : pieces) {
+    void* at = (uint8_t*)base + p.gpa;
+    void* r = mmap(at, (size_t)p.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, p.fd, (off_t)p.off);
+    if (r == MAP_FAILED) {
+      int e = errno;
+      munmap(base, total);
+      return Ret(env, -e);
+    }
+  }
+  Mapping m{(uint8_t*)base, total, (uint8_t*)base, total};
+  uintptr_t id;
+  {
+    std::lock_guard<std::mutex> g(g_maps_mu);
+    id = g_next_map++;
+    g_maps[id] = m;
+  }
+  napi_value ab;
+  if (napi_create_external_arraybuffer(env, m.user, m.ulen, FinalizeMapping, (void*)id, &ab) != napi_ok) {
+    {
+      std::lock_guard<std::mutex> g(g_maps_mu);
+      g_maps.erase(id);
+    }
+    munmap(m.base, m.len);
+    if (!env.IsExceptionPending()) Napi::Error::New(env, "mmapLayout: cannot create an external ArrayBuffer").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   return Napi::Value(env, ab);
@@ -624,6 +698,7 @@ void InitUnixFd(Napi::Env env, Napi::Object exports) {
   exports.Set("unixConnect", Napi::Function::New(env, UnixConnect, "unixConnect"));
   exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("mmapFd", Napi::Function::New(env, MmapFd, "mmapFd"));
+  exports.Set("mmapLayout", Napi::Function::New(env, MmapLayout, "mmapLayout"));
   exports.Set("unmap", Napi::Function::New(env, Unmap, "unmap"));
   exports.Set("mappingCount", Napi::Function::New(env, MappingCount, "mappingCount"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));

@@ -51,7 +51,9 @@ export interface NativeAddon {
 
   // ---- native/src/unixfd.cc: vhost-user host facts (fd passing, mmap, eventfd, memfd) ----
   /** Adopts a socket fd (made non-blocking); closed by close() or when collected. */
-  UnixSocket: new (fd: number) => NativeUnixSocket;
+  UnixSocket: new (fd: number, eventfd?: boolean) => NativeUnixSocket;
+  /** One reservation of `length` bytes with fd ranges mapped MAP_SHARED at page-aligned offsets -> ArrayBuffer | -errno. */
+  mmapLayout(length: number, fds: number[], offsets: number[], gpas: number[], sizes: number[]): ArrayBuffer | number;
   /** AF_UNIX stream listener (non-blocking, CLOEXEC) -> fd | -errno. */
   unixListen(path: string, backlog: number): number;
   /** Non-blocking AF_UNIX stream connect -> fd | -errno (-EAGAIN when the backlog is full). */

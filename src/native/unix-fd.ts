@@ -109,6 +109,36 @@ export class UnixConnection {
   }
 }
 
+/**
+ * Watches an eventfd we own (a vhost-user kick): the counter is read natively on readiness and
+ * `handler` runs once per wake-up, however many kicks it covers. close() stops and closes the fd.
+ */
+export class EventFdWatcher {
+  private readonly h: NativeUnixSocket;
+  private closedFlag = false;
+
+  constructor(fd: number, handler: (err: EngineError | null) => void) {
+    this.h = new native.UnixSocket(fd, true);
+    this.h.start((status) => {
+      handler(status < 0 ? EngineError.from(status, `Polling eventfd ${fd} failed`) : null);
+    });
+  }
+
+  get fd(): number {
+    return this.h.fd;
+  }
+
+  setRef(ref: boolean): void {
+    this.h.setRef(ref);
+  }
+
+  close(): void {
+    if (this.closedFlag) return;
+    this.closedFlag = true;
+    check(this.h.close(), 'close of eventfd failed');
+  }
+}
+
 export interface ListenOptions {
   /** listen(2) backlog, default 16. */
   backlog?: number;
@@ -198,6 +228,25 @@ export function mmapFd(fd: number, length: number, offset = 0, writable = true):
   if (typeof r === 'number') {
     throw EngineError.from(r, `Could not map ${length} bytes at ${offset} of fd ${fd}${writable ? ' writable' : ''}`);
   }
+  return r;
+}
+
+/** One fd range of a layout: [offset, offset+size) of fd placed at `at` (all page-aligned). */
+export interface LayoutPiece {
+  fd: number;
+  offset: number;
+  at: number;
+  size: number;
+}
+
+/**
+ * One ArrayBuffer of `length` bytes in which each piece's fd range is mapped MAP_SHARED
+ * read-write at its `at`; the rest is reserved PROT_NONE (never touch it: the caller keeps the
+ * map of what is mapped). Released by unmapFd() or collection, like mmapFd's.
+ */
+export function mmapLayout(length: number, pieces: readonly LayoutPiece[]): ArrayBuffer {
+  const r = native.mmapLayout(length, pieces.map((p) => p.fd), pieces.map((p) => p.offset), pieces.map((p) => p.at), pieces.map((p) => p.size));
+  if (typeof r === 'number') throw EngineError.from(r, `Could not map a ${length}-byte layout of ${pieces.length} fd ranges`);
   return r;
 }
 

@@ -132,7 +132,8 @@ describe('spindle daemon', () => {
     const cases: [string[], RegExp][] = [
       [['--daemonize', 'x'], /^spindle daemon: --daemonize: not supported yet/m],
       [['--export', 'type=nbd,id=x,node-name=y'], /--export: type=nbd needs --nbd-server/],
-      [['--export', 'type=vhost-user-blk,id=x'], /export type 'vhost-user-blk' is not supported/],
+      [['--export', 'type=fuse,id=x'], /export type 'fuse' is not supported \(nbd, vhost-user-blk\)/],
+      [['--export', 'type=vhost-user-blk,id=x,node-name=n,addr.type=inet,addr.host=a,addr.port=1'], /vhost-user-blk needs addr.type=unix/],
       [['--frob', 'x'], /^spindle daemon: --frob: invalid option$/m],
       [['--monitor', 'chardev=nope'], /--monitor: chardev 'nope' not found/],
       [['--blockdev', 'driver=null-co'], /'node-name' must be specified for the root node/],

@@ -142,11 +142,11 @@ function configReq(offset: number, size: number, flags = 0, data?: Uint8Array): 
 
 const MiB = 1 << 20;
 const EXPORT_LEN = 64 * MiB + 512 * 3;
-// Guest RAM: one memfd of 4 MiB described as two regions, the second at an mmap offset, like
-// QEMU's split of RAM below and above a hole.
+// Guest RAM: one memfd of 4 MiB described as two regions, the second after a hole and at an mmap
+// offset, like QEMU's split of RAM around the PCI hole (kept below 4 GiB: see memory.ts).
 const RAM = 4 * MiB;
 const LOW = { gpa: 0, size: 2 * MiB, uva: 0x7f0000000000, off: 0 };
-const HIGH = { gpa: 0x100000000, size: 2 * MiB, uva: 0x7f0000400000, off: 2 * MiB };
+const HIGH = { gpa: 0x10000000, size: 2 * MiB, uva: 0x7f0000400000, off: 2 * MiB };
 const QSIZE = 128;
 
 let dir: string;
@@ -532,8 +532,9 @@ describe('teardown', () => {
     const errFd = eventfd();
     expect(await fe.ack(P.VHOST_USER_SET_VRING_ERR, P.u64Payload(0), [errFd])).toBe(0n);
     closeFd(errFd);
-    // The back-end holds 2 mappings and 2 kick + 2 call + 1 err fds (the region fds were closed).
-    expect(liveMappings()).toBe(maps0 + 2);
+    // The back-end holds 1 mapping (both regions in one layout) and 2 kick + 2 call + 1 err fds
+    // (the region fds were closed).
+    expect(liveMappings()).toBe(maps0 + 1);
     expect(fdCount()).toBe(fds0 + 2 /* sockets */ + 4 /* our kick/call */ + 5 /* back-end's */);
     const views = be.rings.map((r) => r.addr!.desc.bytes);
     fe.close();
@@ -561,12 +562,12 @@ describe('teardown', () => {
     const l = ringLayout(0);
     expect(await fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(0, l.desc, l.used, l.avail))).toBe(0n);
     const oldDesc = be.rings[0]!.addr!.desc.bytes;
-    expect(liveMappings()).toBe(maps0 + 2);
+    expect(liveMappings()).toBe(maps0 + 1);
     // Hot-plug: a third region (its own memfd).
     const extra = memfdCreate('hotplug', MiB);
-    expect(await fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH, { gpa: 0x200000000, size: MiB, uva: 0x7f1000000000, off: 0 }]), [ram.fd, ram.fd, extra])).toBe(0n);
+    expect(await fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH, { gpa: 0x20000000, size: MiB, uva: 0x7f1000000000, off: 0 }]), [ram.fd, ram.fd, extra])).toBe(0n);
     closeFd(extra);
-    expect(liveMappings()).toBe(maps0 + 3);
+    expect(liveMappings()).toBe(maps0 + 1);
     expect(fdCount()).toBe(fds0);
     expect(oldDesc.length).toBe(0);
     const desc = be.rings[0]!.addr!.desc;
@@ -627,6 +628,12 @@ describe('GuestMemoryTable', () => {
     try {
       expect(t.gpa(0x1000, 4096)?.bytes.length).toBe(4096);
       expect(t.gpa(0x1000, 4097)).toBeNull(); // contiguous in gpa, but two regions: refused
+      // Guest RAM joins adjacent regions and refuses holes, including the page before them.
+      expect(t.ram!.contains(0x1000, 3 * 4096)).toBe(true);
+      expect(t.ram!.contains(0xfff, 2)).toBe(false);
+      expect(t.ram!.contains(0x3fff, 2)).toBe(false);
+      expect(t.ram!.contains(0x4000, 0)).toBe(false);
+      expect(t.ram!.bytes.length).toBe(0x4000);
       expect(t.gpa(0xfff, 1)).toBeNull();
       expect(t.gpa(0x3fff, 1)?.offset).toBe(0x1fff);
       expect(t.gpa(0x4000, 0)).toBeNull();
@@ -666,6 +673,8 @@ describe('GuestMemoryTable', () => {
     expect(bad([r(0, 0, 0)], [fd])).toBeInstanceOf(MemoryTableError);
     expect(bad([r(Number.MAX_SAFE_INTEGER, 4096, 0)], [fd])).toBeInstanceOf(MemoryTableError);
     expect(bad([r(0, 4096, 0)], [])).toBeInstanceOf(MemoryTableError);
+    expect(bad([r(2048, 4096, 0)], [fd])).toBeInstanceOf(MemoryTableError); // not page-aligned
+    expect(String(bad([r(2 ** 32, 4096, 0)], [fd]))).toMatch(/above 4 GiB .* not supported/);
     // Second region's mmap fails (bad fd): the first is unmapped again.
     expect(bad([r(0, 4096, 0), r(8192, 4096, 8192)], [fd, 99999])).toMatchObject({ code: 'EBADF' });
     expect(liveMappings()).toBe(maps0);

@@ -40,6 +40,9 @@ Spindle's storage daemon, with qemu-storage-daemon's options:
                         start the NBD server (loopback when no host is given)
   --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on][,description=<text>][,allocation-depth=on]
                         export a node over NBD
+  --export type=vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<path>
+           [,writable=on][,num-queues=<n>][,writethrough=on][,logical-block-size=512]
+                        serve a node to a vhost-user front-end (QEMU's vhost-user-blk-pci)
   --pidfile <path>      write the process id there (removed at exit)
   -h, --help            this text
   -V, --version         the version
@@ -135,13 +138,13 @@ export function parseDaemonArgs(argv: readonly string[]): DaemonConfig {
       }
       case 'export': {
         const o = jsonOrKeyval(opt, arg, 'type');
-        if (o['type'] !== 'nbd') throw new CliError(`${opt}: export type '${String(o['type'])}' is not supported (nbd)`);
+        if (o['type'] !== 'nbd' && o['type'] !== 'vhost-user-blk') throw new CliError(`${opt}: export type '${String(o['type'])}' is not supported (nbd, vhost-user-blk)`);
         c.exports.push(o);
         break;
       }
     }
   }
   for (const id of c.monitors) if (!c.chardevs.has(id)) throw new CliError(`--monitor: chardev '${id}' not found`);
-  if (c.exports.length && !c.nbdServer) throw new CliError('--export: type=nbd needs --nbd-server');
+  if (c.exports.some((e) => e['type'] === 'nbd') && !c.nbdServer) throw new CliError('--export: type=nbd needs --nbd-server');
   return c;
 }

@@ -13,7 +13,7 @@ import { registerSnapshotCommands } from '../../monitor/commands/snapshot.js';
 import { adoptMonitorNode, registerBlockCommands, releaseMonitorNodes } from '../../monitor/commands/block.js';
 import { forwardCorruption } from '../../monitor/block-events.js';
 import { registerThrottleCommands } from '../../monitor/commands/throttle.js';
-import { ExportState, nbdAddress, registerExportCommands } from '../../monitor/commands/exports.js';
+import { ExportState, nbdAddress, registerExportCommands, vhostAddress } from '../../monitor/commands/exports.js';
 import { defineCommand, QmpMonitor } from '../../monitor/qmp.js';
 import { CliError } from '../fail.js';
 import { socketEnd } from '../socket-end.js';
@@ -43,17 +43,31 @@ export function daemonMonitor(stop: () => void, exports: ExportState): QmpMonito
   return monitor;
 }
 
+async function asCli(what: string, fn: () => unknown): Promise<void> {
+  try {
+    await fn();
+  } catch (e) {
+    throw new CliError(`${what}: ${(e as Error).message}`);
+  }
+}
+
 /** --nbd-server and --export, through the same code as nbd-server-start and block-export-add. */
-async function startNbd(st: ExportState, server: Record<string, unknown>, exports: Record<string, unknown>[]): Promise<void> {
-  const asCli = async (what: string, fn: () => unknown): Promise<void> => {
-    try {
-      await fn();
-    } catch (e) {
-      throw new CliError(`${what}: ${(e as Error).message}`);
-    }
-  };
-  await asCli('--nbd-server', () => st.start(nbdAddress(server['addr'] as Record<string, unknown>)));
+async function startExports(st: ExportState, server: Record<string, unknown> | null, exports: Record<string, unknown>[]): Promise<void> {
+  if (server) await asCli('--nbd-server', () => st.start(nbdAddress(server['addr'] as Record<string, unknown>)));
   for (const e of exports) {
+    if (e['type'] === 'vhost-user-blk') {
+      const { type: _t, id, 'node-name': node, addr, writable, writethrough, 'num-queues': nq, 'logical-block-size': lbs, ...rest } = e;
+      if (Object.keys(rest).length) throw new CliError(`--export: Parameter '${Object.keys(rest)[0]}' is unexpected`);
+      if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
+      if (typeof node !== 'string') throw new CliError("--export: Parameter 'node-name' is missing");
+      if (nq !== undefined && typeof nq !== 'number') throw new CliError("--export: Parameter 'num-queues' expects a number");
+      if (lbs !== undefined && lbs !== 512) throw new CliError(`--export: logical-block-size ${String(lbs)} is not supported (512)`);
+      await asCli('--export', () => st.addVhostUserBlk(id, node, {
+        path: vhostAddress(addr), writable: writable === true, writethrough: writethrough === true,
+        ...(typeof nq === 'number' ? { numQueues: nq } : {}),
+      }));
+      continue;
+    }
     const { type: _t, id, 'node-name': node, name, description, writable, 'allocation-depth': depth, ...rest } = e;
     if (Object.keys(rest).length) throw new CliError(`--export: Parameter '${Object.keys(rest)[0]}' is unexpected`);
     if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
@@ -82,7 +96,7 @@ export async function runDaemon(argv: readonly string[]): Promise<void> {
       adoptMonitorNode(await openNode(b as NodeOptions));
     }
     const monitor = daemonMonitor(stop, exportState);
-    if (cfg.nbdServer) await startNbd(exportState, cfg.nbdServer, cfg.exports);
+    await startExports(exportState, cfg.nbdServer, cfg.exports);
     for (const id of cfg.monitors) closers.push(await socketEnd(cfg.chardevs.get(id)!, '--monitor', (s) => void monitor.attach(s)));
     if (cfg.pidfile) writeFileSync(cfg.pidfile, `${process.pid}\n`);
     process.once('SIGINT', onSignal);

@@ -10,10 +10,11 @@
  * connection, the only signal the protocol leaves it ("Communication"). Nothing a peer sends
  * throws out of the readiness callback.
  */
-import { closeFd, type UnixConnection } from '../../native/unix-fd.js';
+import { closeFd, EventFdWatcher, type UnixConnection } from '../../native/unix-fd.js';
 import { VIRTIO_BLK_F_CONFIG_WCE } from '../../../hw/virtio/virtio-blk-abi.js';
 import {
-  BLK_CFG_BLK_SIZE, BLK_CFG_CAPACITY, BLK_CFG_NUM_QUEUES, BLK_CFG_SEG_MAX, BLK_CFG_SIZE_MAX, BLK_CFG_WCE, BLK_CONFIG_SIZE,
+  BLK_CFG_BLK_SIZE, BLK_CFG_CAPACITY, BLK_CFG_DISCARD_ALIGNMENT, BLK_CFG_MAX_DISCARD_SECTORS, BLK_CFG_MAX_DISCARD_SEG,
+  BLK_CFG_MAX_WRITE_ZEROES_SECTORS, BLK_CFG_MAX_WRITE_ZEROES_SEG, BLK_CFG_WRITE_ZEROES_MAY_UNMAP, MAX_DISCARD_SECTORS, BLK_CFG_NUM_QUEUES, BLK_CFG_SEG_MAX, BLK_CFG_SIZE_MAX, BLK_CFG_WCE, BLK_CONFIG_SIZE,
   blkFeatures, MAX_QUEUE_SIZE, PROTOCOL_FEATURES, SECTOR, SIZE_MAX_BYTES,
 } from './blk-features.js';
 import { Vring, type VringAddresses } from './vring.js';
@@ -35,8 +36,14 @@ import {
 export interface VhostUserBlkHooks {
   /** A ring was started (SET_VRING_KICK) or enabled; check backend.ringReady(). */
   ringChanged?(backend: VhostUserBlkBackend, ring: Vring): void;
-  /** GET_VRING_BASE is about to reply ring.lastAvailIdx: stop processing it and update that first. */
-  ringStopping?(backend: VhostUserBlkBackend, ring: Vring): void;
+  /** The front-end kicked a started ring (one call per wake-up, however many kicks). */
+  ringKicked?(backend: VhostUserBlkBackend, ring: Vring): void;
+  /**
+   * GET_VRING_BASE is about to reply ring.lastAvailIdx: stop processing the ring and update that
+   * first. A promise defers the reply (and every later message) until it settles, so requests in
+   * flight can complete into the used ring before the front-end takes the ring back.
+   */
+  ringStopping?(backend: VhostUserBlkBackend, ring: Vring): Promise<void> | void;
   /** A new memory table replaced the old one (views of the old one are detached). */
   memoryChanged?(backend: VhostUserBlkBackend): void;
   /** The front-end changed the write cache (SET_CONFIG of wce). */
@@ -101,6 +108,8 @@ export class VhostUserBlkBackend {
   private pendingFds: number[] = [];
   private closedFlag = false;
   private reason: Error | null = null;
+  /** A deferred reply is pending: no further message is read until it is sent. */
+  private paused = false;
 
   constructor(readonly conn: UnixConnection, o: VhostUserBlkOptions) {
     if (!Number.isSafeInteger(o.length) || o.length < 0) throw new RangeError(`length must be a non-negative safe integer, got ${o.length}`);
@@ -120,6 +129,14 @@ export class VhostUserBlkBackend {
     c.setUint32(BLK_CFG_BLK_SIZE, SECTOR, true);
     this.config[BLK_CFG_WCE] = (o.writeCache ?? true) ? 1 : 0;
     c.setUint16(BLK_CFG_NUM_QUEUES, nq, true);
+    if (!this.readOnly) {
+      c.setUint32(BLK_CFG_MAX_DISCARD_SECTORS, MAX_DISCARD_SECTORS, true);
+      c.setUint32(BLK_CFG_MAX_DISCARD_SEG, 1, true);
+      c.setUint32(BLK_CFG_DISCARD_ALIGNMENT, 1, true);
+      c.setUint32(BLK_CFG_MAX_WRITE_ZEROES_SECTORS, MAX_DISCARD_SECTORS, true);
+      c.setUint32(BLK_CFG_MAX_WRITE_ZEROES_SEG, 1, true);
+      this.config[BLK_CFG_WRITE_ZEROES_MAY_UNMAP] = 1;
+    }
     conn.onReadable((err) => {
       if (err) this.close(err);
       else this.readable();
@@ -180,6 +197,9 @@ export class VhostUserBlkBackend {
       r.started = false;
       r.enabled = false;
       r.addr = null;
+      if (r.kick) attempt(() => r.kick!.close());
+      r.kick = null;
+      r.kickFd = -1;
       for (const k of ['kickFd', 'callFd', 'errFd'] as const) {
         const fd = r[k];
         r[k] = -1;
@@ -200,7 +220,7 @@ export class VhostUserBlkBackend {
 
   private readable(): void {
     try {
-      while (!this.closedFlag) {
+      while (!this.closedFlag && !this.paused) {
         // Read exactly what the current message still needs, so fds never cross messages.
         let target: Uint8Array;
         if (this.hdrHave < HEADER_SIZE) target = this.hdr.subarray(this.hdrHave);
@@ -249,6 +269,30 @@ export class VhostUserBlkBackend {
   }
 
   private dispatch(msg: Message): void {
+    if (msg.request === VHOST_USER_GET_VRING_BASE && this.hooks.ringStopping && msg.fds.length === 0 && msg.payload.length >= VRING_STATE_PAYLOAD) {
+      const ring = this.rings[dataView(msg.payload).getUint32(0, true)];
+      const wait = ring ? this.hooks.ringStopping(this, ring) : undefined;
+      if (ring && wait) {
+        this.paused = true;
+        const resume = (): void => {
+          if (this.closedFlag) return;
+          this.paused = false;
+          try {
+            this.send(msg.request, this.stopRing(ring));
+          } catch (e) {
+            this.close(e instanceof Error ? e : new Error(String(e)));
+            return;
+          }
+          this.readable();
+        };
+        wait.then(resume, resume);
+        return;
+      }
+      if (ring) {
+        this.send(msg.request, this.stopRing(ring));
+        return;
+      }
+    }
     const ackWanted = (msg.flags & VHOST_USER_NEED_REPLY_MASK) !== 0 && this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_REPLY_ACK);
     let reply: Uint8Array | null;
     try {
@@ -326,12 +370,7 @@ export class VhostUserBlkBackend {
       }
       case VHOST_USER_GET_VRING_BASE: {
         const [ring] = this.vringState(m);
-        this.hooks.ringStopping?.(this, ring);
-        ring.started = false;
-        // The front-end may reuse or close the kick eventfd; we stop watching it now.
-        if (ring.kickFd >= 0) closeFd(ring.kickFd);
-        ring.kickFd = -1;
-        return vringStatePayload(ring.index, ring.lastAvailIdx & 0xffff);
+        return this.stopRing(ring);
       }
       case VHOST_USER_SET_VRING_ADDR:
         this.setVringAddr(m);
@@ -356,6 +395,16 @@ export class VhostUserBlkBackend {
       default:
         refuse(`unsupported request`);
     }
+  }
+
+  /** GET_VRING_BASE once the data plane let go of the ring: stop it and report its base. */
+  private stopRing(ring: Vring): Uint8Array {
+    ring.started = false;
+    // The front-end may reuse or close the kick eventfd; we stop watching it now.
+    ring.kick?.close();
+    ring.kick = null;
+    ring.kickFd = -1;
+    return vringStatePayload(ring.index, ring.lastAvailIdx & 0xffff);
   }
 
   // --- payload readers ---
@@ -457,16 +506,40 @@ export class VhostUserBlkBackend {
     if (noFd && m.fds.length !== 0) refuse(`no-fd bit set but ${m.fds.length} fds came`);
     if (!noFd && m.fds.length !== 1) refuse(`${m.fds.length} fds, expected 1`);
     const fd = noFd ? -1 : m.fds.pop()!;
-    const key = m.request === VHOST_USER_SET_VRING_KICK ? 'kickFd' : m.request === VHOST_USER_SET_VRING_CALL ? 'callFd' : 'errFd';
-    const old = ring[key];
-    ring[key] = fd;
-    if (old >= 0) closeFd(old);
+    if (m.request === VHOST_USER_SET_VRING_KICK) {
+      ring.kick?.close();
+      ring.kick = null;
+      ring.kickFd = fd;
+      if (fd >= 0) ring.kick = this.watchKick(ring, fd);
+    } else {
+      const key = m.request === VHOST_USER_SET_VRING_CALL ? 'callFd' : 'errFd';
+      const old = ring[key];
+      ring[key] = fd;
+      if (old >= 0) closeFd(old);
+    }
     if (m.request === VHOST_USER_SET_VRING_KICK) {
       // "The back-end must start ring upon receiving a kick"; like other back-ends we treat the
       // kick fd's arrival as the start (a no-fd kick means the ring is polled).
       ring.started = true;
       this.hooks.ringChanged?.(this, ring);
     }
+  }
+
+  private watchKick(ring: Vring, fd: number): EventFdWatcher {
+    const w = new EventFdWatcher(fd, (err) => {
+      if (err) {
+        // Not an eventfd, or it broke: the ring can only be driven by a new kick fd now.
+        this.errors.push(`ring ${ring.index}: kick fd: ${err.message}`);
+        if (ring.kick === w) {
+          ring.kick = null;
+          ring.kickFd = -1;
+        }
+        w.close();
+        return;
+      }
+      if (ring.started && !this.closedFlag) this.hooks.ringKicked?.(this, ring);
+    });
+    return w;
   }
 
   private u64Fds(m: Message): bigint {

@@ -1,12 +1,19 @@
 /**
  * The guest memory table of a vhost-user session (specs/vhost-user.rst, "Memory access" and
- * SET_MEM_TABLE): each region is an fd from the front-end mapped MAP_SHARED here, with two base
- * addresses, the guest-physical one and the front-end's user (virtual) one. Translation of
- * either kind of address returns a view of the mapping, or null unless the whole range lies
- * inside one region: guest and front-end input never reaches a view unchecked.
+ * SET_MEM_TABLE): each region is an fd from the front-end, with two base addresses, the
+ * guest-physical one and the front-end's user (virtual) one. All regions are mapped MAP_SHARED
+ * into one reservation at their guest-physical addresses, so a guest-physical address is an
+ * offset into one buffer (`ram`, what the virtio code walks rings and buffers in); the holes
+ * between regions are PROT_NONE and `ram.contains` refuses them, so guest and front-end input
+ * never reaches memory the front-end did not give.
  */
 import { fstatSync } from 'node:fs';
-import { mmapFd, unmapFd } from '../../native/unix-fd.js';
+import { GuestRam } from '../../../hw/core/memory.js';
+import { mmapLayout, unmapFd } from '../../native/unix-fd.js';
+
+const PAGE = 4096;
+/** A Uint8Array cannot be longer (Node 20), and the layout is indexed by guest-physical address. */
+const MAX_GPA = 2 ** 32;
 
 /** One region as SET_MEM_TABLE describes it (all safe integers). */
 export interface MemoryRegionDesc {
@@ -17,10 +24,38 @@ export interface MemoryRegionDesc {
   mmapOffset: number;
 }
 
-/** A mapped region. */
-export interface MappedRegion extends Readonly<MemoryRegionDesc> {
-  /** The mapping (MAP_SHARED of [mmapOffset, mmapOffset + size) of the fd); detached once unmapped. */
-  readonly buffer: ArrayBuffer;
+/** A mapped region: its bytes are `ram.bytes[guestPhysAddr, guestPhysAddr + size)`. */
+export type MappedRegion = Readonly<MemoryRegionDesc>;
+
+/**
+ * Guest RAM as the regions of one table: `bytes` is indexed by guest-physical address, and a
+ * range is inside RAM only if every byte of it is in some region (adjacent regions join).
+ */
+export class RegionRam extends GuestRam {
+  /** Sorted, merged [start, end) guest-physical spans. */
+  private readonly spans: Float64Array;
+
+  constructor(bytes: Uint8Array, regions: readonly MappedRegion[]) {
+    super(bytes.length, bytes);
+    const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
+    const out: number[] = [];
+    for (const r of sorted) {
+      const n = out.length;
+      if (n > 0 && out[n - 1] === r.guestPhysAddr) out[n - 1] = r.guestPhysAddr + r.size;
+      else out.push(r.guestPhysAddr, r.guestPhysAddr + r.size);
+    }
+    this.spans = Float64Array.from(out);
+  }
+
+  override contains(addr: number, len: number): boolean {
+    if (!(addr >= 0 && len >= 0) || !Number.isSafeInteger(addr) || !Number.isSafeInteger(len)) return false;
+    const s = this.spans;
+    for (let i = 0; i < s.length; i += 2) {
+      if (addr < s[i]!) return false;
+      if (addr < s[i + 1]!) return addr + len <= s[i + 1]!;
+    }
+    return false;
+  }
 }
 
 /** A translated range: which region, where in it, and a view of exactly the range. */
@@ -62,12 +97,18 @@ function validate(descs: readonly MemoryRegionDesc[]): void {
 /** A set of mapped regions. Immutable once built; close() unmaps every region at once. */
 export class GuestMemoryTable {
   private closedFlag = false;
+  private holds = 0;
+  private unmapped = false;
+  /** Guest RAM for the virtio code (null for the empty table). */
+  readonly ram: RegionRam | null;
 
-  private constructor(readonly regions: readonly MappedRegion[]) {}
+  private constructor(readonly regions: readonly MappedRegion[], private readonly buffer: ArrayBuffer | null) {
+    this.ram = buffer ? new RegionRam(new Uint8Array(buffer), regions) : null;
+  }
 
   /** An empty table (before SET_MEM_TABLE): every translation fails. */
   static empty(): GuestMemoryTable {
-    return new GuestMemoryTable([]);
+    return new GuestMemoryTable([], null);
   }
 
   /**
@@ -78,27 +119,25 @@ export class GuestMemoryTable {
   static map(descs: readonly MemoryRegionDesc[], fds: readonly number[]): GuestMemoryTable {
     if (descs.length !== fds.length) throw new MemoryTableError(`${descs.length} regions but ${fds.length} fds`);
     validate(descs);
-    const mapped: MappedRegion[] = [];
-    try {
-      descs.forEach((d, i) => {
-        // A mapping past the end of a file is accepted by mmap but touching it raises SIGBUS,
-        // which would kill the process: the fd must cover the region (memfd, hugetlbfs, shm).
-        const st = fstatSync(fds[i]!);
-        if (st.isFile() && st.size < d.mmapOffset + d.size) {
-          throw new MemoryTableError(`region ${i}: [${d.mmapOffset}, +${d.size}) runs past the end of its fd (${st.size} bytes)`);
-        }
-        const buffer = mmapFd(fds[i]!, d.size, d.mmapOffset, true);
-        if (buffer.byteLength !== d.size) {
-          unmapFd(buffer);
-          throw new MemoryTableError(`region ${i}: mapping of ${d.size} bytes came back with ${buffer.byteLength}`);
-        }
-        mapped.push({ guestPhysAddr: d.guestPhysAddr, size: d.size, userAddr: d.userAddr, mmapOffset: d.mmapOffset, buffer });
-      });
-    } catch (e) {
-      for (const r of mapped) unmapFd(r.buffer);
-      throw e;
-    }
-    return new GuestMemoryTable(mapped);
+    let end = 0;
+    descs.forEach((d, i) => {
+      if (d.guestPhysAddr % PAGE || d.size % PAGE || d.mmapOffset % PAGE) {
+        throw new MemoryTableError(`region ${i}: guest address, size and mmap offset must be multiples of ${PAGE}`);
+      }
+      if (d.guestPhysAddr + d.size > MAX_GPA) {
+        throw new MemoryTableError(`region ${i}: guest memory above 4 GiB (up to 0x${(d.guestPhysAddr + d.size).toString(16)}) is not supported`);
+      }
+      // A mapping past the end of a file is accepted by mmap but touching it raises SIGBUS,
+      // which would kill the process: the fd must cover the region (memfd, hugetlbfs, shm).
+      const st = fstatSync(fds[i]!);
+      if (st.isFile() && st.size < d.mmapOffset + d.size) {
+        throw new MemoryTableError(`region ${i}: [${d.mmapOffset}, +${d.size}) runs past the end of its fd (${st.size} bytes)`);
+      }
+      end = Math.max(end, d.guestPhysAddr + d.size);
+    });
+    const buffer = mmapLayout(end, descs.map((d, i) => ({ fd: fds[i]!, offset: d.mmapOffset, at: d.guestPhysAddr, size: d.size })));
+    const regions = descs.map((d) => ({ guestPhysAddr: d.guestPhysAddr, size: d.size, userAddr: d.userAddr, mmapOffset: d.mmapOffset }));
+    return new GuestMemoryTable(regions, buffer);
   }
 
   get closed(): boolean {
@@ -113,7 +152,7 @@ export class GuestMemoryTable {
       if (addr < start || addr >= start + r.size) continue;
       const offset = addr - start;
       if (len > r.size - offset) return null; // straddles the region's end: regions are not contiguous for us
-      return { region: i, offset, bytes: new Uint8Array(r.buffer, offset, len) };
+      return { region: i, offset, bytes: new Uint8Array(this.buffer!, r.guestPhysAddr + offset, len) };
     }
     return null;
   }
@@ -134,10 +173,33 @@ export class GuestMemoryTable {
     return v ? this.regions[v.region]!.guestPhysAddr + v.offset : null;
   }
 
-  /** Unmap every region (views of them become length 0); idempotent. */
+  /**
+   * Keep the mapping while requests still use `ram` (I/O into guest buffers in flight): close()
+   * then waits for the last release to unmap. Returns the release function (call it once).
+   */
+  hold(): () => void {
+    this.holds++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      if (--this.holds === 0 && this.closedFlag) this.unmap();
+    };
+  }
+
+  /**
+   * Unmap every region (views of them become length 0), or after the last hold is released;
+   * translations fail from now on. Idempotent.
+   */
   close(): void {
     if (this.closedFlag) return;
     this.closedFlag = true;
-    for (const r of this.regions) unmapFd(r.buffer);
+    if (this.holds === 0) this.unmap();
+  }
+
+  private unmap(): void {
+    if (this.unmapped) return;
+    this.unmapped = true;
+    if (this.buffer) unmapFd(this.buffer);
   }
 }

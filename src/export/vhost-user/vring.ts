@@ -1,4 +1,5 @@
 /** One vring as the front-end set it up: size, base, addresses in guest memory, eventfds. */
+import type { EventFdWatcher } from '../../native/unix-fd.js';
 import type { GuestView } from './memory.js';
 
 export interface VringAddresses {
@@ -30,6 +31,8 @@ export class Vring {
   addr: VringAddresses | null = null;
   /** -1: none (or polling, when the front-end sent the no-fd bit). */
   kickFd = -1;
+  /** Watches kickFd (and owns it: closing the watcher closes the fd). */
+  kick: EventFdWatcher | null = null;
   callFd = -1;
   errFd = -1;
   /** Started by SET_VRING_KICK, stopped by GET_VRING_BASE ("Ring states"). */
@@ -39,4 +42,3 @@ export class Vring {
   constructor(readonly index: number) {}
 }
 
-/** Notifications for the data plane; every member is optional and runs synchronously. */

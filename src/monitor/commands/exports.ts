@@ -7,6 +7,7 @@ import { findBackend } from '../../backend/backend.js';
 import { BlockError } from '../../block/error.js';
 import { findNode } from '../../block/graph.js';
 import { NbdServer, type NbdListenAddress } from '../../export/nbd/server.js';
+import { VhostUserBlkExport } from '../../export/vhost-user/export.js';
 import { QmpError } from '../errors.js';
 import { defineCommand, type QmpMonitor } from '../qmp.js';
 
@@ -15,6 +16,8 @@ export class ExportState {
   server: NbdServer | null = null;
   /** Block exports: id -> the NBD export name and the node. */
   readonly exports = new Map<string, { name: string; nodeName: string }>();
+  /** vhost-user-blk exports by id (each listens on its own socket). */
+  readonly vhost = new Map<string, VhostUserBlkExport>();
 
   /** Where BLOCK_EXPORT_DELETED goes (set when the commands are registered). */
   monitor: QmpMonitor | null = null;
@@ -50,7 +53,34 @@ export class ExportState {
     this.exports.set(id, { name, nodeName });
   }
 
+  addVhostUserBlk(id: string, nodeName: string, o: { path: string; writable?: boolean; numQueues?: number; writethrough?: boolean }): void {
+    if (this.exports.has(id) || this.vhost.has(id)) throw new QmpError('GenericError', `Block export id '${id}' is already in use`);
+    const be = findBackend(nodeName);
+    const node = be ? null : findNode(nodeName);
+    if (!be?.node && !node) throw new QmpError('GenericError', `Cannot find device=${nodeName} nor node-name=${nodeName}`);
+    try {
+      this.vhost.set(id, new VhostUserBlkExport({
+        id, path: o.path, writable: o.writable ?? false, writethrough: o.writethrough ?? false,
+        ...(o.numQueues !== undefined ? { numQueues: o.numQueues } : {}),
+        ...(be ? { backend: be } : { node: node! }),
+      }));
+    } catch (e) {
+      throw new QmpError('GenericError', e instanceof Error ? e.message : String(e));
+    }
+  }
+
   async del(id: string, mode: 'safe' | 'hard'): Promise<void> {
+    const v = this.vhost.get(id);
+    if (v) {
+      try {
+        await v.close(mode);
+      } catch (err) {
+        throw new QmpError('GenericError', err instanceof Error ? err.message : String(err));
+      }
+      this.vhost.delete(id);
+      this.monitor?.emit('BLOCK_EXPORT_DELETED', { id });
+      return;
+    }
     const e = this.exports.get(id);
     if (!e || !this.server) throw new QmpError('GenericError', `Export '${id}' is not found`);
     try {
@@ -76,6 +106,7 @@ export class ExportState {
   /** At exit: the server and its exports go. */
   async close(): Promise<void> {
     if (this.server) await this.stop();
+    for (const id of [...this.vhost.keys()]) await this.del(id, 'hard');
   }
 }
 
@@ -92,6 +123,15 @@ export function nbdAddress(addr: Record<string, unknown>): NbdListenAddress {
     return { host: typeof d['host'] === 'string' && d['host'] ? d['host'] : '127.0.0.1', port };
   }
   throw new QmpError('GenericError', `Parameter 'addr.type' does not accept value '${String(addr['type'])}'`);
+}
+
+/** vhost-user-blk's addr: a SocketAddress of type unix (the protocol needs fd passing). */
+export function vhostAddress(addr: unknown): string {
+  if (!addr || typeof addr !== 'object') throw new QmpError('GenericError', "Parameter 'addr' is missing");
+  const a = addr as Record<string, unknown>;
+  if (a['type'] !== 'unix') throw new QmpError('GenericError', `vhost-user-blk needs addr.type=unix, not '${String(a['type'])}'`);
+  if (typeof a['path'] !== 'string' || !a['path']) throw new QmpError('GenericError', "Parameter 'addr.path' is missing");
+  return a['path'];
 }
 
 export function registerExportCommands(monitor: QmpMonitor, st: ExportState): void {
@@ -138,9 +178,9 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
   }));
   monitor.register(defineCommand({
     name: 'block-export-add',
-    doc: 'Exports a node (type nbd, on the running NBD server)',
+    doc: 'Exports a node: type nbd on the running NBD server, or vhost-user-blk on its own UNIX socket',
     args: {
-      type: { type: { enum: ['nbd'] } },
+      type: { type: { enum: ['nbd', 'vhost-user-blk'] } },
       id: { type: 'str' },
       'node-name': { type: 'str' },
       writable: { type: 'bool', optional: true },
@@ -148,8 +188,24 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
       name: { type: 'str', optional: true },
       description: { type: 'str', optional: true },
       'allocation-depth': { type: 'bool', optional: true },
+      addr: { type: 'any', optional: true },
+      'num-queues': { type: 'int', optional: true },
+      'logical-block-size': { type: 'int', optional: true },
     },
     run: (a) => {
+      if (a.type === 'vhost-user-blk') {
+        if (a['logical-block-size'] !== undefined && a['logical-block-size'] !== 512) {
+          throw new QmpError('GenericError', `logical-block-size ${a['logical-block-size']} is not supported (512)`);
+        }
+        st.addVhostUserBlk(a.id, a['node-name'], {
+          path: vhostAddress(a.addr), writable: a.writable ?? false, writethrough: a.writethrough ?? false,
+          ...(a['num-queues'] !== undefined ? { numQueues: a['num-queues'] } : {}),
+        });
+        return {};
+      }
+      for (const k of ['addr', 'num-queues', 'logical-block-size'] as const) {
+        if (a[k] !== undefined) throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
+      }
       st.add(a.id, a['node-name'], {
         ...(a.name !== undefined ? { name: a.name } : {}),
         ...(a.description !== undefined ? { description: a.description } : {}),
@@ -172,6 +228,9 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
     name: 'query-block-exports',
     doc: 'The block exports',
     args: {},
-    run: () => [...st.exports].map(([id, e]) => ({ type: 'nbd', id, 'node-name': e.nodeName, 'shutting-down': false })),
+    run: () => [
+      ...[...st.exports].map(([id, e]) => ({ type: 'nbd', id, 'node-name': e.nodeName, 'shutting-down': false })),
+      ...[...st.vhost].map(([id, e]) => ({ type: 'vhost-user-blk', id, 'node-name': e.nodeName, 'shutting-down': false })),
+    ],
   }));
 }

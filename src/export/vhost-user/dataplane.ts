@@ -1,0 +1,233 @@
+/**
+ * The vhost-user-blk data plane of one session: the virtio-blk request code (hw/block's
+ * VirtioBlk, the same one Spindle's own virtio-blk-pci runs) over the front-end's guest memory,
+ * with the rings the control plane set up.
+ *
+ *   kick eventfd ──► ringKicked ──► VirtioBlk.kick ──pop──► BackendIO ──► finish ──► used ring
+ *                                                                           └──► call eventfd (batched)
+ *
+ * The guest memory table is mapped as one layout indexed by guest-physical address (memory.ts),
+ * so the virtqueue code's bounds checks are the only way in. A ring stops (GET_VRING_BASE) only
+ * once its requests in flight have completed into the used ring, so the base reported and the
+ * used index agree when the front-end hands the ring to someone else (a restarted guest driver,
+ * a new back-end). A new memory table retires the device: its requests finish on the old
+ * mapping (held until then), and the rings restart on the new one afterwards.
+ *
+ * Context: main loop.
+ */
+import type { BackendIO } from '../../backend/io.js';
+import { VirtioBlk } from '../../../hw/block/virtio-blk.js';
+import type { VirtQueue } from '../../../hw/virtio/virtqueue.js';
+import { eventfdWrite } from '../../native/unix-fd.js';
+import type { VhostUserBlkBackend, VhostUserBlkHooks } from './backend.js';
+import { MAX_QUEUE_SIZE } from './blk-features.js';
+import type { GuestMemoryTable } from './memory.js';
+import type { Vring } from './vring.js';
+
+export interface DataPlaneOptions {
+  /** Returned by VIRTIO_BLK_T_GET_ID (up to 20 bytes). */
+  serial: string;
+  /** Whether the export's backend is drained right now (new devices start drained). */
+  drained: () => boolean;
+}
+
+/** A VirtioBlk on one memory table, and the hold that keeps that table mapped. */
+interface Active {
+  dev: VirtioBlk;
+  memory: GuestMemoryTable;
+  release: () => void;
+  /** Per queue: set up on this device (addresses translated, positions taken). */
+  configured: boolean[];
+  /** Per queue: popping allowed (started, enabled and not stopping). */
+  running: boolean[];
+}
+
+export class VhostUserBlkDataPlane {
+  private active: Active | null = null;
+  /** Devices of replaced memory tables whose requests are still in flight. */
+  private readonly retiring = new Set<Active>();
+  /** GET_VRING_BASE replies waiting for a queue to go idle, by queue index. */
+  private readonly stopWaiters = new Map<number, () => void>();
+
+  constructor(private readonly be: VhostUserBlkBackend, private readonly io: BackendIO, private readonly o: DataPlaneOptions) {}
+
+  /** Hooks for the session's control plane. */
+  static hooks(plane: (be: VhostUserBlkBackend) => VhostUserBlkDataPlane | null): VhostUserBlkHooks {
+    return {
+      ringChanged: (be, ring) => plane(be)?.ringChanged(ring),
+      ringKicked: (be, ring) => plane(be)?.kicked(ring),
+      ringStopping: (be, ring) => plane(be)?.stopping(ring),
+      memoryChanged: (be) => plane(be)?.memoryChanged(),
+      writeCacheChanged: (be, on) => plane(be)?.io.setWriteCache(on),
+    };
+  }
+
+  /** Requests in flight over every device of the session. */
+  get inFlight(): number {
+    let n = 0;
+    for (const a of [this.active, ...this.retiring]) if (a) for (const q of a.dev.queues) n += q.inFlight;
+    return n;
+  }
+
+  /** The export's backend was drained / undrained. */
+  drainedBegin(): void {
+    this.active?.dev.drainedBegin();
+  }
+  drainedEnd(): void {
+    this.active?.dev.drainedEnd();
+  }
+
+  /** The session ended: nothing new is popped; what is in flight finishes, then memory goes. */
+  close(): void {
+    if (this.active) this.retire(this.active);
+    this.active = null;
+    for (const w of this.stopWaiters.values()) w();
+    this.stopWaiters.clear();
+  }
+
+  private ringChanged(ring: Vring): void {
+    const a = this.device();
+    if (!a) return;
+    const i = ring.index;
+    if (!this.be.ringReady(ring)) {
+      // Disabled (SET_VRING_ENABLE 0): stop popping; requests in flight still complete.
+      a.running[i] = false;
+      return;
+    }
+    if (!a.configured[i] && !this.configure(a, ring)) return;
+    a.running[i] = true;
+    // The front-end may have made requests available before it passed the kick fd.
+    a.dev.kick(i);
+  }
+
+  private kicked(ring: Vring): void {
+    const a = this.active;
+    if (a && a.running[ring.index]) a.dev.kick(ring.index);
+  }
+
+  private stopping(ring: Vring): Promise<void> | void {
+    const a = this.active;
+    const i = ring.index;
+    if (!a || !a.configured[i]) return;
+    a.running[i] = false;
+    const q = a.dev.queues[i]!;
+    if (q.inFlight === 0) return this.unconfigure(a, q, ring);
+    return new Promise<void>((resolve) => {
+      this.stopWaiters.set(i, () => {
+        this.stopWaiters.delete(i);
+        if (this.active === a && a.configured[i]) this.unconfigure(a, q, ring);
+        resolve();
+      });
+    });
+  }
+
+  /** Publish what completed, report the position, and forget the ring's addresses. */
+  private unconfigure(a: Active, q: VirtQueue, ring: Vring): void {
+    this.publish(q);
+    ring.lastAvailIdx = q.lastAvailIdx;
+    a.configured[q.index] = false;
+    q.enabled = false;
+    q.ringsChanged();
+  }
+
+  private memoryChanged(): void {
+    const a = this.active;
+    if (!a) return;
+    // Rings keep their positions: hand them back to the rings before the device goes.
+    for (let i = 0; i < a.configured.length; i++) {
+      if (a.configured[i]) this.be.rings[i]!.lastAvailIdx = a.dev.queues[i]!.lastAvailIdx;
+    }
+    this.retire(a);
+    this.active = null;
+    this.restartWhenIdle();
+  }
+
+  /** The device for the current memory table, made on first use; null while an old one drains. */
+  private device(): Active | null {
+    if (this.active) return this.active;
+    const memory = this.be.memory;
+    if (!memory.ram || this.retiring.size > 0) return null;
+    const n = this.be.numQueues;
+    const dev = new VirtioBlk(memory.ram, this.io, { numQueues: n, queueSize: MAX_QUEUE_SIZE, serial: this.o.serial });
+    const a: Active = { dev, memory, release: memory.hold(), configured: new Array<boolean>(n).fill(false), running: new Array<boolean>(n).fill(false) };
+    dev.transport = {
+      notifyQueue: (vq) => this.call(vq.index),
+      // No back-end request channel is offered: config changes cannot reach the front-end.
+      notifyConfig: () => {},
+      isrCleared: () => {},
+    };
+    dev.onFinish = (vq) => this.finished(a, vq);
+    dev.activate(this.be.ackedFeatures);
+    if (this.o.drained()) dev.drainedBegin();
+    this.active = a;
+    return a;
+  }
+
+  /** Point queue `ring.index` of the device at the ring's memory, at the ring's position. */
+  private configure(a: Active, ring: Vring): boolean {
+    const addr = ring.addr!;
+    const m = this.be.memory;
+    const desc = m.uvaToGpa(addr.descUser);
+    const avail = m.uvaToGpa(addr.availUser);
+    const used = m.uvaToGpa(addr.usedUser);
+    const q = a.dev.queues[ring.index]!;
+    if (desc === null || avail === null || used === null || ring.num > q.maxNum) return false;
+    q.num = ring.num;
+    q.desc = desc;
+    q.avail = avail;
+    q.used = used;
+    q.enabled = true;
+    q.ringsChanged();
+    // Pop from the base the front-end set; push after what the used ring already holds.
+    q.resume(ring.lastAvailIdx, q.usedIdxInRam());
+    a.configured[ring.index] = true;
+    return true;
+  }
+
+  private finished(a: Active, vq: VirtQueue): void {
+    if (vq.inFlight !== 0) return;
+    if (this.active === a) {
+      this.stopWaiters.get(vq.index)?.();
+      return;
+    }
+    if (!this.retiring.has(a)) return;
+    this.publish(vq);
+    if (a.dev.queues.some((q) => q.inFlight > 0)) return;
+    this.retiring.delete(a);
+    a.release();
+    this.restartWhenIdle();
+  }
+
+  private retire(a: Active): void {
+    a.running.fill(false);
+    a.dev.drainedBegin();
+    if (a.dev.queues.some((q) => q.inFlight > 0)) {
+      this.retiring.add(a);
+    } else {
+      for (const q of a.dev.queues) this.publish(q);
+      a.release();
+    }
+  }
+
+  /** After a memory change: once no old request is in flight, restart the ready rings. */
+  private restartWhenIdle(): void {
+    if (this.retiring.size > 0 || this.be.closed) return;
+    for (const ring of this.be.rings) if (this.be.ringReady(ring)) this.ringChanged(ring);
+  }
+
+  /** Store the used index now (not at the next batch) and interrupt if the driver wants one. */
+  private publish(q: VirtQueue): void {
+    if (q.flush()) this.call(q.index);
+  }
+
+  private call(index: number): void {
+    const fd = this.be.rings[index]?.callFd ?? -1;
+    if (fd < 0) return;
+    try {
+      eventfdWrite(fd);
+    } catch (e) {
+      // A full counter (EAGAIN) still wakes the front-end; anything else is worth recording.
+      if ((e as { code?: string }).code !== 'EAGAIN') this.be.errors.push(`ring ${index}: call fd: ${(e as Error).message}`);
+    }
+  }
+}

@@ -1,0 +1,135 @@
+/**
+ * A vhost-user-blk block export: a node served to a vhost-user front-end (QEMU's
+ * `-device vhost-user-blk-pci`) on a UNIX socket, as qemu-storage-daemon's
+ * `--export type=vhost-user-blk` does. The export holds its node through a BlockBackend of its
+ * own (the export is that backend's device); each front-end session gets a data plane.
+ *
+ *   VhostUserBlkExport ──BackendIO──> BlockBackend ──root──> node ...
+ *        └─ VhostUserBlkServer ──session──> VhostUserBlkBackend (control) + VhostUserBlkDataPlane
+ *
+ * Sessions come one at a time; when the front-end goes (QEMU killed or restarted) the session's
+ * requests finish, its memory is unmapped, and the next connection starts afresh.
+ *
+ * Context: main loop.
+ */
+import { createBackend, type BlockBackend } from '../../backend/backend.js';
+import type { BackendIO } from '../../backend/io.js';
+import { BlockError } from '../../block/error.js';
+import type { BlockNode } from '../../block/node.js';
+import { Perm } from '../../block/types.js';
+import { VhostUserBlkDataPlane } from './dataplane.js';
+import type { VhostUserBlkBackend } from './backend.js';
+import { VhostUserBlkServer } from './server.js';
+
+export interface VhostUserBlkExportOptions {
+  id: string;
+  /** UNIX socket path to listen on. */
+  path: string;
+  /** The node to export, or a backend whose current node is exported. */
+  node?: BlockNode;
+  backend?: BlockBackend;
+  writable: boolean;
+  /** Virtqueues offered (QEMU's num-queues; default 1). */
+  numQueues?: number;
+  /** Write-through: the front-end sees no volatile write cache (QEMU's writethrough). */
+  writethrough?: boolean;
+}
+
+export class VhostUserBlkExport {
+  readonly id: string;
+  readonly path: string;
+  readonly writable: boolean;
+  readonly numQueues: number;
+  readonly backend: BlockBackend;
+  readonly io: BackendIO;
+  readonly server: VhostUserBlkServer;
+  #plane: { be: VhostUserBlkBackend; plane: VhostUserBlkDataPlane } | null = null;
+  #drained = false;
+  #closed = false;
+  readonly #handle: { readonly id: string };
+  /** Sessions served so far (front-end connections accepted). */
+  sessions = 0;
+
+  constructor(o: VhostUserBlkExportOptions) {
+    this.id = o.id;
+    this.path = o.path;
+    this.writable = o.writable;
+    this.numQueues = o.numQueues ?? 1;
+    if (!Number.isInteger(this.numQueues) || this.numQueues < 1 || this.numQueues > 256) {
+      throw new BlockError('EINVAL', `Parameter 'num-queues' must be 1..256, not ${this.numQueues}`);
+    }
+    if (o.node && o.backend) throw new BlockError('EINVAL', `Export '${o.id}' takes a node or a backend, not both`);
+    const node = o.node ?? o.backend?.node ?? null;
+    if (!node) throw new BlockError('ENOMEDIUM', `Export '${o.id}' needs a node with a medium`);
+    if (o.writable && node.readOnly) throw new BlockError('EPERM', `Cannot export read-only node '${node.name}' as writable`);
+    this.backend = createBackend({ perm: Perm.CONSISTENT_READ | (o.writable ? Perm.WRITE : 0), shared: Perm.ALL, rerror: 'report', werror: 'report' }, node);
+    this.#handle = { id: `vhost-user-blk-export:${o.id}` };
+    try {
+      this.io = this.backend.attachDevice(this.#handle, {
+        drainedBegin: () => {
+          this.#drained = true;
+          this.#plane?.plane.drainedBegin();
+        },
+        drainedEnd: () => {
+          this.#drained = false;
+          this.#plane?.plane.drainedEnd();
+        },
+      });
+      if (o.writethrough) this.io.setWriteCache(false);
+      this.server = new VhostUserBlkServer(o.path, {
+        length: this.io.getLength(),
+        numQueues: this.numQueues,
+        readOnly: !o.writable,
+        writeCache: this.io.isWriteCacheEnabled(),
+        hooks: {
+          ...VhostUserBlkDataPlane.hooks((be) => (this.#plane?.be === be ? this.#plane.plane : null)),
+          closed: (be) => {
+            if (this.#plane?.be !== be) return;
+            this.#plane.plane.close();
+            this.#plane = null;
+          },
+        },
+        onSession: (be) => this.#session(be),
+      });
+    } catch (e) {
+      this.backend.detachDevice(this.#handle);
+      this.backend.unref();
+      throw e;
+    }
+  }
+
+  #session(be: VhostUserBlkBackend): void {
+    this.sessions++;
+    const plane = new VhostUserBlkDataPlane(be, this.io, { serial: this.id.slice(0, 20), drained: () => this.#drained });
+    this.#plane = { be, plane };
+  }
+
+  /** The live front-end session, if any. */
+  get session(): VhostUserBlkBackend | null {
+    return this.server.session;
+  }
+
+  get nodeName(): string {
+    return this.backend.node?.name ?? '';
+  }
+
+  /**
+   * Stop listening, end the session, wait for its requests, release the backend.
+   * 'safe' refuses while a front-end is connected (QEMU's "still in use").
+   */
+  async close(mode: 'safe' | 'hard' = 'hard'): Promise<void> {
+    if (this.#closed) return;
+    if (mode === 'safe' && this.server.session) throw new BlockError('EBUSY', `export '${this.id}' still in use`);
+    this.#closed = true;
+    const p = this.#plane?.plane;
+    this.server.close();
+    if (p) await drainPlane(p);
+    this.backend.detachDevice(this.#handle);
+    this.backend.unref();
+  }
+}
+
+/** Waits (on completions, not time) until a closed session's requests are done. */
+async function drainPlane(p: VhostUserBlkDataPlane): Promise<void> {
+  while (p.inFlight > 0) await new Promise<void>((r) => setImmediate(r));
+}
