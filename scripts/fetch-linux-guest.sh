@@ -1,17 +1,47 @@
 #!/usr/bin/env bash
-# Fetches the Linux guest the whole-guest tests boot on v86: Debian's i386 kernel (linux-image-686),
-# a static busybox, and the few kernel modules the tests load; installs the host tools they need
-# (SeaBIOS, e2fsprogs, xorriso). Run as root (it uses apt); idempotent.
+# Fetches the Linux guest the whole-guest tests boot: Debian's kernel, a static busybox, and the
+# few kernel modules the tests load; installs the host tools they need (SeaBIOS, e2fsprogs,
+# xorriso). Run as root (it uses apt); idempotent.
 #
-#   $SPINDLE_GUEST_CACHE (default ~/.cache/spindle/linux-i386)/
+#   fetch-linux-guest.sh [i386|amd64]
+#     i386 (default): linux-image-686 and busybox-static of the i386 foreign architecture, for v86.
+#     amd64: linux-image-amd64 and busybox-static of the native architecture, for qemu-system-x86_64
+#            (installed here if missing, with fio, which the Linux bench puts into the guest).
+#
+#   cache: i386 $SPINDLE_GUEST_CACHE (default ~/.cache/spindle/linux-i386),
+#          amd64 $SPINDLE_GUEST_CACHE_AMD64 (default ~/.cache/spindle/linux-amd64)/
 #     vmlinuz                           the kernel (bzImage)
-#     busybox                           static i386 busybox
+#     busybox                           static busybox
 #     lib/modules/<ver>/kernel/...      the selected modules and their depends= closure
 #     READY                             the kernel version; written last, so a half-done fetch is redone
 set -euo pipefail
 
-cache="${SPINDLE_GUEST_CACHE:-$HOME/.cache/spindle/linux-i386}"
-if [ -f "$cache/READY" ]; then
+arch="${1:-i386}"
+case "$arch" in
+  i386)
+    cache="${SPINDLE_GUEST_CACHE:-$HOME/.cache/spindle/linux-i386}"
+    meta=linux-image-686:i386 bbox=busybox-static:i386 qual=:i386 ;;
+  amd64)
+    # Native packages only: this guest is for a host that runs amd64 itself.
+    if [ "$(dpkg --print-architecture)" != amd64 ]; then
+      echo "fetch-linux-guest: amd64 needs an amd64 host (this is $(dpkg --print-architecture))" >&2
+      exit 1
+    fi
+    cache="${SPINDLE_GUEST_CACHE_AMD64:-$HOME/.cache/spindle/linux-amd64}"
+    meta=linux-image-amd64 bbox=busybox-static qual= ;;
+  *)
+    echo "usage: fetch-linux-guest.sh [i386|amd64]" >&2
+    exit 2 ;;
+esac
+
+# The host tools amd64's users need, checked even when the cache is ready (a fresh host may
+# share a cache directory but lack the programs).
+need=()
+if [ "$arch" = amd64 ]; then
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+  command -v fio >/dev/null 2>&1 || need+=(fio)
+fi
+if [ -f "$cache/READY" ] && [ ${#need[@]} -eq 0 ]; then
   echo "fetch-linux-guest: $cache is ready (kernel $(cat "$cache/READY"))"
   exit 0
 fi
@@ -21,33 +51,36 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 
-# --- host side: the i386 architecture and the tools the tests run -------------------------------
-if ! dpkg --print-foreign-architectures | grep -qx i386; then
+# --- host side: the architecture and the tools the tests run ------------------------------------
+if [ "$arch" = i386 ] && ! dpkg --print-foreign-architectures | grep -qx i386; then
   dpkg --add-architecture i386
 fi
 # (apt-cache show succeeds if any one name is known: ask once per package.)
-for pkg in linux-image-686:i386 busybox-static:i386; do
+for pkg in "$meta" "$bbox" "${need[@]}"; do
   if ! apt-cache show "$pkg" >/dev/null 2>&1; then
     apt-get update -qq
     break
   fi
 done
-need=()
 [ -f /usr/share/seabios/bios-256k.bin ] || [ -f /usr/share/seabios/bios.bin ] || need+=(seabios)
 command -v mke2fs >/dev/null 2>&1 && command -v debugfs >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v xorrisofs >/dev/null 2>&1 || need+=(xorriso)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 "${need[@]}" >/dev/null
 fi
+if [ -f "$cache/READY" ]; then
+  echo "fetch-linux-guest: $cache is ready (kernel $(cat "$cache/READY"))"
+  exit 0
+fi
 
 # --- guest side: download and unpack the kernel and busybox packages ---------------------------
-# linux-image-686 is a metapackage; the kernel is the package it depends on.
-kpkg="$(apt-cache depends linux-image-686:i386 | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')"
+# $meta is a metapackage; the kernel is the package it depends on.
+kpkg="$(apt-cache depends "$meta" | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')"
 if [ -z "$kpkg" ]; then
-  echo "fetch-linux-guest: cannot resolve the kernel package linux-image-686:i386 depends on" >&2
+  echo "fetch-linux-guest: cannot resolve the kernel package $meta depends on" >&2
   exit 1
 fi
-case "$kpkg" in *:*) ;; *) kpkg="$kpkg:i386" ;; esac
+case "$kpkg" in *:*) ;; *) kpkg="$kpkg$qual" ;; esac
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -55,7 +88,7 @@ trap 'rm -rf "$work"' EXIT
 chmod 0755 "$work"
 mkdir "$work/debs"
 if id _apt >/dev/null 2>&1; then chown _apt "$work/debs"; fi
-(cd "$work/debs" && apt-get download -qq "$kpkg" busybox-static:i386)
+(cd "$work/debs" && apt-get download -qq "$kpkg" "$bbox")
 for deb in "$work"/debs/*.deb; do
   dpkg-deb -x "$deb" "$work/root"
 done

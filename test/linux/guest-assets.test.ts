@@ -10,6 +10,7 @@ import { describe, expect, it } from 'vitest';
 import {
   type CpioEntry,
   GUEST_READY,
+  binaryClosure,
   buildInitrd,
   guestInit,
   linuxGuestAssets,
@@ -91,6 +92,23 @@ describe('linuxGuestAssets', () => {
       if (saved === undefined) delete process.env.SPINDLE_GUEST_CACHE;
       else process.env.SPINDLE_GUEST_CACHE = saved;
     }
+  });
+
+  it('keeps a cache per architecture, each with its own override and fetch hint', () => {
+    const saved = process.env.SPINDLE_GUEST_CACHE_AMD64;
+    process.env.SPINDLE_GUEST_CACHE_AMD64 = '/nonexistent/spindle-guest-amd64';
+    try {
+      expect(() => linuxGuestAssets('amd64')).toThrow(/spindle-guest-amd64\/READY is missing; run scripts\/fetch-linux-guest\.sh amd64 as root/);
+    } finally {
+      if (saved === undefined) delete process.env.SPINDLE_GUEST_CACHE_AMD64;
+      else process.env.SPINDLE_GUEST_CACHE_AMD64 = saved;
+    }
+    const [i386, amd64] = [linuxGuestAssets(), linuxGuestAssets('amd64')];
+    expect(amd64.modulesDir).not.toBe(i386.modulesDir);
+    // ELF e_machine: 3 is i386, 0x3e x86-64.
+    expect(readFileSync(i386.busybox).readUInt16LE(18)).toBe(3);
+    expect(readFileSync(amd64.busybox).readUInt16LE(18)).toBe(0x3e);
+    expect(amd64.version).toMatch(/-amd64$/);
   });
 
   it('finds the kernel, busybox, modules and SeaBIOS', () => {
@@ -198,6 +216,38 @@ describe('buildInitrd', () => {
     expect(by.get('etc/motd')!.mode).toBe(0o100644);
     expect(by.get('opt/x/run.sh')!.mode).toBe(0o100755);
     expect([...by.get('data.bin')!.data]).toEqual([1, 2, 3]);
+  });
+});
+
+describe('host binaries', () => {
+  // e2fsck: small, and dynamically linked against e2fsprogs' own libraries as well as libc.
+  const E2FSCK = '/usr/sbin/e2fsck';
+
+  it("lists a binary, its libraries and the ELF interpreter from ldd; a static binary alone", () => {
+    const c = binaryClosure([E2FSCK, E2FSCK]);
+    expect(c[0]).toBe(E2FSCK);
+    expect(new Set(c).size).toBe(c.length);
+    expect(c).toContain('/lib64/ld-linux-x86-64.so.2');
+    expect(c.some((p) => /\/libc\.so\.6$/.test(p))).toBe(true);
+    expect(c.some((p) => /\/libext2fs\.so\.2$/.test(p))).toBe(true);
+    expect(c.every((p) => p.startsWith('/') && !p.includes('vdso'))).toBe(true);
+    const busybox = linuxGuestAssets('amd64').busybox;
+    expect(binaryClosure([busybox])).toEqual([busybox]);
+    expect(() => binaryClosure(['e2fsck'])).toThrow(/absolute path/);
+  });
+
+  it('puts them into an amd64 initrd at their host paths, with amd64 busybox and modules', () => {
+    const a = linuxGuestAssets('amd64');
+    const files = readNewc(gunzipSync(buildInitrd({ init: guestInit('true'), modules: ['virtio_blk'], arch: 'amd64', binaries: [E2FSCK] })));
+    const by = new Map(files.map((f) => [f.name, f]));
+    expect(by.size).toBe(files.length);
+    expect(by.get('bin/busybox')!.data.equals(readFileSync(a.busybox))).toBe(true);
+    expect(by.get('lib/modules/load-order')!.data.toString()).toMatch(/virtio_blk\.ko\n$/);
+    for (const p of binaryClosure([E2FSCK])) {
+      const f = by.get(p.slice(1));
+      expect(f?.mode, p).toBe(0o100755);
+      expect(f!.data.equals(readFileSync(p))).toBe(true); // symlinks (the interpreter's) followed
+    }
   });
 });
 

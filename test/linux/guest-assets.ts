@@ -1,27 +1,34 @@
 /**
- * Assets for whole-guest tests that boot a real Linux kernel on v86: where the kernel, busybox and
- * modules live (fetched by `scripts/fetch-linux-guest.sh`), the module dependency closure read
- * from each .ko's `.modinfo`, and a gzip'ed newc cpio initramfs built in memory.
+ * Assets for whole-guest tests that boot a real Linux kernel (i386 on v86, amd64 on QEMU): where
+ * the kernel, busybox and modules live (fetched by `scripts/fetch-linux-guest.sh [ARCH]`), the
+ * module dependency closure read from each .ko's `.modinfo`, host binaries with their `ldd`
+ * closure, and a gzip'ed newc cpio initramfs built in memory.
  *
  *   scripts/fetch-linux-guest.sh ──► cache/{vmlinuz, busybox, lib/modules/<ver>/kernel/**.ko, READY}
  *                                          │
  *   linuxGuestAssets() ── paths ───────────┤
  *   moduleClosure(names) ── .ko load order ┤
+ *   binaryClosure(bins) ── host ELF + libs ┤
  *   guestInit(script) ── /init text ───────┴──► buildInitrd() ──► initrd (gzip'ed newc cpio)
  *
  * Context: test code only, synchronous file reads.
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 
-const FETCH_HINT = 'run scripts/fetch-linux-guest.sh as root (it uses apt) to fetch the Linux guest';
+/** i386 boots on v86; amd64 on qemu-system-x86_64 (native packages of an amd64 host). */
+export type GuestArch = 'i386' | 'amd64';
+
+const fetchHint = (arch: GuestArch): string =>
+  `run scripts/fetch-linux-guest.sh${arch === 'i386' ? '' : ' ' + arch} as root (it uses apt) to fetch the Linux guest`;
 
 export interface LinuxGuestAssets {
   /** The kernel bzImage. */
   kernel: string;
-  /** Static i386 busybox. */
+  /** Static busybox of the guest's architecture. */
   busybox: string;
   /** `lib/modules/<version>` holding `kernel/**.ko`. */
   modulesDir: string;
@@ -31,22 +38,27 @@ export interface LinuxGuestAssets {
   seabios: string;
 }
 
-/** The guest cache directory: `$SPINDLE_GUEST_CACHE`, else `~/.cache/spindle/linux-i386`. */
-export function guestCacheDir(): string {
-  return process.env.SPINDLE_GUEST_CACHE || join(homedir(), '.cache', 'spindle', 'linux-i386');
+/**
+ * The guest cache directory: for i386 `$SPINDLE_GUEST_CACHE`, for amd64 `$SPINDLE_GUEST_CACHE_AMD64`,
+ * else `~/.cache/spindle/linux-ARCH` (as the fetch script).
+ */
+export function guestCacheDir(arch: GuestArch = 'i386'): string {
+  const env = arch === 'i386' ? process.env.SPINDLE_GUEST_CACHE : process.env.SPINDLE_GUEST_CACHE_AMD64;
+  return env || join(homedir(), '.cache', 'spindle', `linux-${arch}`);
 }
 
 /**
  * Paths of the fetched guest. Throws, saying how to fetch it, if anything is missing.
  * Context: any.
  */
-export function linuxGuestAssets(): LinuxGuestAssets {
-  const cache = guestCacheDir();
+export function linuxGuestAssets(arch: GuestArch = 'i386'): LinuxGuestAssets {
+  const hint = fetchHint(arch);
+  const cache = guestCacheDir(arch);
   const ready = join(cache, 'READY');
-  if (!existsSync(ready)) throw new Error(`Linux guest not found: ${ready} is missing; ${FETCH_HINT}`);
+  if (!existsSync(ready)) throw new Error(`Linux guest not found: ${ready} is missing; ${hint}`);
   const version = readFileSync(ready, 'utf8').trim();
   const seabios = ['/usr/share/seabios/bios-256k.bin', '/usr/share/seabios/bios.bin'].find((p) => existsSync(p));
-  if (!seabios) throw new Error(`SeaBIOS not found in /usr/share/seabios; ${FETCH_HINT}`);
+  if (!seabios) throw new Error(`SeaBIOS not found in /usr/share/seabios; ${hint}`);
   const assets: LinuxGuestAssets = {
     kernel: join(cache, 'vmlinuz'),
     busybox: join(cache, 'busybox'),
@@ -55,7 +67,7 @@ export function linuxGuestAssets(): LinuxGuestAssets {
     seabios,
   };
   for (const p of [assets.kernel, assets.busybox, assets.modulesDir]) {
-    if (!existsSync(p)) throw new Error(`Linux guest incomplete: ${p} is missing; ${FETCH_HINT}`);
+    if (!existsSync(p)) throw new Error(`Linux guest incomplete: ${p} is missing; ${hint}`);
   }
   return assets;
 }
@@ -220,6 +232,10 @@ export interface InitrdOptions {
   init: string;
   /** Module names; their closure goes to /lib/modules with a load-order file. */
   modules: string[];
+  /** Whose kernel modules and busybox (default i386). */
+  arch?: GuestArch;
+  /** Host executables copied to the same paths, with their shared libraries (binaryClosure). */
+  binaries?: string[];
   /**
    * Extra files by absolute path; parent directories are created. Mode 0755 if the content
    * starts with "#!", else 0644.
@@ -233,7 +249,7 @@ export interface InitrdOptions {
  * Context: any.
  */
 export function buildInitrd(o: InitrdOptions): Buffer {
-  const assets = linuxGuestAssets();
+  const assets = linuxGuestAssets(o.arch);
   const entries: CpioEntry[] = [];
   const dirs = new Set<string>();
   const empty = new Uint8Array(0);
@@ -265,12 +281,61 @@ export function buildInitrd(o: InitrdOptions): Buffer {
   for (const p of kos) file(`/lib/modules/${basename(p)}`, readFileSync(p), 0o644);
   file('/lib/modules/load-order', names.map((n) => n + '\n').join(''), 0o644);
 
+  // Host programs: their ELF interpreter and libraries at the host's paths, so PT_INTERP, RUNPATH
+  // and glibc's built-in multiarch search dirs find them without an ld.so.cache.
+  const done = new Set<string>();
+  for (const p of binaryClosure(o.binaries ?? [])) {
+    const rel = p.replace(/^\/+/, '');
+    if (done.has(rel)) continue;
+    done.add(rel);
+    if (dirs.has(rel) || rel === 'bin/busybox' || rel === 'bin/sh') throw new Error(`${p} would replace the initrd's own ${rel}`);
+    file(p, readFileSync(p), 0o755);
+  }
+
   for (const [path, data] of Object.entries(o.files ?? {})) {
     const text = typeof data === 'string' ? data : '';
     const shebang = text.startsWith('#!') || (typeof data !== 'string' && data[0] === 0x23 && data[1] === 0x21);
     file(path, data, shebang ? 0o755 : 0o644);
   }
   return gzipSync(writeNewc(entries));
+}
+
+/**
+ * `bins` and the shared objects `ldd` says they load (the ELF interpreter included), as absolute
+ * host paths, each once. Throws on a library `ldd` cannot find. A static binary is just itself.
+ * Context: test code only; runs the host's ldd (which runs the binary's interpreter: host binaries only).
+ */
+export function binaryClosure(bins: string[]): string[] {
+  const out = new Set<string>();
+  for (const bin of bins) {
+    if (!bin.startsWith('/')) throw new Error(`${bin}: give binaries by absolute path`);
+    if (!existsSync(bin)) throw new Error(`${bin}: no such file`);
+    out.add(bin);
+    let text: string;
+    try {
+      text = execFileSync('ldd', [bin], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (e) {
+      // ldd exits 1 with "not a dynamic executable" for static binaries.
+      const err = e as { stdout?: string; stderr?: string };
+      if (/not a dynamic executable|statically linked/.test(`${err.stdout ?? ''}${err.stderr ?? ''}`)) continue;
+      throw new Error(`ldd ${bin} failed: ${err.stderr ?? String(e)}`);
+    }
+    for (const raw of text.split('\n')) {
+      const line = raw.trim();
+      if (!line || /statically linked/.test(line)) continue;
+      // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)",
+      // "linux-vdso.so.1 (0x...)" (the kernel's: no file), "libfoo.so.1 => not found".
+      const arrow = /^(\S+) => (.*?)(?: \(0x[0-9a-f]+\))?$/.exec(line);
+      if (arrow) {
+        if (arrow[2] === 'not found') throw new Error(`${bin}: ldd cannot find ${arrow[1]}`);
+        if (arrow[2]!.startsWith('/')) out.add(arrow[2]!);
+        continue;
+      }
+      const bare = /^(\/\S+) \(0x[0-9a-f]+\)$/.exec(line);
+      if (bare) out.add(bare[1]!);
+    }
+  }
+  return [...out];
 }
 
 /** The line /init prints once modules are loaded, before it runs the test's script. */

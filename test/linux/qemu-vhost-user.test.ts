@@ -1,0 +1,185 @@
+// Debian's amd64 Linux on real QEMU, its disk served over vhost-user-blk by Spindle's storage
+// daemon: an ext2 filesystem built by mke2fs -d, in qcow2. The guest mounts it, checks the host's
+// file, writes its own, syncs and powers off; the host checks the image with qemu-img and reads
+// the files back with e2fsprogs. Then a guest is SIGKILLed mid-run and a second QEMU reconnects
+// to the same, still running daemon and finds what the first synced.
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { bundle, ensureBuilt, ok, qemuImg } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
+import { buildInitrd, GUEST_READY, guestInit, linuxGuestAssets } from './guest-assets.js';
+import { type Accel, killAll, startQemuGuest, startStorageDaemon, type StorageDaemon, workingAccel } from './qemu-guest.js';
+
+// The daemon under test. `SPINDLE_TEST_DAEMON=qemu-storage-daemon` runs QEMU's own, which takes the
+// same options: the reference to tell a harness problem from a Spindle one.
+const DAEMON = process.env.SPINDLE_TEST_DAEMON === 'qemu-storage-daemon' ? ['qemu-storage-daemon'] : [process.execPath, bundle, 'daemon'];
+const MODULES = ['virtio_pci', 'virtio_blk', 'crc32c_generic', 'ext4'];
+// The host's e2fsck with its ldd closure: checks the disk from inside the guest, and proves host
+// binaries run there (the Linux bench runs fio that way).
+const E2FSCK = '/usr/sbin/e2fsck';
+const BOOT_MS = 60_000;
+
+const dir = scratchDir('spindle-qemu-vu-');
+const md5 = (b: Uint8Array): string => createHash('md5').update(b).digest('hex');
+afterAll(killAll);
+
+/** An ext2 filesystem holding `files`, converted to qcow2 (so the daemon's qcow2 driver serves it). */
+function ext2Qcow2(name: string, files: Record<string, Uint8Array | string>): string {
+  const src = join(dir, `${name}-src`);
+  mkdirSync(src);
+  for (const [f, data] of Object.entries(files)) writeFileSync(join(src, f), data);
+  const raw = join(dir, `${name}.raw`);
+  execFileSync('mke2fs', ['-q', '-F', '-t', 'ext2', '-d', src, raw, '64M']);
+  const img = join(dir, `${name}.qcow2`);
+  ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, img));
+  return img;
+}
+
+/** The daemon serving `img` (qcow2) on `sock`; `numQueues` is the export's (QEMU's device may not ask for more). */
+function daemon(img: string, sock: string, pidfile: string, numQueues = 1): Promise<StorageDaemon> {
+  return startStorageDaemon(DAEMON, [
+    '--blockdev', `driver=file,node-name=file0,filename=${img}`,
+    '--blockdev', 'driver=qcow2,node-name=disk0,file=file0',
+    '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on${numQueues > 1 ? `,num-queues=${numQueues}` : ''}`,
+  ], pidfile);
+}
+
+function initrd(name: string, script: string): string {
+  const path = join(dir, `${name}.initrd.gz`);
+  writeFileSync(path, buildInitrd({ init: guestInit(script), modules: MODULES, arch: 'amd64', binaries: [E2FSCK] }));
+  return path;
+}
+
+/** The qcow2's filesystem as raw, checked by e2fsck, for debugfs. */
+function flatChecked(img: string): string {
+  ok(qemuImg('check', '-q', img));
+  const raw = join(dir, `${img.replace(/.*\//, '')}.flat`);
+  ok(qemuImg('convert', '-q', '-O', 'raw', img, raw));
+  execFileSync('e2fsck', ['-fn', raw], { stdio: 'pipe' }); // throws on any inconsistency
+  return raw;
+}
+
+function debugfsCat(raw: string, path: string): Buffer {
+  const out = join(dir, `dump-${md5(Buffer.from(raw + path)).slice(0, 8)}`);
+  execFileSync('debugfs', ['-R', `dump ${path} ${out}`, raw], { stdio: 'ignore' });
+  return readFileSync(out);
+}
+
+const guestSays = (out: string, what: string): string | undefined => new RegExp(`guest: ${what} ([0-9a-f]{32})`).exec(out)?.[1];
+
+describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[0] : 'spindle daemon'}`, () => {
+  let assets: ReturnType<typeof linuxGuestAssets>;
+  let accel: Accel;
+  beforeAll(async () => {
+    assets = linuxGuestAssets('amd64'); // a clear error if the guest was never fetched
+    await ensureBuilt();
+    accel = await workingAccel(assets.kernel);
+  }, 30_000);
+
+  it('mounts ext2 in qcow2, reads the host file, writes files; qemu-img check and e2fsprogs agree afterwards', async () => {
+    const hostFile = pattern(300_000, 7);
+    const img = ext2Qcow2('a', { 'host.bin': hostFile });
+    const sock = join(dir, 'a.sock');
+    const d = await daemon(img, sock, join(dir, 'a.pid'), 2);
+    const script = [
+      'mkdir -p /mnt/d',
+      'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
+      'echo "guest: host.bin $(md5sum /mnt/d/host.bin | cut -d" " -f1)"',
+      'echo "written by the guest over vhost-user-blk" > /mnt/d/guest.txt',
+      'mkdir /mnt/d/sub && echo nested > /mnt/d/sub/nested.txt',
+      'dd if=/dev/urandom of=/mnt/d/big.bin bs=1M count=6 2>/dev/null',
+      'echo "guest: big.bin $(md5sum /mnt/d/big.bin | cut -d" " -f1)"',
+      'sync',
+      'umount /mnt/d && echo "guest: unmounted"',
+      `${E2FSCK} -fn /dev/vda >/dev/null 2>&1; echo "guest: e2fsck exit $?"`,
+    ].join('\n');
+    const t0 = Date.now();
+    const g = startQemuGuest({ kernel: assets.kernel, initrd: initrd('a', script), disks: [{ socket: sock, numQueues: 2 }], smp: 2, accel, timeoutMs: BOOT_MS * 2 });
+    try {
+      await g.waitFor(GUEST_READY, BOOT_MS);
+      console.log(`qemu-vhost-user: ${accel} boot to ${GUEST_READY} in ${Date.now() - t0} ms (2 vCPUs)`);
+      const exit = await g.exited;
+      const out = g.output();
+      expect(exit, out).toEqual({ code: 0, signal: null }); // poweroff -f with -no-reboot
+      expect(out).not.toContain('insmod');
+      expect(out).toMatch(/virtio_blk virtio\d+: \[vda\] 131072 512-byte logical blocks/);
+      expect(out).toMatch(/virtio_blk virtio\d+: 2\/0\/0 default\/read\/poll queues/); // both queues in use
+      expect(out).toContain('guest: mounted\n');
+      expect(guestSays(out, 'host.bin')).toBe(md5(hostFile));
+      expect(out).toContain('guest: unmounted\n');
+      expect(out).toContain('guest: e2fsck exit 0\n');
+      expect(d.proc.exitCode, d.log()).toBeNull(); // the guest going away did not stop the daemon
+      expect(await d.stop(), d.log()).toEqual({ code: 0, signal: null });
+      const raw = flatChecked(img);
+      expect(debugfsCat(raw, '/guest.txt').toString()).toBe('written by the guest over vhost-user-blk\n');
+      expect(debugfsCat(raw, '/sub/nested.txt').toString()).toBe('nested\n');
+      expect(md5(debugfsCat(raw, '/host.bin'))).toBe(md5(hostFile));
+      const big = debugfsCat(raw, '/big.bin');
+      expect(big.length).toBe(6 << 20);
+      expect(md5(big)).toBe(guestSays(out, 'big.bin'));
+    } finally {
+      await g.kill();
+      await d.stop();
+    }
+  }, BOOT_MS * 3);
+
+  it('a second QEMU reconnects to the running daemon after the first is SIGKILLed, and sees what it synced', async () => {
+    const img = ext2Qcow2('b', { 'seed.txt': 'seed\n' });
+    const sock = join(dir, 'b.sock');
+    const d = await daemon(img, sock, join(dir, 'b.pid'));
+    const first = [
+      'mkdir -p /mnt/d',
+      'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
+      'echo "from the first guest" > /mnt/d/first.txt',
+      'dd if=/dev/urandom of=/mnt/d/first.bin bs=1M count=4 2>/dev/null',
+      'echo "guest: first.bin $(md5sum /mnt/d/first.bin | cut -d" " -f1)"',
+      'sync',
+      'echo "guest: synced"',
+      'read go', // holds the disk mounted until the host kills QEMU
+    ].join('\n');
+    const second = [
+      'mkdir -p /mnt/d',
+      'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
+      'echo "guest: first.txt says $(cat /mnt/d/first.txt)"',
+      'echo "guest: first.bin $(md5sum /mnt/d/first.bin | cut -d" " -f1)"',
+      'echo "from the second guest" > /mnt/d/second.txt',
+      'sync',
+      'umount /mnt/d && echo "guest: unmounted"',
+    ].join('\n');
+    const boot = (name: string, script: string) =>
+      startQemuGuest({ kernel: assets.kernel, initrd: initrd(name, script), disks: [{ socket: sock }], accel, timeoutMs: BOOT_MS * 2 });
+    const t0 = Date.now();
+    const g1 = boot('b1', first);
+    let g2: ReturnType<typeof boot> | undefined;
+    try {
+      await g1.waitFor(GUEST_READY, BOOT_MS);
+      console.log(`qemu-vhost-user: ${accel} boot to ${GUEST_READY} in ${Date.now() - t0} ms (1 vCPU)`);
+      const line = await g1.waitFor(/guest: first\.bin [0-9a-f]{32}/, BOOT_MS);
+      await g1.waitFor('guest: synced');
+      const firstMd5 = /[0-9a-f]{32}/.exec(line)![0];
+      expect(await g1.kill('SIGKILL')).toEqual({ code: null, signal: 'SIGKILL' });
+      expect(d.proc.exitCode, d.log()).toBeNull();
+
+      g2 = boot('b2', second);
+      const exit = await g2.exited;
+      const out = g2.output();
+      expect(exit, out).toEqual({ code: 0, signal: null });
+      expect(out).toContain('guest: mounted\n');
+      expect(out).toContain('guest: first.txt says from the first guest\n');
+      expect(guestSays(out, 'first.bin')).toBe(firstMd5);
+      expect(out).toContain('guest: unmounted\n');
+      expect(d.proc.exitCode, d.log()).toBeNull(); // up throughout
+      expect(await d.stop(), d.log()).toEqual({ code: 0, signal: null });
+      const raw = flatChecked(img);
+      expect(debugfsCat(raw, '/second.txt').toString()).toBe('from the second guest\n');
+      expect(md5(debugfsCat(raw, '/first.bin'))).toBe(firstMd5);
+    } finally {
+      await g1.kill();
+      await g2?.kill();
+      await d.stop();
+    }
+  }, BOOT_MS * 4);
+});
