@@ -1,0 +1,62 @@
+// `npm run bench:vhost`: fio in a QEMU guest on a vhost-user-blk disk served by Spindle's daemon
+// and by qemu-storage-daemon, side by side in one run (see bench/vhost-bench-main.ts, bundled
+// here with esbuild). Prints IOPS, MB/s and the daemon's CPU time per request for each, and the
+// ratios Spindle / qemu-storage-daemon.
+// Needs dist/ (npm run build), the amd64 guest (scripts/fetch-linux-guest.sh amd64: kernel,
+// busybox, fio), qemu-system-x86_64, qemu-storage-daemon, qemu-img.
+// Usage: node bench/vhost-bench.mjs [--rounds=2] [--runtime=8] [--image-mib=512] [--formats=raw,qcow2] [--json] [--keep]
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const args = Object.fromEntries(process.argv.slice(2).map((a) => {
+  const m = /^--([^=]+)(?:=(.*))?$/.exec(a);
+  if (!m) throw new Error(`vhost-bench: unknown argument ${a}`);
+  return [m[1], m[2] ?? true];
+}));
+
+const { build } = await import('esbuild');
+const out = join(root, 'bench', `vhost-bench-${process.pid}.tmp.mjs`);
+let mod;
+try {
+  await build({
+    entryPoints: [join(root, 'bench/vhost-bench-main.ts')],
+    bundle: true, platform: 'node', target: 'node20', format: 'esm', outfile: out, logLevel: 'warning',
+  });
+  mod = await import(pathToFileURL(out).href);
+} finally {
+  rmSync(out, { force: true });
+}
+
+const dir = mkdtempSync(join(tmpdir(), 'spindle-vhost-bench-'));
+const log = (s) => process.stderr.write(s + '\n');
+try {
+  const { accel, results } = await mod.runVhostBench({
+    dir, bundle: join(root, 'dist', 'spindle.mjs'), log,
+    imageMiB: Number(args['image-mib'] ?? 512), runtimeS: Number(args.runtime ?? 8), rounds: Number(args.rounds ?? 2),
+    formats: String(args.formats ?? 'raw,qcow2').split(','),
+  });
+  if (args.json) {
+    process.stdout.write(JSON.stringify({ accel, results }, null, 2) + '\n');
+  } else {
+    const usPerReq = (r) => (r.cpuS * 1e6) / (r.iops * (r.runtimeMs / 1000));
+    console.log(`\nvhost-user-blk, fio in a QEMU guest (${accel}); best of ${args.rounds ?? 2} round(s)\n`);
+    console.log('| format | job | Spindle IOPS | qsd IOPS | IOPS ratio | Spindle MB/s | qsd MB/s | MB/s ratio | Spindle CPU µs/req | qsd CPU µs/req |');
+    console.log('|---|---|---|---|---|---|---|---|---|---|');
+    for (const [fmt, byDaemon] of Object.entries(results)) {
+      for (const job of mod.JOBS) {
+        const s = byDaemon.spindle[job.name];
+        const q = byDaemon.qsd[job.name];
+        if (!s || !q) continue;
+        const mb = (r) => r.kibps * 1024 / 1e6;
+        console.log(`| ${fmt} | ${job.name} | ${s.iops} | ${q.iops} | **${(s.iops / q.iops).toFixed(2)}x** | ${mb(s).toFixed(1)} | ${mb(q).toFixed(1)} | ${(s.kibps / q.kibps).toFixed(2)}x | ${usPerReq(s).toFixed(1)} | ${usPerReq(q).toFixed(1)} |`);
+      }
+    }
+  }
+} finally {
+  if (args.keep) log(`kept ${dir}`);
+  else rmSync(dir, { recursive: true, force: true });
+}
+process.exit(0);
