@@ -1,239 +1,30 @@
 // vhost-user-blk control plane against real kernel objects: a TypeScript front-end playing
 // QEMU's part over a UNIX socket, memfds for guest RAM, eventfds for kick/call, and fd and
-// mapping leak counts.
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+// mapping leak counts. The front-end itself is in vhost-user-frontend.ts.
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import {
-  closeFd, eventfd, eventfdRead, eventfdWrite, liveMappings, memfdCreate, mmapFd, unmapFd, UnixConnection,
-} from '../../src/native/unix-fd.js';
+import { closeFd, eventfd, eventfdRead, eventfdWrite, liveMappings, memfdCreate, mmapFd, unmapFd } from '../../src/native/unix-fd.js';
 import type { VhostUserBlkBackend } from '../../src/export/vhost-user/backend.js';
 import { BLK_CFG_WCE, BLK_CONFIG_SIZE, blkFeatures, PROTOCOL_FEATURES, VIRTIO_F_VERSION_1 } from '../../src/export/vhost-user/blk-features.js';
 import { VhostUserBlkServer } from '../../src/export/vhost-user/server.js';
 import { GuestMemoryTable, MemoryTableError } from '../../src/export/vhost-user/memory.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
 import { VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH } from '../../hw/virtio/virtio-blk-abi.js';
+import {
+  configReq, connect, EXPORT_LEN, fdCount, FrontEnd, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE,
+  releaseHeld, ringLayout, servers, sleep, toClose, until, vringAddr,
+} from './vhost-user-frontend.js';
+import { scratchDir } from '../helpers/tmp.js';
 
-const fdCount = (): number => readdirSync('/proc/self/fd').length;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-async function until(what: string, pred: () => boolean, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!pred()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(2);
-  }
-}
-
-interface Reply {
-  request: number;
-  flags: number;
-  payload: Uint8Array;
-}
-
-/** QEMU's side: sends requests, collects replies, notices EOF. */
-class FrontEnd {
-  private readonly buf = Buffer.alloc(65536);
-  private data = Buffer.alloc(0);
-  replies: Reply[] = [];
-  eof = false;
-  constructor(readonly conn: UnixConnection) {
-    conn.onReadable((err) => {
-      if (err) {
-        this.eof = true;
-        return;
-      }
-      for (;;) {
-        const r = conn.recv(this.buf);
-        if (r === null) return;
-        for (const fd of r.fds) closeFd(fd);
-        if (r.bytes === 0) {
-          this.eof = true;
-          return;
-        }
-        this.data = Buffer.concat([this.data, this.buf.subarray(0, r.bytes)]);
-        while (this.data.length >= P.HEADER_SIZE) {
-          const h = P.decodeHeader(this.data);
-          if (this.data.length < P.HEADER_SIZE + h.size) break;
-          this.replies.push({ request: h.request, flags: h.flags, payload: new Uint8Array(this.data.subarray(P.HEADER_SIZE, P.HEADER_SIZE + h.size)) });
-          this.data = this.data.subarray(P.HEADER_SIZE + h.size);
-        }
-      }
-    });
-  }
-  static connect(path: string): FrontEnd {
-    return new FrontEnd(UnixConnection.connect(path));
-  }
-  send(request: number, payload: Uint8Array = new Uint8Array(0), fds: number[] = [], needReply = false): void {
-    const m = P.encodeMessage(request, P.VHOST_USER_VERSION | (needReply ? P.VHOST_USER_NEED_REPLY_MASK : 0), payload);
-    expect(this.conn.send(m, fds)).toBe(m.length);
-  }
-  sendRaw(bytes: Uint8Array, fds: number[] = []): void {
-    expect(this.conn.send(bytes, fds)).toBe(bytes.length);
-  }
-  async reply(request: number): Promise<Uint8Array> {
-    await until(`reply to ${P.requestName(request)}`, () => this.replies.length > 0 || this.eof);
-    const r = this.replies.shift();
-    if (!r) throw new Error(`connection closed instead of a reply to ${P.requestName(request)}`);
-    expect(r.request).toBe(request);
-    expect(r.flags).toBe(P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK);
-    return r.payload;
-  }
-  async call(request: number, payload?: Uint8Array, fds?: number[], needReply = false): Promise<Uint8Array> {
-    this.send(request, payload, fds, needReply);
-    return this.reply(request);
-  }
-  async u64(request: number, payload?: Uint8Array): Promise<bigint> {
-    const p = await this.call(request, payload);
-    expect(p.length).toBe(8);
-    return P.dataView(p).getBigUint64(0, true);
-  }
-  async ack(request: number, payload?: Uint8Array, fds?: number[]): Promise<bigint> {
-    this.send(request, payload, fds, true);
-    const p = await this.reply(request);
-    expect(p.length).toBe(8);
-    return P.dataView(p).getBigUint64(0, true);
-  }
-  /** No reply arrives within a few loop turns (and the connection is still up). */
-  async silent(): Promise<void> {
-    await sleep(30);
-    expect(this.replies).toEqual([]);
-    expect(this.eof).toBe(false);
-  }
-  close(): void {
-    this.conn.close();
-  }
-}
-
-function memTable(regions: { gpa: number; size: number; uva: number; off: number }[]): Uint8Array {
-  const p = new Uint8Array(P.MEM_TABLE_HEADER + regions.length * P.MEM_REGION_SIZE);
-  const dv = P.dataView(p);
-  dv.setUint32(0, regions.length, true);
-  regions.forEach((r, i) => {
-    const o = P.MEM_TABLE_HEADER + i * P.MEM_REGION_SIZE;
-    dv.setBigUint64(o, BigInt(r.gpa), true);
-    dv.setBigUint64(o + 8, BigInt(r.size), true);
-    dv.setBigUint64(o + 16, BigInt(r.uva), true);
-    dv.setBigUint64(o + 24, BigInt(r.off), true);
-  });
-  return p;
-}
-
-function vringAddr(index: number, desc: number, used: number, avail: number, flags = 0): Uint8Array {
-  const p = new Uint8Array(P.VRING_ADDR_PAYLOAD);
-  const dv = P.dataView(p);
-  dv.setUint32(0, index, true);
-  dv.setUint32(4, flags, true);
-  dv.setBigUint64(8, BigInt(desc), true);
-  dv.setBigUint64(16, BigInt(used), true);
-  dv.setBigUint64(24, BigInt(avail), true);
-  return p;
-}
-
-function configReq(offset: number, size: number, flags = 0, data?: Uint8Array): Uint8Array {
-  const p = new Uint8Array(P.CONFIG_HEADER + size);
-  const dv = P.dataView(p);
-  dv.setUint32(0, offset, true);
-  dv.setUint32(4, size, true);
-  dv.setUint32(8, flags, true);
-  if (data) p.set(data, P.CONFIG_HEADER);
-  return p;
-}
-
-const MiB = 1 << 20;
-const EXPORT_LEN = 64 * MiB + 512 * 3;
-// Guest RAM: one memfd of 4 MiB described as two regions, the second after a hole and at an mmap
-// offset, like QEMU's split of RAM around the PCI hole (kept below 4 GiB: see memory.ts).
-const RAM = 4 * MiB;
-const LOW = { gpa: 0, size: 2 * MiB, uva: 0x7f0000000000, off: 0 };
-const HIGH = { gpa: 0x10000000, size: 2 * MiB, uva: 0x7f0000400000, off: 2 * MiB };
-const QSIZE = 128;
-
-let dir: string;
+const dir = scratchDir('spindle-vhost-');
 let sockN = 0;
-const servers: VhostUserBlkServer[] = [];
-const frontEnds: FrontEnd[] = [];
-const toClose: number[] = [];
-const toUnmap: ArrayBuffer[] = [];
-
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'spindle-vhost-'));
-});
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-afterEach(() => {
-  for (const f of frontEnds.splice(0)) f.close();
-  for (const s of servers.splice(0)) s.close();
-  for (const fd of toClose.splice(0)) closeFd(fd);
-  for (const b of toUnmap.splice(0)) unmapFd(b);
-});
+afterEach(releaseHeld);
 
 function startServer(numQueues = 2, extra: { readOnly?: boolean } = {}): { server: VhostUserBlkServer; path: string } {
   const path = join(dir, `s${sockN++}.sock`);
   const server = new VhostUserBlkServer(path, { length: EXPORT_LEN, numQueues, ...extra });
   servers.push(server);
   return { server, path };
-}
-async function connect(server: VhostUserBlkServer, path: string): Promise<{ fe: FrontEnd; be: VhostUserBlkBackend }> {
-  const fe = FrontEnd.connect(path);
-  frontEnds.push(fe);
-  await until('session', () => server.session !== null);
-  return { fe, be: server.session! };
-}
-
-/** Guest RAM as the front-end holds it: a memfd and its own mapping. */
-function guestRam(): { fd: number; view: Uint8Array } {
-  const fd = memfdCreate('guest-ram', RAM);
-  toClose.push(fd);
-  const buf = mmapFd(fd, RAM, 0, true);
-  toUnmap.push(buf);
-  const view = new Uint8Array(buf);
-  for (let i = 0; i < RAM; i += 4096) view[i] = (i / 4096) & 0xff; // page-number pattern
-  view[RAM - 1] = 0xa5;
-  return { fd, view };
-}
-
-/** Ring i's layout in the HIGH region (user addresses). */
-function ringLayout(i: number): { desc: number; avail: number; used: number } {
-  const base = HIGH.uva + 0x10000 * (i + 1);
-  return { desc: base, avail: base + 16 * QSIZE, used: base + 0x1000 };
-}
-
-/** The vhost-user-blk start-up sequence as QEMU performs it. Returns the eventfds it sent. */
-async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number): Promise<{ kicks: number[]; calls: number[] }> {
-  const features = await fe.u64(P.VHOST_USER_GET_FEATURES);
-  expect(features & P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)).not.toBe(0n);
-  const proto = await fe.u64(P.VHOST_USER_GET_PROTOCOL_FEATURES);
-  expect(proto).toBe(P.bit(P.VHOST_USER_PROTOCOL_F_MQ) | P.bit(P.VHOST_USER_PROTOCOL_F_REPLY_ACK) | P.bit(P.VHOST_USER_PROTOCOL_F_CONFIG));
-  fe.send(P.VHOST_USER_SET_PROTOCOL_FEATURES, P.u64Payload(proto));
-  expect(await fe.u64(P.VHOST_USER_GET_QUEUE_NUM)).toBe(BigInt(numQueues));
-  // From here QEMU asks for acks (REPLY_ACK negotiated).
-  expect(await fe.ack(P.VHOST_USER_SET_OWNER)).toBe(0n);
-  const cfg = await fe.call(P.VHOST_USER_GET_CONFIG, configReq(0, 60));
-  expect(cfg.length).toBe(P.CONFIG_HEADER + 60);
-  const cdv = P.dataView(cfg.subarray(P.CONFIG_HEADER));
-  expect(cdv.getBigUint64(0, true)).toBe(BigInt(Math.floor(EXPORT_LEN / 512)));
-  expect(cdv.getUint32(20, true)).toBe(512); // blk_size
-  expect(cdv.getUint16(34, true)).toBe(numQueues); // num_queues
-  const acked = features & ~P.bit(VIRTIO_BLK_F_FLUSH); // a guest that does not want flush
-  expect(await fe.ack(P.VHOST_USER_SET_FEATURES, P.u64Payload(acked))).toBe(0n);
-  expect(await fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH]), [ramFd, ramFd])).toBe(0n);
-  const kicks: number[] = [];
-  const calls: number[] = [];
-  for (let i = 0; i < numQueues; i++) {
-    const l = ringLayout(i);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(i, QSIZE))).toBe(0n);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(i, 7 + i))).toBe(0n);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(i, l.desc, l.used, l.avail))).toBe(0n);
-    const kick = eventfd();
-    const call = eventfd();
-    kicks.push(kick);
-    calls.push(call);
-    toClose.push(kick, call);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_KICK, P.u64Payload(i), [kick])).toBe(0n);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_CALL, P.u64Payload(i), [call])).toBe(0n);
-    expect(await fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(i, 1))).toBe(0n);
-  }
-  return { kicks, calls };
 }
 
 describe('vhost-user-blk control plane: QEMU start-up sequence', () => {

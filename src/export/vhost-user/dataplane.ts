@@ -108,17 +108,28 @@ export class VhostUserBlkDataPlane {
   private stopping(ring: Vring): Promise<void> | void {
     const a = this.active;
     const i = ring.index;
-    if (!a || !a.configured[i]) return;
-    a.running[i] = false;
-    const q = a.dev.queues[i]!;
-    if (q.inFlight === 0) return this.unconfigure(a, q, ring);
+    if (a) a.running[i] = false;
+    const finish = (): void => {
+      const cur = this.active;
+      if (cur && cur.configured[i]) this.unconfigure(cur, cur.dev.queues[i]!, ring);
+    };
+    // Requests of this ring may still be in flight on the device or on one a new memory table
+    // retired: the reply waits for all of them.
+    if (!this.busy(i)) return finish();
     return new Promise<void>((resolve) => {
       this.stopWaiters.set(i, () => {
         this.stopWaiters.delete(i);
-        if (this.active === a && a.configured[i]) this.unconfigure(a, q, ring);
+        finish();
         resolve();
       });
     });
+  }
+
+  /** Whether queue `i` has requests in flight on any device of the session. */
+  private busy(i: number): boolean {
+    if (this.active && this.active.dev.queues[i]!.inFlight > 0) return true;
+    for (const r of this.retiring) if (r.dev.queues[i]!.inFlight > 0) return true;
+    return false;
   }
 
   /** Publish what completed, report the position, and forget the ring's addresses. */
@@ -186,16 +197,15 @@ export class VhostUserBlkDataPlane {
 
   private finished(a: Active, vq: VirtQueue): void {
     if (vq.inFlight !== 0) return;
-    if (this.active === a) {
-      this.stopWaiters.get(vq.index)?.();
-      return;
+    if (this.retiring.has(a)) {
+      this.publish(vq);
+      if (!a.dev.queues.some((q) => q.inFlight > 0)) {
+        this.retiring.delete(a);
+        a.release();
+        this.restartWhenIdle();
+      }
     }
-    if (!this.retiring.has(a)) return;
-    this.publish(vq);
-    if (a.dev.queues.some((q) => q.inFlight > 0)) return;
-    this.retiring.delete(a);
-    a.release();
-    this.restartWhenIdle();
+    if (!this.busy(vq.index)) this.stopWaiters.get(vq.index)?.();
   }
 
   private retire(a: Active): void {
@@ -212,7 +222,8 @@ export class VhostUserBlkDataPlane {
   /** After a memory change: once no old request is in flight, restart the ready rings. */
   private restartWhenIdle(): void {
     if (this.retiring.size > 0 || this.be.closed) return;
-    for (const ring of this.be.rings) if (this.be.ringReady(ring)) this.ringChanged(ring);
+    // (A ring whose GET_VRING_BASE waits is stopping, not restarting.)
+    for (const ring of this.be.rings) if (this.be.ringReady(ring) && !this.stopWaiters.has(ring.index)) this.ringChanged(ring);
   }
 
   /** Store the used index now (not at the next batch) and interrupt if the driver wants one. */
