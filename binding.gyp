@@ -8,7 +8,8 @@
         "native/src/uring.cc",
         "native/src/pool.cc",
         "native/src/hostfacts.cc",
-        "native/src/unixfd.cc"
+        "native/src/unixfd.cc",
+        "native/src/vhostblk.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],

@@ -80,6 +80,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitEngine(env, exports);
   InitHostFacts(env, exports);
   InitUnixFd(env, exports);
+  InitVhostBlk(env, exports);
   return exports;
 }
 

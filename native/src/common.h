@@ -117,5 +117,6 @@ int32_t RunSync(const Request& r);
 void InitEngine(Napi::Env env, Napi::Object exports);
 void InitHostFacts(Napi::Env env, Napi::Object exports);
 void InitUnixFd(Napi::Env env, Napi::Object exports);
+void InitVhostBlk(Napi::Env env, Napi::Object exports);
 
 }  // namespace spindle

@@ -168,6 +168,7 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
                         InstanceMethod<&UnixSocket::RecvMsg>("recvmsg"),
                         InstanceMethod<&UnixSocket::SendMsg>("sendmsg"),
                         InstanceMethod<&UnixSocket::SetRef>("setRef"),
+                        InstanceMethod<&UnixSocket::SetWatching>("setWatching"),
                         InstanceMethod<&UnixSocket::Close>("close"),
                         InstanceAccessor<&UnixSocket::GetFd>("fd"),
                         InstanceAccessor<&UnixSocket::GetPolling>("polling")});
@@ -348,6 +349,19 @@ class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
         uv_ref((uv_handle_t*)poll_);
       else
         uv_unref((uv_handle_t*)poll_);
+    }
+    return info.Env().Undefined();
+  }
+
+  // setWatching(bool): stop or restart readiness callbacks without closing the
+  // fd (another thread may watch it meanwhile: a vhost-user kick handed to a
+  // native worker).  No-op unless polling.
+  Napi::Value SetWatching(const Napi::CallbackInfo& info) {
+    if (poll_ && polling_) {
+      if (info[0].ToBoolean())
+        uv_poll_start(poll_, UV_READABLE, OnPoll);
+      else
+        uv_poll_stop(poll_);
     }
     return info.Env().Undefined();
   }

@@ -74,6 +74,64 @@ export interface NativeAddon {
   eventfdRead(fd: number): number;
   /** memfd_create(MFD_CLOEXEC|MFD_ALLOW_SEALING) + ftruncate -> fd | -errno. */
   memfdCreate(name: string, size: number): number;
+
+  // ---- native/src/vhostblk.cc: the vhost-user-blk fast path (see src/native/vhost-blk-worker.ts) ----
+  /** Starts one native iothread serving split virtqueues for a raw file. */
+  VhostBlkWorker: new () => NativeVhostBlkWorker;
+}
+
+/** addQueue options of the native vhost-user-blk worker (GPAs are offsets into the layout). */
+export interface NativeVhostBlkQueue {
+  num: number;
+  desc: number;
+  avail: number;
+  used: number;
+  lastAvail: number;
+  usedIdx: number;
+  eventIdx: boolean;
+  kickFd: number;
+  /** -1: no call fd. */
+  callFd: number;
+  fd: number;
+  capacitySectors: number;
+  readOnly: boolean;
+  serial: string;
+  writeCache: boolean;
+  /** Negotiated VIRTIO_BLK_F_DISCARD / F_WRITE_ZEROES (default true); without: UNSUPP. */
+  discard?: boolean;
+  writeZeroes?: boolean;
+}
+
+export interface NativeVhostBlkStats {
+  lastAvail: number;
+  usedIdx: number;
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+  /** Requests completed with a status other than VIRTIO_BLK_S_OK. */
+  errors: number;
+  /** Call-fd writes. */
+  calls: number;
+  /** Used-index publications. */
+  batches: number;
+  /** Nanoseconds the worker spent serving this ring (its own cost, without wake-ups). */
+  busyNs: number;
+  /** Why the queue stopped (a broken ring), or null. */
+  broken: string | null;
+}
+
+/** Native vhost-user-blk worker (native/src/vhostblk.cc); all methods synchronous. */
+export interface NativeVhostBlkWorker {
+  setMemory(layout: ArrayBuffer, spans: readonly (readonly [number, number])[]): void;
+  addQueue(index: number, q: NativeVhostBlkQueue): void;
+  removeQueue(index: number): NativeVhostBlkStats;
+  setCallFd(index: number, fd: number): void;
+  setWriteCache(index: number, on: boolean): void;
+  kick(index: number): void;
+  pause(): void;
+  resume(): void;
+  stats(index: number): NativeVhostBlkStats;
+  destroy(): void;
 }
 
 /** Native UNIX socket handle (native/src/unixfd.cc). */
@@ -95,6 +153,8 @@ export interface NativeUnixSocket {
   sendmsg(buf: Uint8Array, fds?: readonly number[]): number;
   /** Whether a polling socket keeps the event loop alive (default true). */
   setRef(ref: boolean): void;
+  /** Pause (false) or restart (true) readiness callbacks; the fd stays open. */
+  setWatching(on: boolean): void;
   /** Stop polling, close the fd -> 0 | -errno; idempotent. */
   close(): number;
 }

@@ -132,6 +132,11 @@ export class EventFdWatcher {
     this.h.setRef(ref);
   }
 
+  /** Stop (false) or restart (true) watching, leaving the fd open for another watcher. */
+  setWatching(on: boolean): void {
+    if (!this.closedFlag) this.h.setWatching(on);
+  }
+
   close(): void {
     if (this.closedFlag) return;
     this.closedFlag = true;

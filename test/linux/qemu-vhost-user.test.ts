@@ -26,23 +26,27 @@ const dir = scratchDir('spindle-qemu-vu-');
 const md5 = (b: Uint8Array): string => createHash('md5').update(b).digest('hex');
 afterAll(killAll);
 
-/** An ext2 filesystem holding `files`, converted to qcow2 (so the daemon's qcow2 driver serves it). */
-function ext2Qcow2(name: string, files: Record<string, Uint8Array | string>): string {
+/**
+ * An ext2 filesystem holding `files`, converted to qcow2 (the daemon's qcow2 driver and the
+ * TypeScript data plane serve it) or left raw (served by the native worker, the fast path).
+ */
+function ext2Image(name: string, files: Record<string, Uint8Array | string>, format: 'qcow2' | 'raw' = 'qcow2'): string {
   const src = join(dir, `${name}-src`);
   mkdirSync(src);
   for (const [f, data] of Object.entries(files)) writeFileSync(join(src, f), data);
   const raw = join(dir, `${name}.raw`);
   execFileSync('mke2fs', ['-q', '-F', '-t', 'ext2', '-d', src, raw, '64M']);
+  if (format === 'raw') return raw;
   const img = join(dir, `${name}.qcow2`);
   ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, img));
   return img;
 }
 
-/** The daemon serving `img` (qcow2) on `sock`; `numQueues` is the export's (QEMU's device may not ask for more). */
+/** The daemon serving `img` on `sock`; `numQueues` is the export's (QEMU's device may not ask for more). */
 function daemon(img: string, sock: string, pidfile: string, numQueues = 1): Promise<StorageDaemon> {
   return startStorageDaemon(DAEMON, [
     '--blockdev', `driver=file,node-name=file0,filename=${img}`,
-    '--blockdev', 'driver=qcow2,node-name=disk0,file=file0',
+    '--blockdev', `driver=${img.endsWith('.qcow2') ? 'qcow2' : 'raw'},node-name=disk0,file=file0`,
     '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on${numQueues > 1 ? `,num-queues=${numQueues}` : ''}`,
   ], pidfile);
 }
@@ -53,8 +57,12 @@ function initrd(name: string, script: string): string {
   return path;
 }
 
-/** The qcow2's filesystem as raw, checked by e2fsck, for debugfs. */
+/** The image's filesystem as raw, checked by e2fsck (and qemu-img check for qcow2), for debugfs. */
 function flatChecked(img: string): string {
+  if (!img.endsWith('.qcow2')) {
+    execFileSync('e2fsck', ['-fn', img], { stdio: 'pipe' });
+    return img;
+  }
   ok(qemuImg('check', '-q', img));
   const raw = join(dir, `${img.replace(/.*\//, '')}.flat`);
   ok(qemuImg('convert', '-q', '-O', 'raw', img, raw));
@@ -81,7 +89,7 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
 
   it('mounts ext2 in qcow2, reads the host file, writes files; qemu-img check and e2fsprogs agree afterwards', async () => {
     const hostFile = pattern(300_000, 7);
-    const img = ext2Qcow2('a', { 'host.bin': hostFile });
+    const img = ext2Image('a', { 'host.bin': hostFile });
     const sock = join(dir, 'a.sock');
     const d = await daemon(img, sock, join(dir, 'a.pid'), 2);
     const script = [
@@ -126,8 +134,8 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     }
   }, BOOT_MS * 3);
 
-  it('a second QEMU reconnects to the running daemon after the first is SIGKILLed, and sees what it synced', async () => {
-    const img = ext2Qcow2('b', { 'seed.txt': 'seed\n' });
+  it('raw, on the native fast path: a second QEMU reconnects to the running daemon after the first is SIGKILLed, and sees what it synced', async () => {
+    const img = ext2Image('b', { 'seed.txt': 'seed\n' }, 'raw');
     const sock = join(dir, 'b.sock');
     const d = await daemon(img, sock, join(dir, 'b.pid'));
     const first = [

@@ -36,6 +36,8 @@ import {
 export interface VhostUserBlkHooks {
   /** A ring was started (SET_VRING_KICK) or enabled; check backend.ringReady(). */
   ringChanged?(backend: VhostUserBlkBackend, ring: Vring): void;
+  /** SET_VRING_CALL gave the ring a new call fd (or none). */
+  callChanged?(backend: VhostUserBlkBackend, ring: Vring): void;
   /** The front-end kicked a started ring (one call per wake-up, however many kicks). */
   ringKicked?(backend: VhostUserBlkBackend, ring: Vring): void;
   /**
@@ -515,6 +517,7 @@ export class VhostUserBlkBackend {
       const key = m.request === VHOST_USER_SET_VRING_CALL ? 'callFd' : 'errFd';
       const old = ring[key];
       ring[key] = fd;
+      if (key === 'callFd') this.hooks.callChanged?.(this, ring);
       if (old >= 0) closeFd(old);
     }
     if (m.request === VHOST_USER_SET_VRING_KICK) {

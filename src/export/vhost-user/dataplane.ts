@@ -18,9 +18,11 @@
 import type { BackendIO } from '../../backend/io.js';
 import { VirtioBlk } from '../../../hw/block/virtio-blk.js';
 import type { VirtQueue } from '../../../hw/virtio/virtqueue.js';
+import { VIRTIO_BLK_F_FLUSH } from '../../../hw/virtio/virtio-blk-abi.js';
 import { eventfdWrite } from '../../native/unix-fd.js';
 import type { VhostUserBlkBackend, VhostUserBlkHooks } from './backend.js';
 import { MAX_QUEUE_SIZE } from './blk-features.js';
+import { NativeRings, type FastPathTarget } from './fast-path.js';
 import type { GuestMemoryTable } from './memory.js';
 import type { Vring } from './vring.js';
 
@@ -29,6 +31,8 @@ export interface DataPlaneOptions {
   serial: string;
   /** Whether the export's backend is drained right now (new devices start drained). */
   drained: () => boolean;
+  /** The file a native worker may serve the rings from (fast-path.ts), or null. */
+  fastPath: () => FastPathTarget | null;
 }
 
 /** A VirtioBlk on one memory table, and the hold that keeps that table mapped. */
@@ -48,6 +52,10 @@ export class VhostUserBlkDataPlane {
   private readonly retiring = new Set<Active>();
   /** GET_VRING_BASE replies waiting for a queue to go idle, by queue index. */
   private readonly stopWaiters = new Map<number, () => void>();
+  /** The rings on a native worker (the fast path), while the session uses it. */
+  private native: NativeRings | null = null;
+  /** The session runs on the TypeScript path from now on (it started there, or fell back). */
+  private jsOnly = false;
 
   constructor(private readonly be: VhostUserBlkBackend, private readonly io: BackendIO, private readonly o: DataPlaneOptions) {}
 
@@ -58,7 +66,8 @@ export class VhostUserBlkDataPlane {
       ringKicked: (be, ring) => plane(be)?.kicked(ring),
       ringStopping: (be, ring) => plane(be)?.stopping(ring),
       memoryChanged: (be) => plane(be)?.memoryChanged(),
-      writeCacheChanged: (be, on) => plane(be)?.io.setWriteCache(on),
+      callChanged: (be, ring) => plane(be)?.native?.callChanged(ring),
+      writeCacheChanged: (be, on) => plane(be)?.writeCacheChanged(on),
     };
   }
 
@@ -69,16 +78,51 @@ export class VhostUserBlkDataPlane {
     return n;
   }
 
+  /** Whether the rings are served natively (for tests and diagnostics). */
+  get onFastPath(): boolean {
+    return this.native !== null;
+  }
+
   /** The export's backend was drained / undrained. */
   drainedBegin(): void {
     this.active?.dev.drainedBegin();
+    this.native?.pause();
   }
   drainedEnd(): void {
     this.active?.dev.drainedEnd();
+    const n = this.native;
+    if (!n) return;
+    n.resume();
+    // The graph may have changed under the export (a format or filter on top, a throttle):
+    // then the block layer must see every request.
+    const t = this.o.fastPath();
+    if (!t || !n.serves(t)) this.toTypeScript();
+  }
+
+  private writeCacheChanged(on: boolean): void {
+    this.io.setWriteCache(on);
+    this.native?.writeCacheChanged(this.effectiveWriteCache());
+  }
+
+  /** Without FLUSH the driver cannot make writes stable: write through (as VirtioBlk does). */
+  private effectiveWriteCache(): boolean {
+    return this.be.hasFeature(VIRTIO_BLK_F_FLUSH) && this.io.isWriteCacheEnabled();
+  }
+
+  /** Moves the session's rings from the native worker to the TypeScript path, at their positions. */
+  private toTypeScript(): void {
+    const n = this.native;
+    if (!n) return;
+    this.native = null;
+    this.jsOnly = true;
+    n.close();
+    for (const ring of this.be.rings) if (this.be.ringReady(ring)) this.ringChanged(ring);
   }
 
   /** The session ended: nothing new is popped; what is in flight finishes, then memory goes. */
   close(): void {
+    this.native?.close();
+    this.native = null;
     if (this.active) this.retire(this.active);
     this.active = null;
     for (const w of this.stopWaiters.values()) w();
@@ -86,6 +130,22 @@ export class VhostUserBlkDataPlane {
   }
 
   private ringChanged(ring: Vring): void {
+    if (this.native) {
+      if (this.native.start(ring) || !this.be.ringReady(ring)) return;
+      this.toTypeScript(); // e.g. a polled ring (no kick fd): the worker needs one
+      return;
+    }
+    if (!this.jsOnly && !this.active && this.retiring.size === 0 && !this.o.drained()) {
+      const t = this.o.fastPath();
+      if (t) {
+        const n = new NativeRings(this.be, t, { serial: this.o.serial, writeCache: () => this.effectiveWriteCache() });
+        this.native = n;
+        if (n.start(ring) || !this.be.ringReady(ring)) return;
+        this.native = null;
+        n.close();
+      }
+    }
+    this.jsOnly = true;
     const a = this.device();
     if (!a) return;
     const i = ring.index;
@@ -101,11 +161,13 @@ export class VhostUserBlkDataPlane {
   }
 
   private kicked(ring: Vring): void {
+    if (this.native) return this.native.kick(ring); // a wake-up that raced the hand-over
     const a = this.active;
     if (a && a.running[ring.index]) a.dev.kick(ring.index);
   }
 
   private stopping(ring: Vring): Promise<void> | void {
+    if (this.native) return this.native.stop(ring); // synchronous: the worker ends its batch first
     const a = this.active;
     const i = ring.index;
     if (a) a.running[i] = false;
@@ -142,6 +204,7 @@ export class VhostUserBlkDataPlane {
   }
 
   private memoryChanged(): void {
+    if (this.native) return this.native.memoryChanged();
     const a = this.active;
     if (!a) return;
     // Rings keep their positions: hand them back to the rings before the device goes.

@@ -18,6 +18,7 @@ import { BlockError } from '../../block/error.js';
 import type { BlockNode } from '../../block/node.js';
 import { Perm } from '../../block/types.js';
 import { VhostUserBlkDataPlane } from './dataplane.js';
+import { fastPathTarget } from './fast-path.js';
 import type { VhostUserBlkBackend } from './backend.js';
 import { VhostUserBlkServer } from './server.js';
 
@@ -100,8 +101,15 @@ export class VhostUserBlkExport {
 
   #session(be: VhostUserBlkBackend): void {
     this.sessions++;
-    const plane = new VhostUserBlkDataPlane(be, this.io, { serial: this.id.slice(0, 20), drained: () => this.#drained });
+    const plane = new VhostUserBlkDataPlane(be, this.io, {
+      serial: this.id.slice(0, 20), drained: () => this.#drained, fastPath: () => fastPathTarget(this.backend),
+    });
     this.#plane = { be, plane };
+  }
+
+  /** Whether the live session's rings are served by the native worker. */
+  get onFastPath(): boolean {
+    return this.#plane?.plane.onFastPath ?? false;
   }
 
   /** The live front-end session, if any. */

@@ -106,6 +106,11 @@ export class GuestMemoryTable {
     this.ram = buffer ? new RegionRam(new Uint8Array(buffer), regions) : null;
   }
 
+  /** The mapping itself (guest-physical address = offset), for native code; null if empty or unmapped. */
+  get layout(): ArrayBuffer | null {
+    return this.unmapped ? null : this.buffer;
+  }
+
   /** An empty table (before SET_MEM_TABLE): every translation fails. */
   static empty(): GuestMemoryTable {
     return new GuestMemoryTable([], null);

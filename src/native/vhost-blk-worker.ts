@@ -1,0 +1,117 @@
+/**
+ * The native fast path of the vhost-user-blk export (native/src/vhostblk.cc): one native
+ * iothread serves split virtqueues end to end for a disk that is a plain raw file — pop the
+ * chain, read the header, preadv/pwritev between the file and guest memory, status byte, used
+ * element, one used-index store and at most one call-fd write per batch — without entering
+ * JavaScript. Requests behave as hw/block/virtio-blk.ts serves them (same bounds checks and
+ * status codes); structural chain errors (loops, nested or bad indirect tables, `next` beyond
+ * the table) break the queue, as do the ring errors hw/virtio/virtqueue.ts reports.
+ *
+ * Life cycle: setMemory (no queue attached) → addQueue per ring (serving starts at once) →
+ * removeQueue (the position to hand back: GET_VRING_BASE) → destroy. Every fd passed in is
+ * dup'd by the worker, so the caller may close its own at once. The layout ArrayBuffer is kept
+ * alive by the worker, but it must not be unmapped (unmapFd) while queues are attached.
+ *
+ * Not served here (the TypeScript dataplane must serve the device instead): dirty logging
+ * (VHOST_F_LOG_ALL), packed rings, images that are not raw files.
+ */
+import { native, type NativeVhostBlkQueue, type NativeVhostBlkStats, type NativeVhostBlkWorker } from './addon.js';
+
+export type VhostBlkQueueOptions = NativeVhostBlkQueue;
+export type VhostBlkQueueStats = NativeVhostBlkStats;
+/** The position and counters returned by removeQueue. */
+export type VhostBlkQueuePosition = NativeVhostBlkStats;
+
+/** Sorts spans and merges overlapping or adjacent ones. */
+export function mergeSpans(spans: readonly (readonly [number, number])[]): [number, number][] {
+  const s = spans.map(([a, b]) => [a, b] as [number, number]).sort((x, y) => x[0] - y[0]);
+  const out: [number, number][] = [];
+  for (const [a, b] of s) {
+    const last = out[out.length - 1];
+    if (last && a <= last[1]) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
+export class VhostBlkWorker {
+  private h: NativeVhostBlkWorker | null;
+  private readonly attached = new Set<number>();
+
+  /** Starts the worker's thread (epoll over the kick eventfds and a control eventfd). */
+  constructor() {
+    this.h = new native.VhostBlkWorker();
+  }
+
+  private get handle(): NativeVhostBlkWorker {
+    if (!this.h) throw new Error('VhostBlkWorker: destroyed');
+    return this.h;
+  }
+
+  /**
+   * Guest memory: `layout` indexed by guest-physical address (mmapLayout), and its mapped
+   * [start, end) spans (adjacent spans are merged). Every ring and buffer must lie inside one
+   * span. Only while no queue is attached.
+   */
+  setMemory(layout: ArrayBuffer, spans: readonly (readonly [number, number])[]): void {
+    this.handle.setMemory(layout, mergeSpans(spans));
+  }
+
+  /** Attaches ring `index` and serves what is already available, as if kicked. */
+  addQueue(index: number, q: VhostBlkQueueOptions): void {
+    this.handle.addQueue(index, q);
+    this.attached.add(index);
+  }
+
+  /**
+   * Stops ring `index` after the batch in progress (no request is ever half done), closes the
+   * worker's fds of it, and returns its position (lastAvail: GET_VRING_BASE's value) and counters.
+   */
+  removeQueue(index: number): VhostBlkQueuePosition {
+    const r = this.handle.removeQueue(index);
+    this.attached.delete(index);
+    return r;
+  }
+
+  /** Replaces the call eventfd (-1: none; the worker dups it). */
+  setCallFd(index: number, fd: number): void {
+    this.handle.setCallFd(index, fd);
+  }
+
+  /** The guest toggled the write cache (false: each write is followed by fdatasync). */
+  setWriteCache(index: number, on: boolean): void {
+    this.handle.setWriteCache(index, on);
+  }
+
+  /** Process ring `index` now, as if the driver kicked. */
+  kick(index: number): void {
+    this.handle.kick(index);
+  }
+
+  /** Stops serving all rings; returns once no request is being processed. Kicks are remembered. */
+  pause(): void {
+    this.handle.pause();
+  }
+
+  /** Serves again, starting with every ring kicked while paused. */
+  resume(): void {
+    this.handle.resume();
+  }
+
+  /** Counters and position (as of the last batch), and `broken` (why the ring stopped) or null. */
+  stats(index: number): VhostBlkQueueStats {
+    return this.handle.stats(index);
+  }
+
+  /** Indices of attached queues whose ring broke (for polling). */
+  brokenQueues(): number[] {
+    return [...this.attached].filter((i) => this.handle.stats(i).broken !== null);
+  }
+
+  /** Stops and joins the thread, closing every fd it holds. Idempotent. */
+  destroy(): void {
+    this.h?.destroy();
+    this.h = null;
+    this.attached.clear();
+  }
+}

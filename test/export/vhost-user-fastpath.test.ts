@@ -1,0 +1,181 @@
+// The vhost-user-blk fast path (src/export/vhost-user/fast-path.ts): a raw file export's rings
+// served by the native worker thread, driven by the TypeScript front-end and split-ring driver
+// of vhost-user-frontend.ts over memfd guest RAM. Checks what the hand-overs must keep: data in
+// the file, ring positions across GET_VRING_BASE, a new memory table, and a move back to the
+// TypeScript path when the graph changes under the export (here: a throttle and a drain).
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { newConfig, Bucket } from '../../src/backend/throttle.js';
+import { configureGroup, ioLimitsDisable, ioLimitsEnable } from '../../src/backend/throttle-group.js';
+import { withDrained } from '../../src/block/drain.js';
+import { openNode, settleCloses, unref } from '../../src/block/graph.js';
+import type { BlockNode } from '../../src/block/node.js';
+import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
+import { VhostUserBlkExport } from '../../src/export/vhost-user/export.js';
+import * as P from '../../src/export/vhost-user/protocol.js';
+import { closeFd, eventfd, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
+import {
+  VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+} from '../../hw/virtio/virtio-blk-abi.js';
+import { qemuImg } from '../cli/helpers.js';
+import { pattern, scratchDir } from '../helpers/tmp.js';
+import {
+  BlkDriver, connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
+  ringLayout, toClose, toUnmap, until, vringAddr,
+} from './vhost-user-frontend.js';
+
+const dir = scratchDir('spindle-vhost-fast-');
+let seq = 0;
+const SIZE = 8 * MiB + 3 * 512;
+const fill = (n: number, seed: number): Uint8Array => new Uint8Array(pattern(n, seed));
+
+const exportsOpen: VhostUserBlkExport[] = [];
+const nodes: BlockNode[] = [];
+afterEach(async () => {
+  for (const f of frontEnds.splice(0)) f.close();
+  for (const e of exportsOpen.splice(0)) {
+    await ioLimitsDisable(e.backend);
+    await e.close();
+  }
+  releaseHeld();
+  for (const n of nodes.splice(0)) if (!n.deleted) unref(n);
+  await settleCloses();
+});
+
+async function rig(format: 'raw' | 'qcow2' = 'raw', numQueues = 1) {
+  const img = join(dir, `${seq++}.${format}`);
+  writeFileSync(img, pattern(SIZE, 3));
+  if (format === 'qcow2') qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', img, `${img}.q`);
+  const node = await openNode({ driver: format, discard: 'unmap', file: { driver: 'file', filename: format === 'qcow2' ? `${img}.q` : img, discard: 'unmap' } });
+  nodes.push(node);
+  const path = join(dir, `${seq++}.sock`);
+  const exp = new VhostUserBlkExport({ id: 'fast0', path, node, writable: true, numQueues });
+  exportsOpen.push(exp);
+  const ram = guestRam();
+  const fds0 = fdCount();
+  const maps0 = liveMappings();
+  const drv = Array.from({ length: numQueues }, (_, i) => new BlkDriver(ram, i));
+  const { fe, be } = await connect(exp, path);
+  const { kicks, calls } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE });
+  drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
+  return { img, exp, ram, fe, be, drv, kicks, calls, fds0, maps0 };
+}
+
+describe('vhost-user-blk fast path (native worker)', () => {
+  it('serves a raw file natively: multi-segment writes land in the file, reads, GET_ID, flush, discard; two queues', async () => {
+    const r = await rig('raw', 2);
+    expect(r.exp.onFastPath).toBe(true);
+    const [q0, q1] = r.drv as [BlkDriver, BlkDriver];
+    const a = fill(3 * 512, 11);
+    const b = fill(4096, 12);
+    expect((await q0.submit(VIRTIO_BLK_T_OUT, 100, [{ len: 512, data: a.subarray(0, 512) }, { len: 1024, data: a.subarray(512) }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q1.submit(VIRTIO_BLK_T_OUT, 200, [{ len: 4096, data: b }])).status).toBe(VIRTIO_BLK_S_OK);
+    const file = readFileSync(r.img);
+    expect(file.subarray(100 * 512, 103 * 512)).toEqual(Buffer.from(a));
+    expect(file.subarray(200 * 512, 208 * 512)).toEqual(Buffer.from(b));
+    const rd = await q1.submit(VIRTIO_BLK_T_IN, 100, [{ len: 1024 }, { len: 512 }]);
+    expect(Buffer.concat(rd.data.map((d) => Buffer.from(d)))).toEqual(Buffer.from(a));
+    const id = await q0.submit(VIRTIO_BLK_T_GET_ID, 0, [{ len: 20 }]);
+    expect(Buffer.from(id.data[0]!).toString('latin1').replace(/\0+$/, '')).toBe('fast0');
+    expect((await q0.submit(VIRTIO_BLK_T_FLUSH, 0)).status).toBe(VIRTIO_BLK_S_OK);
+    const seg = new Uint8Array(16);
+    new DataView(seg.buffer).setUint32(0, 200, true);
+    new DataView(seg.buffer).setUint32(8, 8, true);
+    expect((await q0.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: seg }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(readFileSync(r.img).subarray(200 * 512, 208 * 512).every((x) => x === 0)).toBe(true);
+    // The TypeScript data plane never saw a request: the block layer's counters stay at zero.
+    expect(r.exp.backend.node!.stats.rdOps + r.exp.backend.node!.stats.wrOps).toBe(0);
+  });
+
+  it('a qcow2 export stays on the TypeScript path, and works', async () => {
+    const r = await rig('qcow2');
+    const q = r.drv[0]!;
+    const d = fill(2048, 13);
+    expect((await q.submit(VIRTIO_BLK_T_OUT, 50, [{ len: 2048, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_IN, 50, [{ len: 2048 }])).data[0]).toEqual(d);
+    expect(r.exp.onFastPath).toBe(false);
+  });
+
+  it('GET_VRING_BASE hands the position back; a ring set up again from it continues natively', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    for (let i = 0; i < 5; i++) expect((await q.submit(VIRTIO_BLK_T_IN, i, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
+    expect(P.dataView(vb).getUint32(4, true)).toBe(7 + 5);
+    expect(q.usedIdx).toBe(12);
+    const l = ringLayout(0);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(0, QSIZE))).toBe(0n);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(0, 12))).toBe(0n);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(0, l.desc, l.used, l.avail))).toBe(0n);
+    const kick = eventfd();
+    toClose.push(kick);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_KICK, P.u64Payload(0), [kick])).toBe(0n);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(0, 1))).toBe(0n);
+    q.kickFd = kick;
+    const d = fill(1024, 14);
+    expect((await q.submit(VIRTIO_BLK_T_OUT, 30, [{ len: 1024, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_IN, 30, [{ len: 1024 }])).data[0]).toEqual(d);
+    expect(q.usedIdx).toBe(14);
+    expect(r.exp.onFastPath).toBe(true);
+    expect(q.errors).toEqual([]);
+  });
+
+  it('a new memory table moves the rings at their positions; buffers in the new region work', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    expect((await q.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    const EXTRA = { gpa: 0x20000000, size: MiB, uva: 0x7f1000000000, off: 0 };
+    const extraFd = memfdCreate('hotplug', MiB);
+    toClose.push(extraFd);
+    const extraMap = mmapFd(extraFd, MiB);
+    toUnmap.push(extraMap);
+    q.extra.push({ gpa: EXTRA.gpa, view: new Uint8Array(extraMap) });
+    expect(await r.fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH, EXTRA]), [r.ram.fd, r.ram.fd, extraFd])).toBe(0n);
+    const d = fill(2048, 15);
+    expect((await q.submit(VIRTIO_BLK_T_OUT, 60, [{ gpa: EXTRA.gpa + 4096, len: 2048, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+    const rd = await q.submit(VIRTIO_BLK_T_IN, 60, [{ gpa: EXTRA.gpa + 65536, len: 2048 }]);
+    expect(rd.data[0]).toEqual(d);
+    expect(q.usedIdx).toBe(10);
+    expect(r.exp.onFastPath).toBe(true);
+  });
+
+  it('a throttle added under the export moves the session to the TypeScript path at the drain, at the same position', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    const d = fill(512, 16);
+    expect((await q.submit(VIRTIO_BLK_T_OUT, 10, [{ len: 512, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r.exp.onFastPath).toBe(true);
+    ioLimitsEnable(r.exp.backend, `fast-${seq++}`);
+    const cfg = newConfig();
+    cfg.buckets[Bucket.OPS_TOTAL]!.avg = 1_000_000;
+    configureGroup(r.exp.backend.throttle!, cfg);
+    await withDrained([r.exp.backend.node!], () => {});
+    expect(r.exp.onFastPath).toBe(false);
+    expect((await q.submit(VIRTIO_BLK_T_IN, 10, [{ len: 512 }])).data[0]).toEqual(d);
+    expect(q.usedIdx).toBe(9);
+    // Now the block layer sees the requests.
+    expect(r.exp.backend.node!.stats.rdOps).toBeGreaterThan(0);
+  });
+
+  it('the front-end going away joins the worker and leaks no fd or mapping; a new session is native again', async () => {
+    const r = await rig();
+    expect((await r.drv[0]!.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    // QEMU is killed: the socket and its eventfds go.
+    r.fe.close();
+    frontEnds.length = 0;
+    for (const fd of [...r.kicks, ...r.calls]) {
+      forget(fd);
+      closeFd(fd);
+    }
+    await until('the session ending', () => r.be.closed);
+    expect(liveMappings()).toBe(r.maps0);
+    expect(fdCount()).toBe(r.fds0);
+    const q = new BlkDriver(r.ram, 0); // rings reset before the new session reads them
+    const { fe, be } = await connect(r.exp, r.exp.path);
+    const { kicks, calls } = await qemuStartup(fe, r.ram.fd, 1, { length: SIZE });
+    q.attach(kicks[0]!, calls[0]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX));
+    expect((await q.submit(VIRTIO_BLK_T_IN, 1, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r.exp.onFastPath).toBe(true);
+  });
+});
