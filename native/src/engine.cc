@@ -22,6 +22,8 @@ constexpr int kDrainRounds = 16;
 // on the journal) stops inline writes for kInlineBackoffNs: the loop must not stall.
 constexpr int64_t kInlineSlowNs = 1000000;
 constexpr int64_t kInlineBackoffNs = 100000000;
+// Reads are tried inline only while at most this many requests are in flight or in the batch.
+constexpr int kInlineReadMaxDepth = 4;
 
 int64_t NowNs() {
   struct timespec t;
@@ -106,6 +108,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     const std::vector<Slab>& slabs = data_->slabs;
     uint32_t iov_cap = entries_ * 4;
     uint32_t done_inline = 0;
+    batch_ = (int)count;
     for (uint32_t i = 0; i < count; i++) {
       const int32_t* d = sub_ + i * kDescInts;
       Request r;
@@ -162,8 +165,11 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   // A write to a page-cached file costs a few microseconds in the kernel, far less
   // than a trip through io_uring's workers (ext4 cannot do buffered writes without
   // blocking, so io_uring always hands them to a worker thread) or the thread pool.
-  // Such writes run here, unless a recent one was slow.
+  // Such writes run here, unless a recent one was slow.  A read runs here only if
+  // the page cache has all of it (RWF_NOWAIT): then it costs a copy, and saves the
+  // completion's trip through the ring, the eventfd and a loop iteration.
   bool TryInline(const Request& r, int32_t* out) {
+    if (r.op == OP_READ || r.op == OP_READV) return TryInlineRead(r, out);
     if (r.op != OP_WRITE && r.op != OP_WRITEV) return false;
     int64_t t0 = NowNs();
     if (t0 < inline_off_until_) return false;
@@ -180,6 +186,29 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     return true;
   }
 
+  bool TryInlineRead(const Request& r, int32_t* out) {
+    // Only at low depth: a deep batch costs one kernel entry in the ring, but one
+    // syscall per request here.
+    if (!inline_reads_ || inflight_ + batch_ > kInlineReadMaxDepth) return false;
+    iovec one{r.ptr, r.len};
+    const iovec* v = r.op == OP_READ ? &one : r.iov;
+    int nv = r.op == OP_READ ? 1 : r.nseg;
+    size_t want = 0;
+    for (int i = 0; i < nv; i++) want += v[i].iov_len;
+    ssize_t n = preadv2(r.fd, v, nv, (off_t)r.off, RWF_NOWAIT);
+    if (n < 0) {
+      if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) inline_reads_ = false;  // not here
+      return false;  // EAGAIN: not all cached; the ring does it
+    }
+    // Short: end of file, or only part of it cached.  The ring reads it again and
+    // tells which.
+    if ((size_t)n < want) return false;
+    inline_reads_done_++;
+    out[0] = r.id;
+    out[1] = (int32_t)n;
+    return true;
+  }
+
   // submitExternal(op, id, fd, offset, bufs: ArrayBufferView[]): the slow path
   // for memory outside the slabs.  The JS side holds the views until
   // completion, which keeps their backing stores alive.
@@ -187,6 +216,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     Napi::Env env = info.Env();
     if (!backend_) return Gone(env);
     Request r{};
+    batch_ = 1;
     r.slab = -1;
     r.op = info[0].As<Napi::Number>().Int32Value();
     bool inl = (r.op & kOpInline) != 0;
@@ -362,6 +392,9 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
   std::unique_ptr<Napi::AsyncContext> async_ctx_;
   Napi::ObjectReference areas_;
   int32_t *sub_ = nullptr, *iov_ = nullptr, *comp_ = nullptr, *icomp_ = nullptr;
+  bool inline_reads_ = true;
+  int batch_ = 0;  // requests in the submit() being decoded (1 for submitExternal)
+  uint64_t inline_reads_done_ = 0;
   int64_t inline_off_until_ = 0;
   double inline_writes_ = 0, inline_backoffs_ = 0;
   std::vector<std::vector<iovec>> iovs_;  // per request id, reused

@@ -41,7 +41,12 @@ export interface IoEngine {
   readonly kind: EngineKind;
   open(path: string, opts: OpenOptions): number;
   close(fd: number): void;
-  readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void;
+  /**
+   * inline: the file is page-cached (not O_DIRECT), so the read may run at once on this thread
+   * when the page cache holds all of it (RWF_NOWAIT), saving the completion's round trip; `done`
+   * still runs later, never inside this call.
+   */
+  readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone, inline?: boolean): void;
   /**
    * inline: the file is page-cached (not O_DIRECT), so the write may run at once on this
    * thread, a few microseconds instead of a trip to a worker; `done` still runs later,

@@ -95,8 +95,8 @@ class Engine implements IoEngine {
     check(native.close(fd), `Could not close fd ${fd}`);
   }
 
-  readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone): void {
-    this.rw(OP_READ, fd, iov, offset, done);
+  readv(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone, inline = false): void {
+    this.rw(inline ? OP_READ | OP_INLINE : OP_READ, fd, iov, offset, done);
   }
 
   writev(fd: number, iov: readonly Uint8Array[], offset: number, done: IoDone, inline = false): void {
@@ -238,7 +238,7 @@ class Engine implements IoEngine {
         return;
       }
     } else if (this.nIov + n <= this.iovArea.length / IOV_INTS && this.encodeIov(iov)) {
-      sub[base] = op === OP_READ ? OP_READV : OP_WRITEV | (op & OP_INLINE);
+      sub[base] = ((op & ~OP_INLINE) === OP_READ ? OP_READV : OP_WRITEV) | (op & OP_INLINE);
       sub[base + 1] = id;
       sub[base + 2] = fd;
       sub[base + 3] = this.nIov;

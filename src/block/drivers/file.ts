@@ -178,7 +178,7 @@ function submit(node: BlockNode, write: boolean, offset: number, bytes: number, 
   const eng = engineForRequest(s, write, bytes);
   // A small write into the page cache runs inline (the engine backs off if one is slow).
   if (write) eng.writev(s.fd, vec, offset, r.done, !s.direct && bytes < BULK_WRITE);
-  else eng.readv(s.fd, vec, offset, r.done);
+  else eng.readv(s.fd, vec, offset, r.done, !s.direct);
 }
 
 function asyncOp(s: FileState, fn: (done: (res: number) => void) => void, op: string, node: BlockNode, offset?: number): Promise<void> {
