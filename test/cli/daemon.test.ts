@@ -122,6 +122,44 @@ describe('spindle daemon', () => {
     }
   });
 
+  it('vhost-user-blk exports from the command line and QMP: iothread, listing, errors, deletion', async () => {
+    const img = join(dir, 'vu.img');
+    writeFileSync(img, Buffer.alloc(1 << 20));
+    const sock = join(dir, 'q3.sock');
+    const vu0 = join(dir, 'vu0.sock');
+    const vu1 = join(dir, 'vu1.sock');
+    const p = await startDaemon([
+      '--blockdev', `driver=file,node-name=vf,filename=${img}`, '--blockdev', 'driver=raw,node-name=vr,file=vf',
+      '--object', 'iothread,id=io0',
+      '--export', `type=vhost-user-blk,id=v0,node-name=vr,addr.type=unix,addr.path=${vu0},writable=on,num-queues=2,iothread=io0`,
+      '--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'chardev=m',
+    ], join(dir, 'v.pid'));
+    const exited = new Promise<number | null>((r) => p.on('exit', (c) => r(c)));
+    const q = await qmpConnect(sock);
+    try {
+      expect(existsSync(vu0)).toBe(true);
+      expect(await q.ok('query-block-exports')).toEqual([{ type: 'vhost-user-blk', id: 'v0', 'node-name': 'vr', 'shutting-down': false }]);
+      const vu = (o: Record<string, unknown>) => ({ type: 'vhost-user-blk', id: 'v1', 'node-name': 'vf', addr: { type: 'unix', path: vu1 }, ...o });
+      expect(await q.err('block-export-add', vu({ id: 'v0' }))).toEqual({ class: 'GenericError', desc: "Block export id 'v0' is already in use" });
+      expect(await q.err('block-export-add', vu({ addr: { type: 'inet', host: '127.0.0.1', port: '1' } }))).toEqual({ class: 'GenericError', desc: "vhost-user-blk needs addr.type=unix, not 'inet'" });
+      expect(await q.err('block-export-add', vu({ iothread: 'nope' }))).toEqual({ class: 'GenericError', desc: 'iothread "nope" not found' });
+      expect(await q.err('block-export-add', vu({ 'logical-block-size': 4096 }))).toEqual({ class: 'GenericError', desc: 'logical-block-size 4096 is not supported (512)' });
+      expect(await q.err('block-export-add', vu({ type: 'nbd' }))).toEqual({ class: 'GenericError', desc: "Parameter 'addr' is unexpected" });
+      expect(await q.run('block-export-add', vu({}))).toEqual({ return: {} });
+      expect(existsSync(vu1)).toBe(true);
+      expect((await q.ok('query-block-exports') as unknown[]).length).toBe(2);
+      expect(await q.run('block-export-del', { id: 'v1' })).toEqual({ return: {} });
+      expect(existsSync(vu1)).toBe(false);
+      expect(q.events.filter((e) => e['event'] === 'BLOCK_EXPORT_DELETED').map((e) => e['data'])).toEqual([{ id: 'v1' }]);
+      expect(await q.run('quit')).toEqual({ return: {} });
+      expect(await exited).toBe(0);
+    } finally {
+      q.close();
+      if (p.exitCode === null) p.kill();
+    }
+    expect(existsSync(vu0)).toBe(false);
+  });
+
   it('exits cleanly on SIGTERM, and refuses what it does not have, by name', async () => {
     const pidfile = join(dir, 'e.pid');
     const p = await startDaemon(['--object', 'iothread,id=x'], pidfile);

@@ -56,15 +56,17 @@ async function startExports(st: ExportState, server: Record<string, unknown> | n
   if (server) await asCli('--nbd-server', () => st.start(nbdAddress(server['addr'] as Record<string, unknown>)));
   for (const e of exports) {
     if (e['type'] === 'vhost-user-blk') {
-      const { type: _t, id, 'node-name': node, addr, writable, writethrough, 'num-queues': nq, 'logical-block-size': lbs, ...rest } = e;
+      const { type: _t, id, 'node-name': node, addr, writable, writethrough, 'num-queues': nq, 'logical-block-size': lbs, iothread, 'fixed-iothread': fixed, ...rest } = e;
       if (Object.keys(rest).length) throw new CliError(`--export: Parameter '${Object.keys(rest)[0]}' is unexpected`);
       if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
       if (typeof node !== 'string') throw new CliError("--export: Parameter 'node-name' is missing");
       if (nq !== undefined && typeof nq !== 'number') throw new CliError("--export: Parameter 'num-queues' expects a number");
       if (lbs !== undefined && lbs !== 512) throw new CliError(`--export: logical-block-size ${String(lbs)} is not supported (512)`);
+      if (iothread !== undefined && typeof iothread !== 'string') throw new CliError("--export: Parameter 'iothread' expects a string");
       await asCli('--export', () => st.addVhostUserBlk(id, node, {
-        path: vhostAddress(addr), writable: writable === true, writethrough: writethrough === true,
+        path: vhostAddress(addr), writable: writable === true, writethrough: writethrough === true, fixedIothread: fixed === true,
         ...(typeof nq === 'number' ? { numQueues: nq } : {}),
+        ...(typeof iothread === 'string' ? { iothread } : {}),
       }));
       continue;
     }

@@ -6,6 +6,7 @@
 import { findBackend } from '../../backend/backend.js';
 import { BlockError } from '../../block/error.js';
 import { findNode } from '../../block/graph.js';
+import { findIoThread, setNodeIoThread } from '../../block/iothread.js';
 import { NbdServer, type NbdListenAddress } from '../../export/nbd/server.js';
 import { VhostUserBlkExport } from '../../export/vhost-user/export.js';
 import { QmpError } from '../errors.js';
@@ -53,11 +54,24 @@ export class ExportState {
     this.exports.set(id, { name, nodeName });
   }
 
-  addVhostUserBlk(id: string, nodeName: string, o: { path: string; writable?: boolean; numQueues?: number; writethrough?: boolean }): void {
+  async addVhostUserBlk(id: string, nodeName: string, o: {
+    path: string; writable?: boolean; numQueues?: number; writethrough?: boolean; iothread?: string; fixedIothread?: boolean;
+  }): Promise<void> {
     if (this.exports.has(id) || this.vhost.has(id)) throw new QmpError('GenericError', `Block export id '${id}' is already in use`);
     const be = findBackend(nodeName);
     const node = be ? null : findNode(nodeName);
     if (!be?.node && !node) throw new QmpError('GenericError', `Cannot find device=${nodeName} nor node-name=${nodeName}`);
+    if (o.iothread !== undefined) {
+      // As QEMU: the export runs where its node does, so the node moves (drained) into the
+      // iothread; if it cannot, that is an error only with fixed-iothread.
+      const t = findIoThread(o.iothread);
+      if (!t) throw new QmpError('GenericError', `iothread "${o.iothread}" not found`);
+      try {
+        await setNodeIoThread((be?.node ?? node)!, t, true);
+      } catch (e) {
+        if (o.fixedIothread) throw new QmpError('GenericError', `Cannot change iothread of active block backend: ${(e as Error).message}`);
+      }
+    }
     try {
       this.vhost.set(id, new VhostUserBlkExport({
         id, path: o.path, writable: o.writable ?? false, writethrough: o.writethrough ?? false,
@@ -191,19 +205,23 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
       addr: { type: 'any', optional: true },
       'num-queues': { type: 'int', optional: true },
       'logical-block-size': { type: 'int', optional: true },
+      iothread: { type: 'str', optional: true },
+      'fixed-iothread': { type: 'bool', optional: true },
     },
-    run: (a) => {
+    run: async (a) => {
       if (a.type === 'vhost-user-blk') {
         if (a['logical-block-size'] !== undefined && a['logical-block-size'] !== 512) {
           throw new QmpError('GenericError', `logical-block-size ${a['logical-block-size']} is not supported (512)`);
         }
-        st.addVhostUserBlk(a.id, a['node-name'], {
+        await st.addVhostUserBlk(a.id, a['node-name'], {
           path: vhostAddress(a.addr), writable: a.writable ?? false, writethrough: a.writethrough ?? false,
           ...(a['num-queues'] !== undefined ? { numQueues: a['num-queues'] } : {}),
+          ...(a.iothread !== undefined ? { iothread: a.iothread } : {}),
+          ...(a['fixed-iothread'] !== undefined ? { fixedIothread: a['fixed-iothread'] } : {}),
         });
         return {};
       }
-      for (const k of ['addr', 'num-queues', 'logical-block-size'] as const) {
+      for (const k of ['addr', 'num-queues', 'logical-block-size', 'iothread', 'fixed-iothread'] as const) {
         if (a[k] !== undefined) throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
       }
       st.add(a.id, a['node-name'], {
