@@ -8,8 +8,12 @@
         "native/src/uring.cc",
         "native/src/pool.cc",
         "native/src/hostfacts.cc",
-        "native/src/unixfd.cc",
-        "native/src/vhostblk.cc"
+        "native/src/unixfd/socket.cc",
+        "native/src/unixfd/memory.cc",
+        "native/src/vhostblk/worker.cc",
+        "native/src/vhostblk/ring.cc",
+        "native/src/vhostblk/request.cc",
+        "native/src/vhostblk/napi.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],

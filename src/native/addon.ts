@@ -49,7 +49,7 @@ export interface NativeAddon {
   lock(fd: number, start: number, len: number, type: number): number;
   testLock(fd: number, start: number, len: number, type: number): number;
 
-  // ---- native/src/unixfd.cc: vhost-user host facts (fd passing, mmap, eventfd, memfd) ----
+  // ---- native/src/unixfd/: vhost-user host facts (fd passing, mmap, eventfd, memfd) ----
   /** Adopts a socket fd (made non-blocking); closed by close() or when collected. */
   UnixSocket: new (fd: number, eventfd?: boolean) => NativeUnixSocket;
   /** One reservation of `length` bytes with fd ranges mapped MAP_SHARED at page-aligned offsets -> ArrayBuffer | -errno. */
@@ -75,7 +75,7 @@ export interface NativeAddon {
   /** memfd_create(MFD_CLOEXEC|MFD_ALLOW_SEALING) + ftruncate -> fd | -errno. */
   memfdCreate(name: string, size: number): number;
 
-  // ---- native/src/vhostblk.cc: the vhost-user-blk fast path (see src/native/vhost-blk-worker.ts) ----
+  // ---- native/src/vhostblk/: the vhost-user-blk fast path (see src/native/vhost-blk-worker.ts) ----
   /** Starts one native iothread serving split virtqueues for a raw file. */
   VhostBlkWorker: new () => NativeVhostBlkWorker;
 }
@@ -120,7 +120,7 @@ export interface NativeVhostBlkStats {
   broken: string | null;
 }
 
-/** Native vhost-user-blk worker (native/src/vhostblk.cc); all methods synchronous. */
+/** Native vhost-user-blk worker (native/src/vhostblk/); all methods synchronous. */
 export interface NativeVhostBlkWorker {
   setMemory(layout: ArrayBuffer, spans: readonly (readonly [number, number])[]): void;
   addQueue(index: number, q: NativeVhostBlkQueue): void;
@@ -134,7 +134,7 @@ export interface NativeVhostBlkWorker {
   destroy(): void;
 }
 
-/** Native UNIX socket handle (native/src/unixfd.cc). */
+/** Native UNIX socket handle (native/src/unixfd/). */
 export interface NativeUnixSocket {
   readonly fd: number;
   /** True between start() and close()/EOF/a poll error. */

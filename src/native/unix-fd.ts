@@ -1,4 +1,4 @@
-// Host facts for vhost-user (native/src/unixfd.cc): UNIX stream sockets that
+// Host facts for vhost-user (native/src/unixfd/): UNIX stream sockets that
 // carry file descriptors (SCM_RIGHTS), shared mappings of fds as ArrayBuffers,
 // eventfd and memfd. Readiness comes from a uv_poll_t on Node's own loop; the
 // socket classes here are thin: reads and writes are synchronous, non-blocking

@@ -1,5 +1,5 @@
 /**
- * The native fast path of the vhost-user-blk export (native/src/vhostblk.cc): one native
+ * The native fast path of the vhost-user-blk export (native/src/vhostblk/): one native
  * iothread serves split virtqueues end to end for a disk that is a plain raw file — pop the
  * chain, read the header, preadv/pwritev between the file and guest memory, status byte, used
  * element, one used-index store and at most one call-fd write per batch — without entering

@@ -20,8 +20,9 @@ import {
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { qemuImg } from '../cli/helpers.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
+import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
-  BlkDriver, connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
+  connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
   ringLayout, toClose, toUnmap, until, vringAddr,
 } from './vhost-user-frontend.js';
 

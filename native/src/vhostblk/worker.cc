@@ -1,0 +1,217 @@
+// VhostBlkWorker's thread: start/stop, the epoll loop over kick fds and the
+// control eventfd, and the commands the JS thread hands it (see worker.h).
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+
+#include "worker.h"
+
+namespace spindle {
+namespace vhostblk {
+
+constexpr uint64_t kCtlKey = ~(uint64_t)0;  // epoll data of the control eventfd
+
+// Returns 0 or -errno.
+int Worker::Start() {
+  ctl_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (ctl_ < 0) return -errno;
+  ep_ = epoll_create1(EPOLL_CLOEXEC);
+  if (ep_ < 0) {
+    int e = -errno;
+    close(ctl_);
+    ctl_ = -1;
+    return e;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = kCtlKey;
+  if (epoll_ctl(ep_, EPOLL_CTL_ADD, ctl_, &ev) < 0) {
+    int e = -errno;
+    Close();
+    return e;
+  }
+  queues_.assign(kMaxQueues, nullptr);
+  // Signals stay with Node's threads: the worker blocks them all (inherited
+  // mask), so its syscalls are not interrupted and no handler runs on it.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  thread_ = std::thread([this] { Loop(); });
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return 0;
+}
+
+// Stops the thread (after the batch in progress); closes every queue's fds.
+// The JS side deletes the Queue objects.
+void Worker::Stop() {
+  if (thread_.joinable()) {
+    Command(kQuit, nullptr, 0, -1);
+    thread_.join();
+  }
+  Close();
+}
+
+// Executes a command on the worker thread; blocks until it is done.
+int Worker::Command(CmdType type, Queue* q, uint32_t index, int fd, const std::vector<Span>* spans,
+                    uint8_t* mem) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [this] { return cmd_ == kNone; });
+  cmd_ = type;
+  cmd_q_ = q;
+  cmd_index_ = index;
+  cmd_fd_ = fd;
+  cmd_spans_ = spans;
+  cmd_mem_ = mem;
+  cmd_done_ = false;
+  cmd_pending_.store(true, std::memory_order_relaxed);  // ends a poll at once
+  uint64_t one = 1;
+  ssize_t w = write(ctl_, &one, sizeof one);
+  (void)w;
+  cv_.wait(l, [this] { return cmd_done_; });
+  int r = cmd_result_;
+  cmd_ = kNone;
+  cmd_pending_.store(false, std::memory_order_relaxed);
+  cv_.notify_all();
+  return r;
+}
+
+void Worker::Close() {
+  if (ep_ >= 0) close(ep_);
+  if (ctl_ >= 0) close(ctl_);
+  ep_ = ctl_ = -1;
+}
+
+void Worker::Loop() {
+  epoll_event evs[64];
+  for (;;) {
+    int n = epoll_wait(ep_, evs, 64, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;  // cannot happen with a valid epoll fd
+    }
+    for (int i = 0; i < n; i++) {
+      if (evs[i].data.u64 == kCtlKey) {
+        uint64_t v;
+        ssize_t r = read(ctl_, &v, sizeof v);
+        (void)r;
+        if (!RunCommand()) return;
+        continue;
+      }
+      uint32_t idx = (uint32_t)evs[i].data.u64;
+      Queue* q = idx < queues_.size() ? queues_[idx] : nullptr;
+      if (!q) continue;  // removed in this round
+      uint64_t v;
+      ssize_t r = read(q->kick_fd, &v, sizeof v);  // readable: does not block
+      (void)r;
+      if (paused_) {
+        q->kicked_while_paused = true;
+        continue;
+      }
+      Serve(q);
+    }
+  }
+}
+
+// Returns false on kQuit.
+bool Worker::RunCommand() {
+  std::unique_lock<std::mutex> l(mu_);
+  if (cmd_ == kNone || cmd_done_) return true;
+  int result = 0;
+  bool go_on = true;
+  Queue* q = cmd_q_;
+  switch (cmd_) {
+    case kSetMem:
+      spans_ = *cmd_spans_;
+      mem_ = cmd_mem_;
+      break;
+    case kAdd: {
+      queues_[q->index] = q;
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u64 = q->index;
+      if (epoll_ctl(ep_, EPOLL_CTL_ADD, q->kick_fd, &ev) < 0) {
+        result = -errno;
+        queues_[q->index] = nullptr;
+        break;
+      }
+      if (!q->dead && !RingsValid(q)) Break(q, "rings are not inside guest memory or are misaligned");
+      // Serve what is already available, as if kicked (unless paused).
+      l.unlock();
+      if (paused_)
+        q->kicked_while_paused = true;
+      else
+        Serve(q);
+      l.lock();
+      break;
+    }
+    case kRemove:
+      epoll_ctl(ep_, EPOLL_CTL_DEL, q->kick_fd, nullptr);
+      queues_[q->index] = nullptr;
+      Detach(q);
+      break;
+    case kSetCall:
+      if (q->call_fd >= 0) close(q->call_fd);
+      q->call_fd = cmd_fd_;
+      break;
+    case kPause:
+      paused_ = true;
+      break;
+    case kResume:
+      paused_ = false;
+      l.unlock();
+      for (Queue* x : queues_)
+        if (x && x->kicked_while_paused) {
+          x->kicked_while_paused = false;
+          Serve(x);
+        }
+      l.lock();
+      break;
+    case kQuit:
+      for (Queue*& x : queues_)
+        if (x) {
+          epoll_ctl(ep_, EPOLL_CTL_DEL, x->kick_fd, nullptr);
+          Detach(x);
+          x = nullptr;
+        }
+      go_on = false;
+      break;
+    case kNone:
+      break;
+  }
+  cmd_result_ = result;
+  cmd_done_ = true;
+  cv_.notify_all();
+  return go_on;
+}
+
+// The queue leaves the worker: every batch already published its used
+// index; the position stays in q->pos; the dup'd fds are closed.
+void Worker::Detach(Queue* q) {
+  q->pos.store((uint32_t)q->last_avail | ((uint32_t)q->published << 16));
+  for (int* f : {&q->kick_fd, &q->call_fd, &q->fd}) {
+    if (*f >= 0) close(*f);
+    *f = -1;
+  }
+}
+
+void Worker::Break(Queue* q, const std::string& why) {
+  q->dead = true;
+  {
+    std::lock_guard<std::mutex> g(stats_mu_);
+    q->why = "queue " + std::to_string(q->index) + ": " + why;
+  }
+  q->broken.store(true);
+}
+
+uint64_t Worker::PollNsFromEnv() {
+  const char* v = getenv("SPINDLE_VHOST_POLL_NS");
+  return v && *v ? strtoull(v, nullptr, 10) : 32000;
+}
+
+}  // namespace vhostblk
+}  // namespace spindle
