@@ -82,6 +82,9 @@ export interface NativeAddon {
 
 /** addQueue options of the native vhost-user-blk worker (GPAs are offsets into the layout). */
 export interface NativeVhostBlkQueue {
+  /** The queue's own guest memory (layout and mapped spans); default: the worker's setMemory. */
+  memory?: ArrayBuffer;
+  spans?: [number, number][];
   num: number;
   desc: number;
   avail: number;
@@ -132,6 +135,8 @@ export interface NativeVhostBlkWorker {
   resume(): void;
   stats(index: number): NativeVhostBlkStats;
   destroy(): void;
+  /** The worker thread's kernel thread id (0 until it runs or after destroy). */
+  readonly threadId: number;
 }
 
 /** Native UNIX socket handle (native/src/unixfd/). */

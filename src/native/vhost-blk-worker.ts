@@ -37,6 +37,8 @@ export function mergeSpans(spans: readonly (readonly [number, number])[]): [numb
 export class VhostBlkWorker {
   private h: NativeVhostBlkWorker | null;
   private readonly attached = new Set<number>();
+  private readonly freeSlots: number[] = [];
+  private nextSlot = 0;
 
   /** Starts the worker's thread (epoll over the kick eventfds and a control eventfd). */
   constructor() {
@@ -55,6 +57,22 @@ export class VhostBlkWorker {
    */
   setMemory(layout: ArrayBuffer, spans: readonly (readonly [number, number])[]): void {
     this.handle.setMemory(layout, mergeSpans(spans));
+  }
+
+  /** The worker thread's kernel thread id (0 before it runs). */
+  get threadId(): number {
+    return this.h?.threadId ?? 0;
+  }
+
+  /** A queue index no one else on this worker uses (queues of several sessions share a worker). */
+  allocIndex(): number {
+    const i = this.freeSlots.pop() ?? this.nextSlot++;
+    if (i >= 1024) throw new Error('VhostBlkWorker: more than 1024 queues on one worker');
+    return i;
+  }
+
+  freeIndex(i: number): void {
+    this.freeSlots.push(i);
   }
 
   /** Attaches ring `index` and serves what is already available, as if kicked. */

@@ -3,12 +3,13 @@
 // of vhost-user-frontend.ts over memfd guest RAM. Checks what the hand-overs must keep: data in
 // the file, ring positions across GET_VRING_BASE, a new memory table, and a move back to the
 // TypeScript path when the graph changes under the export (here: a throttle and a drain).
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { newConfig, Bucket } from '../../src/backend/throttle.js';
 import { configureGroup, ioLimitsDisable, ioLimitsEnable } from '../../src/backend/throttle-group.js';
 import { withDrained } from '../../src/block/drain.js';
+import { createIoThread, deleteIoThread, setNodeIoThread } from '../../src/block/iothread.js';
 import { openNode, settleCloses, unref } from '../../src/block/graph.js';
 import type { BlockNode } from '../../src/block/node.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
@@ -157,6 +158,41 @@ describe('vhost-user-blk fast path (native worker)', () => {
     expect(q.usedIdx).toBe(9);
     // Now the block layer sees the requests.
     expect(r.exp.backend.node!.stats.rdOps).toBeGreaterThan(0);
+  });
+
+  it('rings run on the thread of the node\'s context: exports in one context share it, an iothread move takes the rings along', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    expect((await q.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    const mainTid = r.exp.nativeThreadId!;
+    expect(mainTid).toBeGreaterThan(0);
+    expect(mainTid).not.toBe(process.pid);
+    expect(readFileSync(`/proc/self/task/${mainTid}/comm`, 'utf8').trim()).toBe('spindle-iothrd');
+    // A second export in the main context: same thread.
+    const r2 = await rig();
+    expect((await r2.drv[0]!.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r2.exp.nativeThreadId).toBe(mainTid);
+    // The first export's node moves to an iothread: its rings move to that thread, in place.
+    const t = createIoThread(`vu-io-${seq++}`);
+    try {
+      await setNodeIoThread(r.exp.backend.node!, t, true);
+      const ioTid = r.exp.nativeThreadId!;
+      expect(ioTid).toBeGreaterThan(0);
+      expect(ioTid).not.toBe(mainTid);
+      const d = fill(1024, 17);
+      expect((await q.submit(VIRTIO_BLK_T_OUT, 40, [{ len: 1024, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+      expect((await q.submit(VIRTIO_BLK_T_IN, 40, [{ len: 1024 }])).data[0]).toEqual(d);
+      expect(q.usedIdx).toBe(10);
+      expect(r2.exp.nativeThreadId).toBe(mainTid);
+      // And back: the iothread's thread stops with its last ring.
+      await setNodeIoThread(r.exp.backend.node!, null, true);
+      expect(r.exp.nativeThreadId).toBe(mainTid);
+      expect(existsSync(`/proc/self/task/${ioTid}`)).toBe(false);
+      expect((await q.submit(VIRTIO_BLK_T_IN, 40, [{ len: 1024 }])).data[0]).toEqual(d);
+    } finally {
+      await setNodeIoThread(r.exp.backend.node!, null, true);
+      deleteIoThread(t.id);
+    }
   });
 
   it('the front-end going away joins the worker and leaks no fd or mapping; a new session is native again', async () => {

@@ -39,7 +39,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
                         InstanceMethod<&VhostBlkWorker::Pause>("pause"),
                         InstanceMethod<&VhostBlkWorker::Resume>("resume"),
                         InstanceMethod<&VhostBlkWorker::Stats>("stats"),
-                        InstanceMethod<&VhostBlkWorker::Destroy>("destroy")});
+                        InstanceMethod<&VhostBlkWorker::Destroy>("destroy"),
+                        InstanceAccessor<&VhostBlkWorker::GetThreadId>("threadId")});
   }
 
   VhostBlkWorker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VhostBlkWorker>(info) {
@@ -111,27 +112,35 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     return q;
   }
 
-  // setMemory(layout: ArrayBuffer, spans: [start, end][])
+  // [start, end) spans inside a layout of `size` bytes, or an exception.
+  bool ParseSpans(Napi::Env env, const Napi::Value& v, double size, std::vector<Span>* out) {
+    if (!v.IsArray()) return Fail(env, "spans must be [start, end] pairs"), false;
+    Napi::Array arr = v.As<Napi::Array>();
+    for (uint32_t i = 0; i < arr.Length(); i++) {
+      Napi::Value e = arr[i];
+      if (!e.IsArray()) return Fail(env, "spans must be [start, end] pairs"), false;
+      Napi::Array p = e.As<Napi::Array>();
+      double s, t;
+      if (p.Length() != 2 || !Int(p[0u], 0, size, &s) || !Int(p[1u], 0, size, &t) || !(s < t))
+        return Fail(env, "span " + std::to_string(i) + " is not inside the layout", true), false;
+      out->push_back({(uint64_t)s, (uint64_t)t});
+    }
+    return true;
+  }
+
+  // setMemory(layout: ArrayBuffer, spans: [start, end][]): the memory of queues
+  // added without their own.
   Napi::Value SetMemory(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!worker_) return Fail(env, "destroyed");
     if (attached_ > 0) return Fail(env, "setMemory while queues are attached");
     if (!info[0].IsArrayBuffer() || !info[1].IsArray()) return Fail(env, "setMemory(layout, spans)");
     Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
-    double size = (double)ab.ByteLength();
-    Napi::Array arr = info[1].As<Napi::Array>();
     std::vector<Span> spans;
-    for (uint32_t i = 0; i < arr.Length(); i++) {
-      Napi::Value v = arr[i];
-      if (!v.IsArray()) return Fail(env, "spans must be [start, end] pairs");
-      Napi::Array p = v.As<Napi::Array>();
-      double s, e;
-      if (p.Length() != 2 || !Int(p[0u], 0, size, &s) || !Int(p[1u], 0, size, &e) || !(s < e))
-        return Fail(env, "span " + std::to_string(i) + " is not inside the layout", true);
-      spans.push_back({(uint64_t)s, (uint64_t)e});
-    }
-    if (size == 0 || ab.Data() == nullptr) spans.clear();
-    worker_->Command(Worker::kSetMem, nullptr, 0, -1, &spans, (uint8_t*)ab.Data());
+    if (!ParseSpans(env, info[1], (double)ab.ByteLength(), &spans)) return env.Undefined();
+    if (ab.ByteLength() == 0 || ab.Data() == nullptr) spans.clear();
+    spans_ = spans;
+    mem_ = (uint8_t*)ab.Data();
     memory_ = Napi::Persistent(Napi::Object(env, ab));  // keeps the mapping alive
     has_memory_ = !spans.empty();
     return env.Undefined();
@@ -145,9 +154,25 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     double idx;
     if (!Int(info[0], 0, kMaxQueues - 1, &idx)) return Fail(env, "queue index out of range", true);
     if (queues_[(uint32_t)idx]) return Fail(env, "queue " + std::to_string((uint32_t)idx) + " is already attached");
-    if (!has_memory_) return Fail(env, "addQueue before setMemory");
     if (!info[1].IsObject()) return Fail(env, "addQueue(index, options)");
     Napi::Object o = info[1].As<Napi::Object>();
+    // The queue's own memory ({memory, spans}), or the worker's (setMemory).
+    Napi::Value mv = o.Get("memory");
+    std::vector<Span> qspans;
+    uint8_t* qmem;
+    Napi::Object qref;
+    if (mv.IsArrayBuffer()) {
+      Napi::ArrayBuffer ab = mv.As<Napi::ArrayBuffer>();
+      if (!ParseSpans(env, o.Get("spans"), (double)ab.ByteLength(), &qspans)) return env.Undefined();
+      if (ab.Data() == nullptr || qspans.empty()) return Fail(env, "addQueue: the queue's memory is empty");
+      qmem = (uint8_t*)ab.Data();
+      qref = ab;
+    } else {
+      if (!has_memory_) return Fail(env, "addQueue before setMemory");
+      qspans = spans_;
+      qmem = mem_;
+      qref = memory_.Value();
+    }
     double num, desc, avail, used, last, uidx, kick, call, fd, cap;
     const double kMax = 9007199254740991.0;
     if (!Int(o.Get("num"), 1, kMaxQueueSize, &num) || ((uint32_t)num & ((uint32_t)num - 1)))
@@ -165,6 +190,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
 
     Queue* q = new Queue();
     q->index = (uint32_t)idx;
+    q->mem = qmem;
+    q->spans = std::move(qspans);
     q->num = (uint32_t)num;
     q->desc = (uint64_t)desc;
     q->avail = (uint64_t)avail;
@@ -198,6 +225,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
       return Fail(env, std::string("addQueue: epoll: ") + strerror(-r));
     }
     queues_[q->index] = q;
+    qmem_[q->index] = Napi::Persistent(qref);  // the mapping outlives the queue
     attached_++;
     return env.Undefined();
   }
@@ -229,6 +257,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     worker_->Command(Worker::kRemove, q, q->index, -1);
     Napi::Object o = StatsOf(info.Env(), q);
     queues_[q->index] = nullptr;
+    qmem_[q->index].Reset();
     attached_--;
     delete q;
     return o;
@@ -281,10 +310,15 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     return StatsOf(info.Env(), q);
   }
 
+  Napi::Value GetThreadId(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), worker_ ? (double)worker_->tid_.load() : 0);
+  }
+
   // destroy(): stops and joins the thread, closes every dup'd fd. Idempotent.
   Napi::Value Destroy(const Napi::CallbackInfo& info) {
     Teardown();
     memory_.Reset();
+    for (auto& r : qmem_) r.Reset();
     has_memory_ = false;
     return info.Env().Undefined();
   }
@@ -293,7 +327,10 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
   std::vector<Queue*> queues_;  // JS-thread view: attached queues (owned here)
   uint32_t attached_ = 0;
   Napi::ObjectReference memory_;
+  std::vector<Span> spans_;  // with memory_: the default memory of new queues
+  uint8_t* mem_ = nullptr;
   bool has_memory_ = false;
+  std::vector<Napi::ObjectReference> qmem_ = std::vector<Napi::ObjectReference>(kMaxQueues);
   napi_env env_ = nullptr;
   bool hook_ = false;
 };

@@ -21,8 +21,8 @@ constexpr uint16_t VRING_DESC_F_INDIRECT = 4;
 constexpr uint16_t VRING_AVAIL_F_NO_INTERRUPT = 1;
 
 bool Worker::Contains(uint64_t addr, uint64_t len) const {
-  if (len == 0) return false;
-  for (const Span& s : spans_)
+  if (len == 0 || !spans_) return false;
+  for (const Span& s : *spans_)
     if (addr >= s.start && addr < s.end && len <= s.end - addr) return true;
   return false;
 }
@@ -51,6 +51,8 @@ uint64_t Worker::Now() {
 
 void Worker::Serve(Queue* q) {
   if (q->dead || paused_) return;
+  mem_ = q->mem;
+  spans_ = &q->spans;
   uint64_t t0 = Now();
   ServeRing(q);
   q->busy_ns.fetch_add(Now() - t0, std::memory_order_relaxed);

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/syscall.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -57,16 +58,13 @@ void Worker::Stop() {
 }
 
 // Executes a command on the worker thread; blocks until it is done.
-int Worker::Command(CmdType type, Queue* q, uint32_t index, int fd, const std::vector<Span>* spans,
-                    uint8_t* mem) {
+int Worker::Command(CmdType type, Queue* q, uint32_t index, int fd) {
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [this] { return cmd_ == kNone; });
   cmd_ = type;
   cmd_q_ = q;
   cmd_index_ = index;
   cmd_fd_ = fd;
-  cmd_spans_ = spans;
-  cmd_mem_ = mem;
   cmd_done_ = false;
   cmd_pending_.store(true, std::memory_order_relaxed);  // ends a poll at once
   uint64_t one = 1;
@@ -87,6 +85,8 @@ void Worker::Close() {
 }
 
 void Worker::Loop() {
+  tid_.store((int)syscall(SYS_gettid));
+  pthread_setname_np(pthread_self(), "spindle-iothrd");
   epoll_event evs[64];
   for (;;) {
     int n = epoll_wait(ep_, evs, 64, -1);
@@ -125,10 +125,6 @@ bool Worker::RunCommand() {
   bool go_on = true;
   Queue* q = cmd_q_;
   switch (cmd_) {
-    case kSetMem:
-      spans_ = *cmd_spans_;
-      mem_ = cmd_mem_;
-      break;
     case kAdd: {
       queues_[q->index] = q;
       epoll_event ev{};
@@ -139,6 +135,8 @@ bool Worker::RunCommand() {
         queues_[q->index] = nullptr;
         break;
       }
+      mem_ = q->mem;
+      spans_ = &q->spans;
       if (!q->dead && !RingsValid(q)) Break(q, "rings are not inside guest memory or are misaligned");
       // Serve what is already available, as if kicked (unless paused).
       l.unlock();

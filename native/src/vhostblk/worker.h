@@ -70,6 +70,10 @@ struct Span {
 // and removeQueue only the worker touches the non-atomic ring state.
 struct Queue {
   uint32_t index = 0;
+  // Its guest's memory: the layout (GPA = offset) and the mapped spans.  Queues
+  // of different guests (sessions) may share a worker (an iothread).
+  uint8_t* mem = nullptr;
+  std::vector<Span> spans;
   uint32_t num = 0;
   uint64_t desc = 0, avail = 0, used = 0;
   uint16_t last_avail = 0, used_idx = 0, published = 0;
@@ -109,7 +113,7 @@ struct Elem {
 
 class Worker {
  public:
-  enum CmdType { kNone, kSetMem, kAdd, kRemove, kSetCall, kPause, kResume, kQuit };
+  enum CmdType { kNone, kAdd, kRemove, kSetCall, kPause, kResume, kQuit };
 
   // Returns 0 or -errno.
   int Start();
@@ -117,10 +121,11 @@ class Worker {
   // The JS side deletes the Queue objects.
   void Stop();
   // Executes a command on the worker thread; blocks until it is done.
-  int Command(CmdType type, Queue* q, uint32_t index, int fd, const std::vector<Span>* spans = nullptr,
-              uint8_t* mem = nullptr);
+  int Command(CmdType type, Queue* q, uint32_t index, int fd);
 
   std::mutex stats_mu_;
+  // The thread's kernel id once it runs (query-iothreads' thread-id), else 0.
+  std::atomic<int> tid_{0};
 
  private:
   // worker.cc: the thread and its commands.
@@ -160,8 +165,6 @@ class Worker {
   Queue* cmd_q_ = nullptr;
   uint32_t cmd_index_ = 0;
   int cmd_fd_ = -1;
-  const std::vector<Span>* cmd_spans_ = nullptr;
-  uint8_t* cmd_mem_ = nullptr;
   bool cmd_done_ = false;
   int cmd_result_ = 0;
   std::atomic<bool> cmd_pending_{false};
@@ -170,7 +173,8 @@ class Worker {
 
   // Worker-thread state.
   std::vector<Queue*> queues_;
-  std::vector<Span> spans_;
+  // The memory of the queue being served (set by Serve and at attach).
+  const std::vector<Span>* spans_ = nullptr;
   uint8_t* mem_ = nullptr;
   bool paused_ = false;
   Elem e_;

@@ -23,6 +23,7 @@ import { eventfdWrite } from '../../native/unix-fd.js';
 import type { VhostUserBlkBackend, VhostUserBlkHooks } from './backend.js';
 import { MAX_QUEUE_SIZE } from './blk-features.js';
 import { NativeRings, type FastPathTarget } from './fast-path.js';
+import type { AioContext } from '../../block/context.js';
 import type { GuestMemoryTable } from './memory.js';
 import type { Vring } from './vring.js';
 
@@ -33,6 +34,8 @@ export interface DataPlaneOptions {
   drained: () => boolean;
   /** The file a native worker may serve the rings from (fast-path.ts), or null. */
   fastPath: () => FastPathTarget | null;
+  /** The AioContext of the exported node: its native thread serves the fast path. */
+  context: () => AioContext;
 }
 
 /** A VirtioBlk on one memory table, and the hold that keeps that table mapped. */
@@ -83,20 +86,26 @@ export class VhostUserBlkDataPlane {
     return this.native !== null;
   }
 
+  /** The kernel thread serving the rings natively, or null. */
+  get nativeThreadId(): number | null {
+    return this.native ? this.native.threadId : null;
+  }
+
   /** The export's backend was drained / undrained. */
   drainedBegin(): void {
     this.active?.dev.drainedBegin();
-    this.native?.pause();
+    this.native?.suspend();
   }
   drainedEnd(): void {
     this.active?.dev.drainedEnd();
     const n = this.native;
     if (!n) return;
-    n.resume();
     // The graph may have changed under the export (a format or filter on top, a throttle):
-    // then the block layer must see every request.
+    // then the block layer must see every request. Else the rings start again, on the thread
+    // of the node's context (an iothread move happens in a drained section).
     const t = this.o.fastPath();
     if (!t || !n.serves(t)) this.toTypeScript();
+    else n.resume();
   }
 
   private writeCacheChanged(on: boolean): void {
@@ -138,7 +147,7 @@ export class VhostUserBlkDataPlane {
     if (!this.jsOnly && !this.active && this.retiring.size === 0 && !this.o.drained()) {
       const t = this.o.fastPath();
       if (t) {
-        const n = new NativeRings(this.be, t, { serial: this.o.serial, writeCache: () => this.effectiveWriteCache() });
+        const n = new NativeRings(this.be, t, { serial: this.o.serial, writeCache: () => this.effectiveWriteCache(), context: this.o.context });
         this.native = n;
         if (n.start(ring) || !this.be.ringReady(ring)) return;
         this.native = null;

@@ -14,6 +14,7 @@
  */
 import { createBackend, type BlockBackend } from '../../backend/backend.js';
 import type { BackendIO } from '../../backend/io.js';
+import { mainContext } from '../../block/context.js';
 import { BlockError } from '../../block/error.js';
 import type { BlockNode } from '../../block/node.js';
 import { Perm } from '../../block/types.js';
@@ -103,6 +104,7 @@ export class VhostUserBlkExport {
     this.sessions++;
     const plane = new VhostUserBlkDataPlane(be, this.io, {
       serial: this.id.slice(0, 20), drained: () => this.#drained, fastPath: () => fastPathTarget(this.backend),
+      context: () => this.backend.node?.aioContext ?? mainContext,
     });
     this.#plane = { be, plane };
   }
@@ -110,6 +112,11 @@ export class VhostUserBlkExport {
   /** Whether the live session's rings are served by the native worker. */
   get onFastPath(): boolean {
     return this.#plane?.plane.onFastPath ?? false;
+  }
+
+  /** The kernel thread serving the live session's rings natively, or null. */
+  get nativeThreadId(): number | null {
+    return this.#plane?.plane.nativeThreadId ?? null;
   }
 
   /** The live front-end session, if any. */

@@ -14,7 +14,9 @@
  */
 import type { BlockBackend } from '../../backend/backend.js';
 import { stateOf } from '../../block/node.js';
-import { VhostBlkWorker } from '../../native/vhost-blk-worker.js';
+import type { AioContext } from '../../block/context.js';
+import type { VhostBlkWorker } from '../../native/vhost-blk-worker.js';
+import { acquireWorker, releaseWorker } from './iothread-workers.js';
 import { VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES } from '../../../hw/virtio/virtio-blk-abi.js';
 import type { VhostUserBlkBackend } from './backend.js';
 import { VIRTIO_RING_F_EVENT_IDX } from './blk-features.js';
@@ -50,14 +52,25 @@ export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
   return { fd: f.fd, length: backend.node!.length, readOnly };
 }
 
-/** A session's rings on a native worker. */
+/** A session's rings on the native worker of its node's AioContext (iothread-workers.ts). */
 export class NativeRings {
-  private readonly worker = new VhostBlkWorker();
-  private readonly attached = new Set<number>();
+  private ctx: AioContext;
+  private worker: VhostBlkWorker;
+  /** Ring index -> the worker's queue index. */
+  private readonly slots = new Map<number, number>();
+  /** Rings taken back for a drained section, restarted at its end. */
+  private suspended: Vring[] | null = null;
   private release: (() => void) | null = null;
   private memory: GuestMemoryTable | null = null;
 
-  constructor(private readonly be: VhostUserBlkBackend, private target: FastPathTarget, private readonly o: { serial: string; writeCache: () => boolean }) {}
+  constructor(
+    private readonly be: VhostUserBlkBackend,
+    private target: FastPathTarget,
+    private readonly o: { serial: string; writeCache: () => boolean; context: () => AioContext },
+  ) {
+    this.ctx = o.context();
+    this.worker = acquireWorker(this.ctx);
+  }
 
   /** Whether this target is still the one served (same fd, shape and mode). */
   serves(t: FastPathTarget): boolean {
@@ -66,15 +79,19 @@ export class NativeRings {
 
   /** Start (or restart, after its kick fd or enable state changed) ring `ring`; false if it cannot. */
   start(ring: Vring): boolean {
-    if (this.attached.has(ring.index)) this.stop(ring);
+    if (this.slots.has(ring.index)) this.stop(ring);
+    if (this.suspended) {
+      // Drained: it starts with the others when the section ends.
+      if (!this.suspended.includes(ring)) this.suspended.push(ring);
+      return true;
+    }
     if (!this.be.ringReady(ring) || ring.kickFd < 0 || !ring.kick) return false;
     const m = this.be.memory;
     const layout = m.layout;
     if (!layout || !m.ram) return false;
     if (this.memory !== m) {
-      if (this.attached.size > 0) return false; // memoryChanged() moves every ring first
+      if (this.slots.size > 0) return false; // memoryChanged() moves every ring first
       this.release?.();
-      this.worker.setMemory(layout, m.regions.map((r) => [r.guestPhysAddr, r.guestPhysAddr + r.size] as [number, number]));
       this.memory = m;
       this.release = m.hold();
     }
@@ -83,64 +100,94 @@ export class NativeRings {
     const avail = m.uvaToGpa(a.availUser);
     const used = m.uvaToGpa(a.usedUser);
     if (desc === null || avail === null || used === null || !m.ram.contains(used, 4)) return false;
+    const slot = this.worker.allocIndex();
     ring.kick.setWatching(false);
-    this.worker.addQueue(ring.index, {
-      num: ring.num, desc, avail, used,
-      lastAvail: ring.lastAvailIdx,
-      usedIdx: m.ram.bytes[used + 2]! | (m.ram.bytes[used + 3]! << 8),
-      eventIdx: this.be.hasFeature(VIRTIO_RING_F_EVENT_IDX),
-      kickFd: ring.kickFd, callFd: ring.callFd, fd: this.target.fd,
-      capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
-      serial: this.o.serial, writeCache: this.o.writeCache(),
-      discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
-    });
-    this.attached.add(ring.index);
+    try {
+      this.worker.addQueue(slot, {
+        memory: layout, spans: m.regions.map((r) => [r.guestPhysAddr, r.guestPhysAddr + r.size] as [number, number]),
+        num: ring.num, desc, avail, used,
+        lastAvail: ring.lastAvailIdx,
+        usedIdx: m.ram.bytes[used + 2]! | (m.ram.bytes[used + 3]! << 8),
+        eventIdx: this.be.hasFeature(VIRTIO_RING_F_EVENT_IDX),
+        kickFd: ring.kickFd, callFd: ring.callFd, fd: this.target.fd,
+        capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
+        serial: this.o.serial, writeCache: this.o.writeCache(),
+        discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
+      });
+    } catch (e) {
+      ring.kick.setWatching(true);
+      this.worker.freeIndex(slot);
+      throw e;
+    }
+    this.slots.set(ring.index, slot);
     return true;
   }
 
   /** Take ring `ring` back: its position goes to the ring, and JavaScript watches its kick again. */
   stop(ring: Vring): void {
-    if (!this.attached.delete(ring.index)) return;
-    const pos = this.worker.removeQueue(ring.index);
+    if (this.suspended) this.suspended = this.suspended.filter((r) => r !== ring);
+    const slot = this.slots.get(ring.index);
+    if (slot === undefined) return;
+    this.slots.delete(ring.index);
+    const pos = this.worker.removeQueue(slot);
+    this.worker.freeIndex(slot);
     ring.lastAvailIdx = pos.lastAvail;
     ring.kick?.setWatching(true);
   }
 
-  has(ring: Vring): boolean {
-    return this.attached.has(ring.index);
-  }
-
   kick(ring: Vring): void {
-    if (this.attached.has(ring.index)) this.worker.kick(ring.index);
+    const slot = this.slots.get(ring.index);
+    if (slot !== undefined) this.worker.kick(slot);
   }
 
   callChanged(ring: Vring): void {
-    if (this.attached.has(ring.index)) this.worker.setCallFd(ring.index, ring.callFd);
+    const slot = this.slots.get(ring.index);
+    if (slot !== undefined) this.worker.setCallFd(slot, ring.callFd);
   }
 
   writeCacheChanged(on: boolean): void {
-    for (const i of this.attached) this.worker.setWriteCache(i, on);
+    for (const slot of this.slots.values()) this.worker.setWriteCache(slot, on);
   }
 
   /** A new memory table: every ring moves to it at its position. */
   memoryChanged(): void {
-    const rings = [...this.attached].map((i) => this.be.rings[i]!);
-    for (const r of rings) this.stop(r);
+    for (const i of [...this.slots.keys()]) this.stop(this.be.rings[i]!);
     for (const r of this.be.rings) if (this.be.ringReady(r)) this.start(r);
   }
 
-  pause(): void {
-    this.worker.pause();
+  /** A drained section: the rings come back (the worker ends its batch), nothing is served. */
+  suspend(): void {
+    if (this.suspended) return;
+    const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
+    for (const r of rings) this.stop(r);
+    this.suspended = rings;
   }
 
+  /** The section ended: the rings start again, on the thread of the node's context now. */
   resume(): void {
-    this.worker.resume();
+    const rings = this.suspended;
+    if (!rings) return;
+    this.suspended = null;
+    const ctx = this.o.context();
+    if (ctx !== this.ctx) {
+      const old = this.ctx;
+      this.worker = acquireWorker(ctx);
+      this.ctx = ctx;
+      releaseWorker(old);
+    }
+    for (const r of rings) if (this.be.ringReady(r)) this.start(r);
   }
 
-  /** Every ring back (positions to the rings), the thread joined, the memory released. */
+  /** The native thread serving the rings. */
+  get threadId(): number {
+    return this.worker.threadId;
+  }
+
+  /** Every ring back (positions to the rings), the worker released, the memory released. */
   close(): void {
-    for (const i of [...this.attached]) this.stop(this.be.rings[i]!);
-    this.worker.destroy();
+    this.suspended = null;
+    for (const i of [...this.slots.keys()]) this.stop(this.be.rings[i]!);
+    releaseWorker(this.ctx);
     this.release?.();
     this.release = null;
     this.memory = null;

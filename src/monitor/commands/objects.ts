@@ -6,6 +6,7 @@
 import { BlockError } from '../../block/error.js';
 import { findNode } from '../../block/graph.js';
 import { allIoThreads, createIoThread, deleteIoThread, findIoThread, setNodeIoThread } from '../../block/iothread.js';
+import { workerThreadId } from '../../export/vhost-user/iothread-workers.js';
 import { QmpError } from '../errors.js';
 import { defineCommand, type QmpMonitor } from '../qmp.js';
 
@@ -54,8 +55,9 @@ export function registerObjectCommands(monitor: QmpMonitor): void {
     name: 'query-iothreads',
     doc: 'The iothreads, with their properties',
     args: {},
-    // One process for now: the native threads come with the dataplane, so thread-id is the process's.
-    run: () => allIoThreads().map((t) => ({ id: t.id, 'thread-id': process.pid, ...t.props })),
+    // thread-id: the native thread serving the iothread's vhost-user rings once one runs (it
+    // starts with the first ring); before that, the process's (where its nodes' I/O runs).
+    run: () => allIoThreads().map((t) => ({ id: t.id, 'thread-id': workerThreadId(t.ctx) ?? process.pid, ...t.props })),
   }));
   monitor.register(defineCommand({
     name: 'x-blockdev-set-iothread',
