@@ -15,15 +15,16 @@ import type { BlockNode } from '../../src/block/node.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
 import { VhostUserBlkExport } from '../../src/export/vhost-user/export.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
-import { closeFd, eventfd, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
+import { closeFd, eventfd, liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
+import { VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_SLAVE_CONFIG_CHANGE_MSG } from '../../src/export/vhost-user/backend-channel.js';
 import {
-  VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+  VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { qemuImg } from '../cli/helpers.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
-  connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
+  configReq, connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
   ringLayout, toClose, toUnmap, until, vringAddr,
 } from './vhost-user-frontend.js';
 
@@ -193,6 +194,30 @@ describe('vhost-user-blk fast path (native worker)', () => {
       await setNodeIoThread(r.exp.backend.node!, null, true);
       deleteIoThread(t.id);
     }
+  });
+
+  it('block_resize: the rings take the new capacity, and the front-end hears of it on the back-end channel', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    const [mine, theirs] = UnixConnection.pair();
+    expect(await r.fe.ack(VHOST_USER_SET_SLAVE_REQ_FD, new Uint8Array(0), [theirs.fd])).toBe(0n);
+    theirs.close();
+    const cap = SIZE / 512;
+    expect((await q.submit(VIRTIO_BLK_T_IN, cap, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_IOERR);
+    await r.exp.backend.truncate(SIZE + MiB);
+    // VHOST_USER_SLAVE_CONFIG_CHANGE_MSG: request 2, version 1, no payload, no reply wanted.
+    const hdr = new Uint8Array(P.HEADER_SIZE);
+    let got: { bytes: number } | null = null;
+    await until('the config-change message', () => (got = mine.recv(hdr, 0)) !== null);
+    expect(got!.bytes).toBe(P.HEADER_SIZE);
+    expect(P.decodeHeader(hdr)).toMatchObject({ request: VHOST_USER_SLAVE_CONFIG_CHANGE_MSG, flags: 1, size: 0 });
+    mine.close();
+    const cfg = await r.fe.call(P.VHOST_USER_GET_CONFIG, configReq(0, 8));
+    expect(P.dataView(cfg.subarray(P.CONFIG_HEADER)).getBigUint64(0, true)).toBe(BigInt(cap + MiB / 512));
+    const d = fill(512, 18);
+    expect((await q.submit(VIRTIO_BLK_T_OUT, cap + 5, [{ len: 512, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_IN, cap + 5, [{ len: 512 }])).data[0]).toEqual(d);
+    expect(r.exp.onFastPath).toBe(true);
   });
 
   it('the front-end going away joins the worker and leaks no fd or mapping; a new session is native again', async () => {

@@ -226,7 +226,8 @@ export async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number
   const features = await fe.u64(P.VHOST_USER_GET_FEATURES);
   expect(features & P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)).not.toBe(0n);
   const proto = await fe.u64(P.VHOST_USER_GET_PROTOCOL_FEATURES);
-  expect(proto).toBe(P.bit(P.VHOST_USER_PROTOCOL_F_MQ) | P.bit(P.VHOST_USER_PROTOCOL_F_REPLY_ACK) | P.bit(P.VHOST_USER_PROTOCOL_F_CONFIG));
+  expect(proto).toBe(P.bit(P.VHOST_USER_PROTOCOL_F_MQ) | P.bit(P.VHOST_USER_PROTOCOL_F_REPLY_ACK) | P.bit(P.VHOST_USER_PROTOCOL_F_CONFIG) |
+    P.bit(P.VHOST_USER_PROTOCOL_F_SLAVE_REQ));
   fe.send(P.VHOST_USER_SET_PROTOCOL_FEATURES, P.u64Payload(proto));
   expect(await fe.u64(P.VHOST_USER_GET_QUEUE_NUM)).toBe(BigInt(numQueues));
   // From here QEMU asks for acks (REPLY_ACK negotiated).

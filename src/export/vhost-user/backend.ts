@@ -13,9 +13,10 @@
  * Message framing and payload readers are in messages.ts, the config space in blk-config.ts,
  * the options and hooks in backend-options.ts.
  */
-import { closeFd, EventFdWatcher, type UnixConnection } from '../../native/unix-fd.js';
+import { closeFd, EventFdWatcher, UnixConnection } from '../../native/unix-fd.js';
 import { VIRTIO_BLK_F_CONFIG_WCE } from '../../../hw/virtio/virtio-blk-abi.js';
-import { BLK_CFG_WCE, blkFeatures, MAX_QUEUE_SIZE, PROTOCOL_FEATURES } from './blk-features.js';
+import { BLK_CFG_CAPACITY, BLK_CFG_WCE, blkFeatures, MAX_QUEUE_SIZE, PROTOCOL_FEATURES, SECTOR } from './blk-features.js';
+import { BackendChannel, VHOST_USER_SET_SLAVE_REQ_FD } from './backend-channel.js';
 import { blkConfigSpace, getConfig, setConfig } from './blk-config.js';
 import { Vring, type VringAddresses } from './vring.js';
 import { GuestMemoryTable } from './memory.js';
@@ -27,7 +28,7 @@ import {
 import {
   bit, dataView, MAX_MEM_REGIONS, requestName, safeU64, u64Payload, VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_CONFIG, VHOST_USER_GET_FEATURES, VHOST_USER_GET_MAX_MEM_SLOTS, VHOST_USER_GET_PROTOCOL_FEATURES,
-  VHOST_USER_GET_QUEUE_NUM, VHOST_USER_GET_VRING_BASE, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_GET_QUEUE_NUM, VHOST_USER_GET_VRING_BASE, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_SLAVE_REQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK, VHOST_USER_RESET_OWNER, VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES, VHOST_USER_SET_MEM_TABLE, VHOST_USER_SET_OWNER, VHOST_USER_SET_PROTOCOL_FEATURES,
   VHOST_USER_SET_VRING_ADDR, VHOST_USER_SET_VRING_BASE, VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_ENABLE,
@@ -58,6 +59,8 @@ export class VhostUserBlkBackend {
   private readonly hooks: VhostUserBlkHooks;
   private readonly reader = new MessageReader();
   private closedFlag = false;
+  /** The back-end request channel (SET_SLAVE_REQ_FD), for config-change notices. */
+  private channel: BackendChannel | null = null;
   private reason: Error | null = null;
   /** A deferred reply is pending: no further message is read until it is sent. */
   private paused = false;
@@ -116,6 +119,20 @@ export class VhostUserBlkBackend {
     return this.memory.gpa(gpa, len)?.bytes ?? null;
   }
 
+  /**
+   * The export's length changed (block_resize): the config space's capacity follows, and the
+   * front-end hears of it on the back-end channel (it re-reads the config and tells the guest).
+   * Returns whether the front-end was told.
+   */
+  setCapacity(length: number): boolean {
+    const sectors = BigInt(Math.floor(length / SECTOR));
+    const dv = new DataView(this.config.buffer, this.config.byteOffset);
+    if (dv.getBigUint64(BLK_CFG_CAPACITY, true) === sectors) return false;
+    dv.setBigUint64(BLK_CFG_CAPACITY, sectors, true);
+    if (!this.channel || !this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_CONFIG)) return false;
+    return this.channel.configChanged();
+  }
+
   /** End the session: close the socket, unmap guest memory, close every fd held. Idempotent. */
   close(reason: Error | null = null): void {
     if (this.closedFlag) return;
@@ -130,6 +147,8 @@ export class VhostUserBlkBackend {
       }
     };
     attempt(() => this.conn.close());
+    if (this.channel) attempt(() => this.channel!.close());
+    this.channel = null;
     for (const r of this.rings) {
       r.started = false;
       r.enabled = false;
@@ -291,6 +310,14 @@ export class VhostUserBlkBackend {
         if (on > 1) refuse(`ring ${ring.index}: enable ${on} is not 0 or 1`);
         ring.enabled = on === 1;
         this.hooks.ringChanged?.(this, ring);
+        return null;
+      }
+      case VHOST_USER_SET_SLAVE_REQ_FD: {
+        if (!this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_SLAVE_REQ)) refuse('SLAVE_REQ protocol feature not negotiated');
+        if (m.fds.length !== 1) refuse(`${m.fds.length} fds, expected 1`);
+        const conn = new UnixConnection(m.fds.pop()!);
+        this.channel?.close();
+        this.channel = new BackendChannel(conn, (why) => this.errors.push(why));
         return null;
       }
       case VHOST_USER_GET_CONFIG:

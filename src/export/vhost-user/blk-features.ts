@@ -3,7 +3,10 @@ import {
   VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
   VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 } from '../../../hw/virtio/virtio-blk-abi.js';
-import { bit, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK } from './protocol.js';
+import {
+  bit, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK,
+  VHOST_USER_PROTOCOL_F_SLAVE_REQ,
+} from './protocol.js';
 
 // virtio 1.x transport feature bits (virtio spec 6, "Reserved Feature Bits").
 export const VIRTIO_RING_F_INDIRECT_DESC = 28;
@@ -55,8 +58,8 @@ export function blkFeatures(readOnly: boolean): bigint {
   return f;
 }
 
-/** Protocol features offered: MQ, REPLY_ACK, CONFIG. */
+/** Protocol features offered: MQ, REPLY_ACK, CONFIG, and the back-end channel (config changes). */
 export const PROTOCOL_FEATURES = bit(VHOST_USER_PROTOCOL_F_MQ) | bit(VHOST_USER_PROTOCOL_F_REPLY_ACK) |
-  bit(VHOST_USER_PROTOCOL_F_CONFIG);
+  bit(VHOST_USER_PROTOCOL_F_CONFIG) | bit(VHOST_USER_PROTOCOL_F_SLAVE_REQ);
 
 /** A ring's addresses from SET_VRING_ADDR, translated through the current memory table. */

@@ -108,6 +108,16 @@ export class VhostUserBlkDataPlane {
     else n.resume();
   }
 
+  /** The export's length changed: requests are checked against the new capacity from now on. */
+  resized(): void {
+    this.active?.dev.updateCapacity();
+    const n = this.native;
+    if (!n) return;
+    const t = this.o.fastPath();
+    if (t) n.retarget(t);
+    else this.toTypeScript();
+  }
+
   private writeCacheChanged(on: boolean): void {
     this.io.setWriteCache(on);
     this.native?.writeCacheChanged(this.effectiveWriteCache());

@@ -76,6 +76,11 @@ export class VhostUserBlkExport {
           this.#drained = false;
           this.#plane?.plane.drainedEnd();
         },
+        // block_resize: the rings check the new capacity, and QEMU is told (it tells the guest).
+        resize: () => {
+          this.#plane?.plane.resized();
+          this.#plane?.be.setCapacity(this.io.getLength());
+        },
       });
       if (o.writethrough) this.io.setWriteCache(false);
       this.server = new VhostUserBlkServer(o.path, {
@@ -102,6 +107,7 @@ export class VhostUserBlkExport {
 
   #session(be: VhostUserBlkBackend): void {
     this.sessions++;
+    be.setCapacity(this.io.getLength()); // the export may have been resized since the server started
     const plane = new VhostUserBlkDataPlane(be, this.io, {
       serial: this.id.slice(0, 20), drained: () => this.#drained, fastPath: () => fastPathTarget(this.backend),
       context: () => this.backend.node?.aioContext ?? mainContext,

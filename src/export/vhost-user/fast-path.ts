@@ -149,6 +149,14 @@ export class NativeRings {
     for (const slot of this.slots.values()) this.worker.setWriteCache(slot, on);
   }
 
+  /** The disk changed shape (a resize): the rings restart, at their positions, with the new one. */
+  retarget(t: FastPathTarget): void {
+    const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
+    for (const r of rings) this.stop(r);
+    this.target = t;
+    for (const r of rings) if (this.be.ringReady(r)) this.start(r);
+  }
+
   /** A new memory table: every ring moves to it at its position. */
   memoryChanged(): void {
     for (const i of [...this.slots.keys()]) this.stop(this.be.rings[i]!);
