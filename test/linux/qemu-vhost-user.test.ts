@@ -9,6 +9,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bundle, ensureBuilt, ok, qemuImg } from '../cli/helpers.js';
+import { qmpConnect } from '../helpers/qmp.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { buildInitrd, GUEST_READY, guestInit, linuxGuestAssets } from './guest-assets.js';
 import { type Accel, killAll, startQemuGuest, startStorageDaemon, type StorageDaemon, workingAccel } from './qemu-guest.js';
@@ -42,9 +43,13 @@ function ext2Image(name: string, files: Record<string, Uint8Array | string>, for
   return img;
 }
 
-/** The daemon serving `img` on `sock`; `numQueues` is the export's (QEMU's device may not ask for more). */
-function daemon(img: string, sock: string, pidfile: string, numQueues = 1): Promise<StorageDaemon> {
+/**
+ * The daemon serving `img` on `sock`; `numQueues` is the export's (QEMU's device may not ask for
+ * more); `qmp`: a QMP monitor's socket.
+ */
+function daemon(img: string, sock: string, pidfile: string, numQueues = 1, qmp?: string): Promise<StorageDaemon> {
   return startStorageDaemon(DAEMON, [
+    ...(qmp ? ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'] : []),
     '--blockdev', `driver=file,node-name=file0,filename=${img}`,
     '--blockdev', `driver=${img.endsWith('.qcow2') ? 'qcow2' : 'raw'},node-name=disk0,file=file0`,
     '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on${numQueues > 1 ? `,num-queues=${numQueues}` : ''}`,
@@ -91,8 +96,14 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     const hostFile = pattern(300_000, 7);
     const img = ext2Image('a', { 'host.bin': hostFile });
     const sock = join(dir, 'a.sock');
-    const d = await daemon(img, sock, join(dir, 'a.pid'), 2);
+    const qmpSock = join(dir, 'a.qmp');
+    const d = await daemon(img, sock, join(dir, 'a.pid'), 2, qmpSock);
     const script = [
+      // block_resize on the daemon while the guest runs: the guest sees the new size.
+      'echo "guest: size $(cat /sys/block/vda/size)"',
+      'read go',
+      'for i in $(seq 1 100); do [ "$(cat /sys/block/vda/size)" != 131072 ] && break; sleep 0.1; done',
+      'echo "guest: resized to $(cat /sys/block/vda/size)"',
       'mkdir -p /mnt/d',
       'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
       'echo "guest: host.bin $(md5sum /mnt/d/host.bin | cut -d" " -f1)"',
@@ -109,6 +120,15 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     try {
       await g.waitFor(GUEST_READY, BOOT_MS);
       console.log(`qemu-vhost-user: ${accel} boot to ${GUEST_READY} in ${Date.now() - t0} ms (2 vCPUs)`);
+      expect(await g.waitFor('guest: size')).toBe('guest: size 131072');
+      const q = await qmpConnect(qmpSock);
+      try {
+        expect(await q.run('block_resize', { 'node-name': 'disk0', size: 80 << 20 })).toEqual({ return: {} });
+      } finally {
+        q.close();
+      }
+      g.type('go\n');
+      expect(await g.waitFor('guest: resized to')).toBe(`guest: resized to ${(80 << 20) / 512}`);
       const exit = await g.exited;
       const out = g.output();
       expect(exit, out).toEqual({ code: 0, signal: null }); // poweroff -f with -no-reboot
