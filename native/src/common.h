@@ -105,6 +105,7 @@ class Backend {
 // Engine creation options (bits of the `flags` argument from JS).
 enum EngineFlags : uint32_t {
   kNoFixedBuffers = 1,  // never register slabs as fixed buffers
+  kNoInlineReads = 2,   // every read goes through the ring or pool (completion a loop turn later)
 };
 
 // Factories; on failure return nullptr and set *err to a positive errno.

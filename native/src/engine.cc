@@ -56,6 +56,7 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
       return;
     }
     uint32_t flags = info.Length() > 4 && info[4].IsNumber() ? info[4].As<Napi::Number>().Uint32Value() : 0;
+    if (flags & kNoInlineReads) inline_reads_ = false;
     int err = 0;
     backend_.reset(kind == "io_uring" ? CreateUringBackend(entries_, flags, data_->slabs, &err)
                                       : CreatePoolBackend(entries_, threads, &err));

@@ -13,6 +13,12 @@ export interface EngineOptions {
    * silently off where the kernel or RLIMIT_MEMLOCK refuses.
    */
   fixedBuffers?: boolean;
+  /**
+   * Page-cached reads at low depth complete inline (RWF_NOWAIT), within the JavaScript run that
+   * submitted them. Default true unless SPINDLE_NO_INLINE_READS=1 (tests that need a request to
+   * stay in flight until a loop turn).
+   */
+  inlineReads?: boolean;
   /** @internal Raw EngineFlags bits for the native side (tests, benchmarks). */
   nativeFlags?: number;
 }

@@ -390,11 +390,13 @@ export function createEngine(opts?: EngineOptions): IoEngine {
 
 // EngineFlags in native/src/common.h.
 const NO_FIXED_BUFFERS = 1;
+const NO_INLINE_READS = 2;
 
 function nativeFlags(opts?: EngineOptions): number {
   let flags = opts?.nativeFlags ?? 0;
   const fixed = opts?.fixedBuffers ?? process.env.SPINDLE_NO_FIXED_BUFFERS !== '1';
   if (!fixed) flags |= NO_FIXED_BUFFERS;
+  if (!(opts?.inlineReads ?? process.env.SPINDLE_NO_INLINE_READS !== '1')) flags |= NO_INLINE_READS;
   return flags;
 }
 

@@ -1,5 +1,9 @@
 // PIIX IDE with an ATA disk, driven through qtest: IDENTIFY, PIO and DMA I/O against the
 // image file, errors, interrupts and nIEN, soft reset, diagnostics, TRIM.
+// Some tests look at a request while it is in flight (BSY, unplug, a head offered twice): reads
+// must not complete inline from the page cache (the engine is made on first use, after this).
+process.env.SPINDLE_NO_INLINE_READS = '1';
+
 import { readFileSync, statSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ATA_ST, BM } from '../../src/qos/ata.js';

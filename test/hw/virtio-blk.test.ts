@@ -1,5 +1,9 @@
 // virtio-blk on virtio-pci, driven from the guest side over qtest (in process), against a real
 // raw image file whose bytes are checked directly.
+// Some tests look at a request while it is in flight (BSY, unplug, a head offered twice): reads
+// must not complete inline from the page cache (the engine is made on first use, after this).
+process.env.SPINDLE_NO_INLINE_READS = '1';
+
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
