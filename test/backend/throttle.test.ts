@@ -8,33 +8,17 @@ import { newConfig, setThrottleClock, Bucket, checkConfig, type ThrottleClock, t
 import { configureGroup, findThrottleGroup, ioLimitsDisable, ioLimitsEnable } from '../../src/backend/throttle-group.js';
 import { drainedBegin, drainedEnd } from '../../src/block/drain.js';
 import { openNode, unref } from '../../src/block/graph.js';
+import { VirtualClock as BaseClock } from '../helpers/virtual-clock.js';
 
-/** Virtual time: timers run only when the test advances the clock. */
-class VirtualClock implements ThrottleClock {
-  t = 7_000_000_000; // arbitrary origin: nothing may depend on it
-  timers: { at: number; fn: () => void }[] = [];
-  now(): number {
-    return this.t;
+/** Virtual time whose advance lets completions run after each timer. */
+class VirtualClock extends BaseClock {
+  constructor() {
+    super(7_000_000_000);
   }
-  schedule(fn: () => void, delayNs: number): unknown {
-    const h = { at: this.t + delayNs, fn };
-    this.timers.push(h);
-    return h;
-  }
-  cancel(h: unknown): void {
-    const i = this.timers.indexOf(h as { at: number; fn: () => void });
-    if (i >= 0) this.timers.splice(i, 1);
-  }
-  /** Runs due timers in time order, letting completions run after each. */
-  async advance(ns: number): Promise<void> {
+  override async advance(ns: number): Promise<void> {
     const end = this.t + ns;
-    for (;;) {
-      let next: { at: number; fn: () => void } | null = null;
-      for (const h of this.timers) if (h.at <= end && (!next || h.at < next.at)) next = h;
-      if (!next) break;
-      this.timers.splice(this.timers.indexOf(next), 1);
-      this.t = Math.max(this.t, next.at);
-      next.fn();
+    for (let fn = this.nextDue(end); fn; fn = this.nextDue(end)) {
+      fn();
       await settle();
     }
     this.t = end;

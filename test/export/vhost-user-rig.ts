@@ -25,6 +25,9 @@ import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
   connect, fdCount, type FrontEnd, frontEnds, guestRam, type GuestRamFd, MiB, qemuStartup, releaseHeld,
 } from './vhost-user-frontend.js';
+import { VirtualClock } from '../helpers/virtual-clock.js';
+
+export { VirtualClock };
 
 let dir = '';
 let seq = 0;
@@ -33,36 +36,6 @@ const tmp = (name: string): string => join(dir, `${seq++}-${name}`);
 export const SIZE = 8 * MiB + 3 * 512; // not a power of two: the last sectors are their own case
 export const CAP = SIZE / 512;
 export const bit = (n: number): bigint => 1n << BigInt(n);
-
-/** Virtual time for the throttle: queued requests go only when the test advances the clock. */
-export class VirtualClock implements ThrottleClock {
-  t = 5_000_000_000;
-  timers: { at: number; fn: () => void }[] = [];
-  now(): number {
-    return this.t;
-  }
-  schedule(fn: () => void, delayNs: number): unknown {
-    const h = { at: this.t + delayNs, fn };
-    this.timers.push(h);
-    return h;
-  }
-  cancel(h: unknown): void {
-    const i = this.timers.indexOf(h as { at: number; fn: () => void });
-    if (i >= 0) this.timers.splice(i, 1);
-  }
-  advance(ns: number): void {
-    const end = this.t + ns;
-    for (;;) {
-      const due = this.timers.filter((h) => h.at <= end).sort((a, b) => a.at - b.at)[0];
-      if (!due) break;
-      this.timers.splice(this.timers.indexOf(due), 1);
-      this.t = Math.max(this.t, due.at);
-      due.fn();
-    }
-    this.t = end;
-  }
-}
-
 const exportsOpen: VhostUserBlkExport[] = [];
 const nodes: BlockNode[] = [];
 let prevClock: ThrottleClock | null = null;
