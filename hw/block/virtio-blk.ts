@@ -167,6 +167,8 @@ export class VirtioBlk extends VirtioDevice {
         req.vq = vq;
         this.submit(req);
       }
+      // Requests in flight: their completions look at the ring again (pollOnCompletion).
+      if (this.pollOnCompletion !== null && vq.eventIdx && vq.inFlight > 0) return;
       vq.updateAvailEvent();
       if (!vq.eventIdx || !vq.hasAvail() || this.drained) return;
     }

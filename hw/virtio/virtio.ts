@@ -183,6 +183,15 @@ export abstract class VirtioDevice {
     }
   }
 
+  /**
+   * With EVENT_IDX, a queue with requests in flight does not ask the driver for a kick: each
+   * completion batch looks at the ring instead, and the kick is asked for again once nothing is
+   * in flight. A driver on another CPU (a vhost-user front-end's guest) then exits to notify far
+   * less often at depth. Set by the device's owner, as what to do for a queue after a completion
+   * batch (usually `kick`, unless the owner has stopped serving that queue).
+   */
+  pollOnCompletion: ((q: VirtQueue) => void) | null = null;
+
   private readonly flushAll = (): void => {
     this.flushScheduled = false;
     for (const q of this.dirty) {
@@ -191,6 +200,8 @@ export abstract class VirtioDevice {
         this.transport?.notifyQueue(q);
       }
     }
+    const poll = this.pollOnCompletion;
+    if (poll) for (const q of this.dirty) poll(q);
     this.dirty.clear();
   };
 }

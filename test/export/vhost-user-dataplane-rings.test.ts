@@ -149,6 +149,32 @@ describe('guest memory bounds', () => {
   });
 });
 
+describe('kicks while requests are in flight', () => {
+  it('EVENT_IDX: with a request in flight the device does not ask for a kick; its completion finds the next one', async () => {
+    const r = await rig();
+    const q = r.drv[0]!;
+    const vclock = holdRequests(r);
+    expect((await q.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK); // spends the throttle's budget
+    expect(q.availEvent).toBe(8);
+    const b = q.post(VIRTIO_BLK_T_IN, 1, [{ len: 512 }]);
+    q.kick();
+    await until('the throttle holding B', () => r.exp.backend.throttle!.pending === 1);
+    // B was popped and is in flight: avail_event stays where it was, so C needs no kick.
+    expect(q.availEvent).toBe(8);
+    const kicks0 = q.kicks;
+    const c = q.post(VIRTIO_BLK_T_IN, 2, [{ len: 512 }]);
+    expect(q.needsKick(9)).toBe(false);
+    vclock.advance(2 * SEC);
+    expect((await q.wait(b)).status).toBe(VIRTIO_BLK_S_OK);
+    // B's completion looked at the ring and took C (the throttle may hold it in turn).
+    vclock.advance(2 * SEC);
+    expect((await q.wait(c, 'C (never kicked)')).status).toBe(VIRTIO_BLK_S_OK);
+    expect(q.kicks).toBe(kicks0);
+    // Nothing in flight any more: the kick is asked for again, at the next index.
+    expect(q.availEvent).toBe(10);
+  });
+});
+
 describe('rings stopping, queues, sessions', () => {
   it('GET_VRING_BASE with a request in flight replies only after it completed into the used ring', async () => {
     const r = await rig();

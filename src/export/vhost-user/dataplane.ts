@@ -250,6 +250,9 @@ export class VhostUserBlkDataPlane {
       isrCleared: () => {},
     };
     dev.onFinish = (vq) => this.finished(a, vq);
+    dev.pollOnCompletion = (vq) => {
+      if (a.running[vq.index]) dev.kick(vq.index);
+    };
     dev.activate(this.be.ackedFeatures);
     if (this.o.drained()) dev.drainedBegin();
     this.active = a;

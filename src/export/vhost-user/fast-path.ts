@@ -14,6 +14,7 @@
  */
 import type { BlockBackend } from '../../backend/backend.js';
 import { stateOf } from '../../block/node.js';
+import { Perm } from '../../block/types.js';
 import type { AioContext } from '../../block/context.js';
 import type { VhostBlkWorker } from '../../native/vhost-blk-worker.js';
 import { acquireWorker, releaseWorker } from './iothread-workers.js';
@@ -40,7 +41,7 @@ export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
   if (backend.throttle) return null;
   let node = backend.node;
   if (!node) return null;
-  const readOnly = node.readOnly || !(backend.root && backend.root.perm & 0x2);
+  const readOnly = node.readOnly || !(backend.root && backend.root.perm & Perm.WRITE);
   if (node.driver.format === 'raw') {
     const s = stateOf<{ offset: number; size: number }>(node);
     if (s.offset !== 0 || s.size >= 0 || node.detectZeroes !== 'off') return null;
