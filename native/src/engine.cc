@@ -24,6 +24,8 @@ constexpr int64_t kInlineSlowNs = 1000000;
 constexpr int64_t kInlineBackoffNs = 100000000;
 // Reads are tried inline only while at most this many requests are in flight or in the batch.
 constexpr int kInlineReadMaxDepth = 4;
+// ... and only up to this size.
+constexpr size_t kInlineReadMaxBytes = 64 * 1024;
 
 int64_t NowNs() {
   struct timespec t;
@@ -196,6 +198,8 @@ class NativeEngine : public Napi::ObjectWrap<NativeEngine> {
     int nv = r.op == OP_READ ? 1 : r.nseg;
     size_t want = 0;
     for (int i = 0; i < nv; i++) want += v[i].iov_len;
+    // A large copy is better left to the ring, whose workers run it beside this thread.
+    if (want > kInlineReadMaxBytes) return false;
     ssize_t n = preadv2(r.fd, v, nv, (off_t)r.off, RWF_NOWAIT);
     if (n < 0) {
       if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS) inline_reads_ = false;  // not here
