@@ -152,7 +152,14 @@ export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; re
       const order: Daemon[] = round % 2 === 0 ? ['spindle', 'qsd'] : ['qsd', 'spindle'];
       for (const fmt of o.formats) {
         for (const daemon of order) {
-          const r = await runOne(o, accel, assets.kernel, initrd, daemon, fmt, images[fmt]!);
+          let r: Record<string, JobResult>;
+          try {
+            r = await runOne(o, accel, assets.kernel, initrd, daemon, fmt, images[fmt]!);
+          } catch (e) {
+            // One run that hangs or fails (either daemon) costs that run, not the whole bench.
+            o.log(`  round ${round + 1} ${fmt} ${daemon}: FAILED: ${(e as Error).message.split('\n')[0]}`);
+            continue;
+          }
           o.log(`  round ${round + 1} ${fmt} ${daemon}: ${JOBS.map((j) => `${j.name} ${r[j.name]!.iops} IOPS`).join(', ')}`);
           const best = ((results[fmt] ??= { spindle: {}, qsd: {} })[daemon]);
           for (const [k, v] of Object.entries(r)) if (!best[k] || v.iops > best[k]!.iops) best[k] = v;
