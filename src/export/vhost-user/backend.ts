@@ -18,7 +18,7 @@ import { VIRTIO_BLK_F_CONFIG_WCE } from '../../../hw/virtio/virtio-blk-abi.js';
 import { BLK_CFG_CAPACITY, BLK_CFG_WCE, blkFeatures, MAX_QUEUE_SIZE, PROTOCOL_FEATURES, SECTOR } from './blk-features.js';
 import { BackendChannel, VHOST_USER_SET_SLAVE_REQ_FD } from './backend-channel.js';
 import { blkConfigSpace, getConfig, setConfig } from './blk-config.js';
-import { Vring, type VringAddresses } from './vring.js';
+import { translateRing, Vring } from './vring.js';
 import { GuestMemoryTable } from './memory.js';
 import type { VhostUserBlkHooks, VhostUserBlkOptions } from './backend-options.js';
 import {
@@ -372,17 +372,9 @@ export class VhostUserBlkBackend {
     for (const r of this.rings) {
       if (!r.addr) continue;
       const a = r.addr;
-      r.addr = this.translateRing(r.num, a.flags, a.descUser, a.usedUser, a.availUser, a.logGuest);
+      r.addr = translateRing(this.memory, r.num, a.flags, a.descUser, a.usedUser, a.availUser, a.logGuest);
     }
     this.hooks.memoryChanged?.(this);
-  }
-
-  private translateRing(num: number, flags: number, descUser: number, usedUser: number, availUser: number, logGuest: number): VringAddresses | null {
-    const desc = this.memory.uva(descUser, 16 * num);
-    const avail = this.memory.uva(availUser, 6 + 2 * num);
-    const used = this.memory.uva(usedUser, 6 + 8 * num);
-    if (!desc || !avail || !used) return null;
-    return { flags, descUser, availUser, usedUser, logGuest, desc, avail, used };
   }
 
   private setVringAddr(m: Message): void {
@@ -399,7 +391,7 @@ export class VhostUserBlkBackend {
     if (desc === null || used === null || avail === null) refuse(`ring ${ring.index}: address beyond 2^53`);
     // virtio 1.x 2.7: descriptor table 16-byte, available ring 2-byte, used ring 4-byte aligned.
     if (desc % 16 !== 0 || avail % 2 !== 0 || used % 4 !== 0) refuse(`ring ${ring.index}: misaligned ring address`);
-    const a = this.translateRing(ring.num, flags, desc, used, avail, log);
+    const a = translateRing(this.memory, ring.num, flags, desc, used, avail, log);
     if (!a) refuse(`ring ${ring.index}: ring addresses are not inside the memory table`);
     ring.addr = a;
   }

@@ -1,6 +1,6 @@
 /** One vring as the front-end set it up: size, base, addresses in guest memory, eventfds. */
 import type { EventFdWatcher } from '../../native/unix-fd.js';
-import type { GuestView } from './memory.js';
+import type { GuestMemoryTable, GuestView } from './memory.js';
 
 export interface VringAddresses {
   readonly flags: number;
@@ -42,3 +42,14 @@ export class Vring {
   constructor(readonly index: number) {}
 }
 
+
+/** A ring's addresses (the front-end's user addresses) as views of `memory`; null unless all three fit. */
+export function translateRing(
+  memory: GuestMemoryTable, num: number, flags: number, descUser: number, usedUser: number, availUser: number, logGuest: number,
+): VringAddresses | null {
+  const desc = memory.uva(descUser, 16 * num);
+  const avail = memory.uva(availUser, 6 + 2 * num);
+  const used = memory.uva(usedUser, 6 + 8 * num);
+  if (!desc || !avail || !used) return null;
+  return { flags, descUser, availUser, usedUser, logGuest, desc, avail, used };
+}
