@@ -268,6 +268,14 @@ export function liveMappings(): number {
   return native.mappingCount();
 }
 
+/**
+ * Asks for a send buffer of `bytes` on a socket (SO_SNDBUF; the kernel caps it at
+ * net.core.wmem_max). Best effort: false if the kernel refused.
+ */
+export function setSendBuffer(fd: number, bytes: number): boolean {
+  return native.setSendBuffer(fd, bytes) === 0;
+}
+
 /** eventfd(2), CLOEXEC; non-blocking by default. */
 export function eventfd(initial = 0, nonblocking = true): number {
   checkRange('eventfd initial', initial, 0);

@@ -92,6 +92,18 @@ Napi::Value SocketPair(const Napi::CallbackInfo& info) {
   return a;
 }
 
+// setSendBuffer(fd, bytes) -> 0 | -errno: SO_SNDBUF of a socket Node made (an NBD client's).
+// The kernel doubles it and caps it at net.core.wmem_max.
+Napi::Value SetSendBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!IsInt(info[0]) || !IsInt(info[1])) return Throw(env, "setSendBuffer(fd, bytes)");
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  double want = info[1].As<Napi::Number>().DoubleValue();
+  if (fd < 0 || want < 0 || want > 1073741824.0) return Throw(env, "setSendBuffer: fd or size out of range", true);
+  int v = (int)want;
+  return setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) < 0 ? Errno(env) : Ret(env, 0);
+}
+
 class UnixSocket : public Napi::ObjectWrap<UnixSocket> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -414,6 +426,7 @@ void ExportSockets(Napi::Env env, Napi::Object exports) {
   exports.Set("unixListen", Napi::Function::New(env, UnixListen, "unixListen"));
   exports.Set("unixConnect", Napi::Function::New(env, UnixConnect, "unixConnect"));
   exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
+  exports.Set("setSendBuffer", Napi::Function::New(env, SetSendBuffer, "setSendBuffer"));
 }
 
 }  // namespace unixfd

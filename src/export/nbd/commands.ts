@@ -201,6 +201,8 @@ async function extents(r: Req, context: number, reqOne: boolean): Promise<number
       const st = await exp.blockStatus(pos, end - pos);
       n = st.bytes;
       flags = (st.data ? 0 : P.STATE_HOLE) | (st.zero ? P.STATE_ZERO : 0);
+      // The client will read what it was told is data: those reads need no query of their own.
+      if (st.data && !st.zero) exp.sawData(pos, n);
     } else {
       const d = await exp.depth(pos, end - pos);
       n = d.bytes;

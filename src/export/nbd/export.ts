@@ -56,6 +56,9 @@ export interface DepthAnswer {
   depth: number;
 }
 
+/** How many data runs an export remembers (see knownData). */
+const KNOWN_DATA_RUNS = 8;
+
 export class NbdExport {
   readonly name: string;
   readonly description: string;
@@ -67,9 +70,12 @@ export class NbdExport {
   /** Hidden from new clients; released once its clients are gone. */
   removed = false;
   #drained = false;
-  /** The last range block status called data: reads inside it need no status query. */
-  #dataStart = 0;
-  #dataEnd = 0;
+  /**
+   * Ranges block status recently called data, [start, end) pairs, newest first: reads inside
+   * them need no status query. Several, because clients read several regions at once (nbdcopy
+   * gives each of its connections its own part of the disk).
+   */
+  readonly #data: number[] = [];
   #undrained: (() => void)[] = [];
   #released = false;
   #releaseWaiters: (() => void)[] = [];
@@ -135,18 +141,26 @@ export class NbdExport {
    * is harmless: a range that became a hole is sent as data, which reads the same.
    */
   knownData(offset: number, bytes: number): boolean {
-    return offset >= this.#dataStart && offset + bytes <= this.#dataEnd;
+    const d = this.#data;
+    for (let i = 0; i < d.length; i += 2) if (offset >= d[i]! && offset + bytes <= d[i + 1]!) return true;
+    return false;
   }
   sawData(offset: number, bytes: number): void {
-    const end = offset + bytes;
-    if (offset <= this.#dataEnd && end >= this.#dataStart && this.#dataEnd > this.#dataStart) {
-      // Overlapping or adjacent runs (concurrent readers) grow one known run.
-      this.#dataStart = Math.min(this.#dataStart, offset);
-      this.#dataEnd = Math.max(this.#dataEnd, end);
-    } else {
-      this.#dataStart = offset;
-      this.#dataEnd = end;
+    const d = this.#data;
+    let start = offset;
+    let end = offset + bytes;
+    // Overlapping or adjacent runs (concurrent readers) grow into one.
+    for (let i = 0; i < d.length; ) {
+      if (start <= d[i + 1]! && end >= d[i]!) {
+        start = Math.min(start, d[i]!);
+        end = Math.max(end, d[i + 1]!);
+        d.splice(i, 2);
+      } else {
+        i += 2;
+      }
     }
+    d.unshift(start, end);
+    if (d.length > 2 * KNOWN_DATA_RUNS) d.length = 2 * KNOWN_DATA_RUNS;
   }
 
   /** Runs `fn` now, or when the backend's drained section ends. Context: any. */

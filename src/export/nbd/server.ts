@@ -13,6 +13,7 @@
  * Context: main loop, every method.
  */
 import { createServer, type AddressInfo, type Server } from 'node:net';
+import { setSendBuffer } from '../../native/unix-fd.js';
 import { assertMainLoop } from '../../block/context.js';
 import { BlockError } from '../../block/error.js';
 import { NbdConn, type ConnHost } from './conn.js';
@@ -28,6 +29,8 @@ export interface NbdServerOptions {
 
 /** How long close() lets clients finish in-flight requests before cutting them off. */
 const CLOSE_GRACE_MS = 5000;
+/** SO_SNDBUF asked for on each client socket (the kernel caps it at net.core.wmem_max). */
+const SEND_BUFFER = 4 << 20;
 
 export class NbdServer implements ConnHost {
   readonly #exports = new Map<string, NbdExport>();
@@ -56,6 +59,10 @@ export class NbdServer implements ConnHost {
     if (this.#closing) return Promise.reject(new BlockError('EINVAL', 'NBD server is closed'));
     const srv = createServer({ noDelay: true }, (sock) => {
       if (this.#closing) return void sock.destroy();
+      // Read replies are large (256 KiB from nbdcopy, up to 32 MiB): with the default socket
+      // buffer each one takes several writes and as many wake-ups.
+      const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+      if (typeof fd === 'number' && fd >= 0) setSendBuffer(fd, SEND_BUFFER);
       this.#conns.add(new NbdConn(sock, this));
     });
     return new Promise((resolve, reject) => {
