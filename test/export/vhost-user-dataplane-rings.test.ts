@@ -6,15 +6,14 @@ process.env.SPINDLE_VHOST_FASTPATH = '0'; // the TypeScript path: see vhost-user
 
 import { describe, expect, it } from 'vitest';
 import * as P from '../../src/export/vhost-user/protocol.js';
-import { closeFd, eventfd, eventfdRead, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
+import { eventfdRead, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from '../../hw/virtio/virtqueue.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
-  fdCount, forget, frontEnds, HIGH, LOW, memTable, MiB, QSIZE, RAM, ramOffset, ringLayout, sleep, toClose, toUnmap,
-  turns, until, vringAddr,
+  fdCount, HIGH, killFrontEnd, LOW, memTable, MiB, RAM, ramOffset, restartRing, sleep, toClose, toUnmap, turns, until,
 } from './vhost-user-frontend.js';
 import { rig, session, fileNow, fill, holdRequests, SEC, useDataPlaneRig } from './vhost-user-rig.js';
 
@@ -228,16 +227,8 @@ describe('rings stopping, queues, sessions', () => {
     const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
     const base = P.dataView(vb).getUint32(4, true);
     expect(base).toBe(8);
-    // QEMU's vhost_dev_start again: num, base, addr, kick (a new eventfd), call, enable.
-    const l = ringLayout(0);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(0, QSIZE))).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(0, base))).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(0, l.desc, l.used, l.avail))).toBe(0n);
-    const kick = eventfd();
-    toClose.push(kick);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_KICK, P.u64Payload(0), [kick])).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(0, 1))).toBe(0n);
-    q.kickFd = kick;
+    // QEMU's vhost_dev_start again, with a new kick eventfd.
+    q.kickFd = await restartRing(r.fe, 0, base);
     const data = fill(1024, 90);
     expect((await q.submit(VIRTIO_BLK_T_OUT, 20, [{ len: 1024, data }])).status).toBe(VIRTIO_BLK_S_OK);
     expect((await q.submit(VIRTIO_BLK_T_IN, 20, [{ len: 1024 }])).data[0]).toEqual(data);
@@ -303,12 +294,7 @@ describe('rings stopping, queues, sessions', () => {
     q.kick();
     await until('the throttle holding the write', () => r.exp.backend.throttle!.pending === 1);
     // QEMU is killed: the socket and its eventfds go.
-    r.fe.close();
-    frontEnds.splice(frontEnds.indexOf(r.fe), 1);
-    for (const fd of [...r.kicks, ...r.calls]) {
-      forget(fd);
-      closeFd(fd);
-    }
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
     await until('the session ending', () => r.be.closed);
     expect(r.exp.session).toBeNull();
     // The request still uses guest memory: the mapping is held until it completes.
@@ -328,12 +314,7 @@ describe('rings stopping, queues, sessions', () => {
     expect(rd.status).toBe(VIRTIO_BLK_S_OK);
     expect(rd.data[0]).toEqual(data);
     // Everything closed: no fd or mapping left behind.
-    s.fe.close();
-    frontEnds.length = 0;
-    for (const fd of [...s.kicks, ...s.calls]) {
-      forget(fd);
-      closeFd(fd);
-    }
+    killFrontEnd(s.fe, [...s.kicks, ...s.calls]);
     await until('the second session ending', () => s.be.closed);
     expect(liveMappings()).toBe(r.maps0);
     expect(fdCount()).toBe(r.fds0);

@@ -15,7 +15,7 @@ import type { BlockNode } from '../../src/block/node.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
 import { VhostUserBlkExport } from '../../src/export/vhost-user/export.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
-import { closeFd, eventfd, liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
+import { liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
 import { VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_SLAVE_CONFIG_CHANGE_MSG } from '../../src/export/vhost-user/backend-channel.js';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -24,8 +24,8 @@ import { qemuImg } from '../cli/helpers.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
-  configReq, connect, fdCount, forget, frontEnds, guestRam, HIGH, LOW, memTable, MiB, qemuStartup, QSIZE, releaseHeld,
-  ringLayout, toClose, toUnmap, until, vringAddr,
+  configReq, connect, fdCount, frontEnds, guestRam, HIGH, killFrontEnd, LOW, memTable, MiB, qemuStartup, releaseHeld,
+  restartRing, toClose, toUnmap, until,
 } from './vhost-user-frontend.js';
 
 const dir = scratchDir('spindle-vhost-fast-');
@@ -107,15 +107,8 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
     expect(P.dataView(vb).getUint32(4, true)).toBe(7 + 5);
     expect(q.usedIdx).toBe(12);
-    const l = ringLayout(0);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(0, QSIZE))).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(0, 12))).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(0, l.desc, l.used, l.avail))).toBe(0n);
-    const kick = eventfd();
-    toClose.push(kick);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_KICK, P.u64Payload(0), [kick])).toBe(0n);
-    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(0, 1))).toBe(0n);
-    q.kickFd = kick;
+    // QEMU's vhost_dev_start again, with a new kick eventfd.
+    q.kickFd = await restartRing(r.fe, 0, 12);
     const d = fill(1024, 14);
     expect((await q.submit(VIRTIO_BLK_T_OUT, 30, [{ len: 1024, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
     expect((await q.submit(VIRTIO_BLK_T_IN, 30, [{ len: 1024 }])).data[0]).toEqual(d);
@@ -224,12 +217,7 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const r = await rig();
     expect((await r.drv[0]!.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
     // QEMU is killed: the socket and its eventfds go.
-    r.fe.close();
-    frontEnds.length = 0;
-    for (const fd of [...r.kicks, ...r.calls]) {
-      forget(fd);
-      closeFd(fd);
-    }
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
     await until('the session ending', () => r.be.closed);
     expect(liveMappings()).toBe(r.maps0);
     expect(fdCount()).toBe(r.fds0);

@@ -259,3 +259,30 @@ export async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number
   }
   return { kicks, calls };
 }
+
+/** QEMU killed: its socket and the ring eventfds it held go (the test stops tracking them). */
+export function killFrontEnd(fe: FrontEnd, fds: readonly number[]): void {
+  fe.close();
+  const i = frontEnds.indexOf(fe);
+  if (i >= 0) frontEnds.splice(i, 1);
+  for (const fd of fds) {
+    forget(fd);
+    closeFd(fd);
+  }
+}
+
+/**
+ * QEMU's vhost_dev_start for ring `index` after a GET_VRING_BASE: num, base, addr, a new kick
+ * eventfd, enable; every step acked. Returns the new kick fd (closed after the test).
+ */
+export async function restartRing(fe: FrontEnd, index: number, base: number): Promise<number> {
+  const l = ringLayout(index);
+  expect(await fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(index, QSIZE))).toBe(0n);
+  expect(await fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(index, base))).toBe(0n);
+  expect(await fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(index, l.desc, l.used, l.avail))).toBe(0n);
+  const kick = eventfd();
+  toClose.push(kick);
+  expect(await fe.ack(P.VHOST_USER_SET_VRING_KICK, P.u64Payload(index), [kick])).toBe(0n);
+  expect(await fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(index, 1))).toBe(0n);
+  return kick;
+}
