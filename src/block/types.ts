@@ -82,6 +82,34 @@ export interface BlockStatus {
   node?: BlockNode;
 }
 
+/**
+ * A run of guest bytes and where it lives in the node's `file` child, for native fast paths
+ * (BlockDriver.hostExtents). A fast path may read guest bytes [offset, offset+bytes) from
+ * `host` in the file child, and write them there when `writable`, for as long as no
+ * watchMappings listener has reported an overlapping range since it asked.
+ */
+export interface HostExtent {
+  /** Guest offset (in the node) where the run starts. */
+  offset: number;
+  /** Length of the run in bytes (> 0). */
+  bytes: number;
+  /**
+   * Byte offset in the file child where these guest bytes live contiguously, or -1 when they
+   * are not plainly stored there (unallocated, zero, compressed, in a backing file,
+   * encrypted, external data file, partially allocated subclusters...): such bytes must go
+   * through the driver.
+   */
+  host: number;
+  /**
+   * Plain overwrites in place are correct (qcow2: COPIED set, refcount 1; image not corrupt,
+   * not read-only). Always false when host is -1.
+   */
+  writable: boolean;
+}
+
+/** Listener of BlockDriver.watchMappings: guest range [offset, offset+bytes) is about to change. */
+export type UnmapListener = (offset: number, bytes: number) => void;
+
 export type DetectZeroes = 'off' | 'on' | 'unmap';
 
 /** Options of a node, as blockdev-add takes them. */
@@ -184,6 +212,38 @@ export interface BlockDriver {
   info?(node: BlockNode): Record<string, unknown>;
   /** Allocated bytes on the host (for `img info`'s actual-size). */
   allocatedSize?(node: BlockNode): number;
+
+  /**
+   * Where guest bytes [offset, offset+bytes) live in the `file` child, for native fast paths.
+   * The extents cover exactly that range (clipped to the node's length; [] past its end), in
+   * order; neighbours merge when their hosts are contiguous (or both -1) and their `writable`
+   * flags agree. Looks the mapping up as a read would (no other I/O). Errors in the image's
+   * metadata give host -1 (the request then goes through the driver, which reports them);
+   * the promise rejects only for a bad range.
+   *
+   * Racing with watchMappings: the answer was true at one instant after the call began. A
+   * listener call overlapping the range that arrives before the promise settles (it may be
+   * delivered just before the result is) can make it stale: callers discard such answers.
+   */
+  hostExtents?(node: BlockNode, offset: number, bytes: number): Promise<HostExtent[]>;
+  /**
+   * Registers `onUnmap(offset, bytes)`, called synchronously BEFORE any change that would make
+   * an extent hostExtents returned (host >= 0) stop being true for guest range
+   * [offset, offset+bytes): the L2 entry of a normal cluster being discarded, zeroed,
+   * copied-on-write to a new cluster, its COPIED flag being cleared, the L2/L1 table being
+   * replaced (snapshot create/apply/delete, amend, truncate/shrink, rebase...), the image
+   * turning read-only or corrupt (`writable` goes), the node starting to close. Over-reporting
+   * is fine (a whole-image range is used for rare operations); under-reporting is a
+   * data-corruption bug. The listener runs inside the driver's metadata update, which goes on
+   * when it returns: it must not throw (a throw is reported as a warning and ignored). A
+   * hostExtents call it makes answers as of after the change.
+   * Returns an unregister function (idempotent).
+   *
+   * The driver's own in-place writes are not reported, and neither is the allocation of
+   * clusters that read as unallocated or zero (those answered host -1 and stay correct).
+   * Context: main loop.
+   */
+  watchMappings?(node: BlockNode, onUnmap: UnmapListener): () => void;
 }
 
 export function hasCallbackIo(drv: BlockDriver): drv is BlockDriver & Required<Pick<BlockDriver, 'readv' | 'writev'>> {

@@ -10,6 +10,7 @@ import * as io from '../../io.js';
 import type { BlockNode } from '../../node.js';
 import { encodeCompressed } from './entries.js';
 import { lookup } from './map.js';
+import { unmappingEntries } from './mapping-watch.js';
 import { qstate, type Qcow2State } from './state.js';
 import { dropOld, ownL2Table } from './write.js';
 
@@ -54,6 +55,7 @@ export async function writeCompressed(node: BlockNode, offset: number, data: Buf
     const l2Offset = await ownL2Table(s, m);
     const table = await s.l2.get(l2Offset);
     const pos = m.l2Index * s.geo.l2EntrySize;
+    unmappingEntries(s, table, m.l1Index, m.l2Index, 1);
     encodeCompressed(table, pos, s.geo.clusterBits, host, packed.length);
     s.l2.markDirty(l2Offset, pos, pos + 8);
     await dropOld(s, [m]);

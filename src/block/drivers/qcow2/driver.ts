@@ -17,7 +17,9 @@ import {
 import { checkQcow2 } from './check.js';
 import { qcow2FormatSpecific } from './info.js';
 import { L2Cache } from './l2-cache.js';
+import { qcow2HostExtents, qcow2WatchMappings } from './host-extents.js';
 import { bindRefcounts } from './map.js';
+import { unmappingAll } from './mapping-watch.js';
 import { qcow2BlockStatus, qcow2Discard, qcow2WriteZeroes } from './ops.js';
 import { qcow2Readv } from './read.js';
 import { Refcounts } from './refcount.js';
@@ -149,6 +151,7 @@ export const qcow2Driver: BlockDriver = {
     const cacheTables = Math.max(4, Math.min(h.l1Size, Math.floor(Number(o['l2-cache-size'] ?? 32 << 20) / cs)));
     const s: Qcow2State = {
       header: h, geo: g, file, l1, readOnly, corrupt: false, lock: new Mutex(), allocating: new Map(),
+      mapWatchers: new Set(), mapGen: 0,
       l2: new L2Cache(file, cs, cacheTables),
       refcounts: null!,
     };
@@ -195,10 +198,16 @@ export const qcow2Driver: BlockDriver = {
   readv: qcow2Readv,
   writev: qcow2Writev,
   flush: qcow2Flush,
-  beforeClose: qcow2BeforeClose,
+  beforeClose(node) {
+    // A native fast path must let go of the image before the file goes.
+    unmappingAll(qstate(node));
+    return qcow2BeforeClose(node);
+  },
   discard: qcow2Discard,
   writeZeroes: qcow2WriteZeroes,
   blockStatus: qcow2BlockStatus,
+  hostExtents: qcow2HostExtents,
+  watchMappings: qcow2WatchMappings,
 
   async truncate(node, length) {
     const s = qstate(node);
@@ -228,6 +237,8 @@ export const qcow2Driver: BlockDriver = {
         await writeHeaderField(s, 36, b);
         const oldOffset = h.l1TableOffset;
         const oldClusters = Math.ceil((h.l1Size * 8) / cs);
+        // The L1 table moves (its entries are unchanged): rare enough to report it all.
+        unmappingAll(s);
         h.l1Size = need;
         h.l1TableOffset = host;
         s.l1 = l1.subarray(0, need * 8);
@@ -261,7 +272,9 @@ export const qcow2Driver: BlockDriver = {
       if (st.readOnly && !s.readOnly && metaDirty(s)) await s.lock.run(() => writeBackMeta(s));
     },
     commit(st) {
-      qstate(st.node).readOnly = st.readOnly;
+      const s = qstate(st.node);
+      if (st.readOnly && !s.readOnly) unmappingAll(s); // nothing is writable in place any more
+      s.readOnly = st.readOnly;
     },
     abort() {},
   },

@@ -4,6 +4,7 @@
 import { BlockError } from '../../error.js';
 import * as io from '../../io.js';
 import { compressedLocation, entryCompressed, entryCopied, entryOffset, entryZeroFlag, l2ReservedBits, subclusterBitmaps } from './entries.js';
+import { unmappingAll } from './mapping-watch.js';
 import type { Qcow2State } from './state.js';
 import { reportCorruption } from '../../corruption.js';
 import type { BlockNode } from '../../node.js';
@@ -45,6 +46,7 @@ export function corruptError(s: Qcow2State, msg: string): BlockError {
 /** The first corruption found is reported (the monitor's BLOCK_IMAGE_CORRUPTED); later ones are not. */
 function markCorrupt(s: Qcow2State, msg: string): void {
   if (s.corrupt) return;
+  unmappingAll(s); // nothing is writable in place any more
   s.corrupt = true;
   reportCorruption(s.file.parent as BlockNode, msg);
 }

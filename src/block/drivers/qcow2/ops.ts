@@ -11,6 +11,7 @@ import type { BlockNode } from '../../node.js';
 import { ReqFlags, type BlockStatus } from '../../types.js';
 import { entryCopied, writeEntry, writeSubclusterBitmaps } from './entries.js';
 import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
+import { unmappingEntries } from './mapping-watch.js';
 import { qstate } from './state.js';
 import { dropOld, ownL2Table } from './write.js';
 
@@ -38,6 +39,8 @@ async function rewriteClusters(node: BlockNode, offset: number, bytes: number, m
       const l2Offset = await ownL2Table(s, m);
       const table = await s.l2.get(l2Offset);
       const pos = m.l2Index * s.geo.l2EntrySize;
+      // A mapped cluster stops being mapped (zeroed keeping its allocation, or freed).
+      unmappingEntries(s, table, m.l1Index, m.l2Index, 1);
       if (s.geo.l2EntrySize === 16) {
         writeEntry(table, pos, keep ? m.host : 0, keep);
         writeSubclusterBitmaps(table, pos, 0, zero ? 0xffffffff : 0);

@@ -24,6 +24,7 @@ import { compressedLocation, entryCompressed, entryCopied, entryOffset, rcGet, r
 import { l1EntriesFor, MAX_L1_BYTES } from './format.js';
 import { Refcounts } from './refcount.js';
 import { corrupt, MAX_SNAPSHOTS, MAX_TABLE_BYTES, readSnapshotTable, serializeSnapshotTable, type CreateOptions, type SnapshotInfo } from './snapshot-table.js';
+import { unmappingAll } from './mapping-watch.js';
 import { qstate, type Qcow2State } from './state.js';
 import { writeBackMeta } from './writeback.js';
 
@@ -215,9 +216,12 @@ async function commit(node: BlockNode, s: Qcow2State, p: Plan): Promise<void> {
     await io.write(s.file, 24, hb);
   } catch (e) {
     // The header may or may not have reached the disk: neither state in memory is safe now.
+    unmappingAll(s, p.size);
     s.corrupt = true;
     throw e;
   }
+  // A new L1 table, copied L2 tables, COPIED flags and maybe the size change: all of it goes.
+  unmappingAll(s, p.size);
   Object.assign(h, {
     size: p.size, l1Size: p.l1Size, l1TableOffset: l1Offset, refcountTableOffset: rtOffset,
     refcountTableClusters: rtClusters, nbSnapshots: nb, snapshotsOffset: snapOffset,

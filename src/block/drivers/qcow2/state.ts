@@ -2,6 +2,7 @@
  * The qcow2 driver's per-node state, shared by its modules.
  */
 import type { BlockChild, BlockNode } from '../../node.js';
+import type { UnmapListener } from '../../types.js';
 import { stateOf } from '../../node.js';
 import type { Geometry, Qcow2Header } from './format.js';
 import type { L2Cache } from './l2-cache.js';
@@ -27,6 +28,10 @@ export interface Qcow2State {
   allocating: Map<number, Promise<void>>;
   /** The internal snapshots as last read (open, or a snapshot operation); undefined if unreadable. */
   snapshots?: SnapshotInfo[];
+  /** watchMappings listeners, told before a mapping hostExtents reported changes (mapping-watch.ts). */
+  mapWatchers: Set<UnmapListener>;
+  /** Bumped at every such report: a hostExtents lookup that spans one starts over. */
+  mapGen: number;
 }
 
 export function qstate(node: BlockNode): Qcow2State {

@@ -15,6 +15,7 @@ import { ReqFlags, type IoCallback, type IoVec } from '../../types.js';
 import { writeCompressed } from './compress.js';
 import { entryCopied, entryOffset, writeEntry, writeSubclusterBitmaps } from './entries.js';
 import { KIND_COMPRESSED, KIND_NORMAL, KIND_UNALLOCATED, KIND_ZERO, lookup, lookupCached, newMapping, type Mapping } from './map.js';
+import { unmapping, unmappingEntries } from './mapping-watch.js';
 import { readGeneral, subAllAlloc } from './read.js';
 import { qstate, type Qcow2State } from './state.js';
 import { qcow2Flush, writeBackIfFull, writeBackMeta } from './writeback.js';
@@ -161,6 +162,8 @@ async function allocRun(node: BlockNode, s: Qcow2State, guest: number, data: Buf
       const l2Offset = await ownL2Table(s, now);
       const table = await s.l2.get(l2Offset);
       const pos = now.l2Index * 8;
+      // Clusters shared with a snapshot are replaced (COW): their old host goes.
+      unmappingEntries(s, table, now.l1Index, now.l2Index, n);
       for (let i = 0; i < n; i++) writeEntry(table, pos + i * 8, host + i * cs, true);
       s.l2.markDirty(l2Offset, pos, pos + n * 8);
       // The mapping is live: later writes to these clusters go in place.
@@ -231,6 +234,8 @@ async function allocWrite(node: BlockNode, s: Qcow2State, guest: number, data: B
       const l2Offset = await ownL2Table(s, now);
       const table = await s.l2.get(l2Offset);
       const pos = now.l2Index * s.geo.l2EntrySize;
+      // A normal cluster not ours alone (COW) loses its old host here.
+      unmappingEntries(s, table, now.l1Index, now.l2Index, 1);
       writeEntry(table, pos, host, true);
       if (ext) writeSubclusterBitmaps(table, pos, 0xffffffff, 0);
       s.l2.markDirty(l2Offset, pos, pos + s.geo.l2EntrySize);
@@ -268,6 +273,8 @@ async function writeSubclusters(node: BlockNode, s: Qcow2State, m: Mapping, gues
   for (let k = first; k <= last; k++) touched |= 1 << k;
   const table = await s.l2.get(m.l2Offset);
   const pos = m.l2Index * 16;
+  // Only partly allocated clusters get here (never answered mapped): reports nothing, kept for uniformity.
+  unmappingEntries(s, table, m.l1Index, m.l2Index, 1);
   writeSubclusterBitmaps(table, pos, (m.alloc | touched) >>> 0, (m.zero & ~touched) >>> 0);
   s.l2.markDirty(m.l2Offset, pos, pos + 16);
 }
@@ -295,6 +302,8 @@ export async function ownL2Table(s: Qcow2State, m: Mapping): Promise<number> {
   const e = Buffer.alloc(8);
   writeEntry(e, 0, host, true);
   await io.write(s.file, s.header.l1TableOffset + l1pos, e);
+  // A shared table is replaced by a copy whose entries lose COPIED: report its whole range.
+  if (old) unmapping(s, m.l1Index * s.geo.l2Size * cs, s.geo.l2Size * cs);
   e.copy(s.l1, l1pos);
   s.l2.insert(host, table);
   if (old) await s.refcounts.free(old, 1);
