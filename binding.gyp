@@ -13,7 +13,10 @@
         "native/src/vhostblk/worker.cc",
         "native/src/vhostblk/ring.cc",
         "native/src/vhostblk/request.cc",
-        "native/src/vhostblk/napi.cc"
+        "native/src/vhostblk/napi.cc",
+        "native/src/vhostblk/napi_queue.cc",
+        "native/src/vhostblk/map.cc",
+        "native/src/vhostblk/forward.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],

@@ -78,8 +78,44 @@ export interface NativeAddon {
   memfdCreate(name: string, size: number): number;
 
   // ---- native/src/vhostblk/: the vhost-user-blk fast path (see src/native/vhost-blk-worker.ts) ----
-  /** Starts one native iothread serving split virtqueues for a raw file. */
+  /** Starts one native iothread serving split virtqueues (raw files, or mapped images). */
   VhostBlkWorker: new () => NativeVhostBlkWorker;
+  /** Guest cluster -> host offset table of mapped queues; clusterBits 9..21, lengthBytes = disk length. */
+  VhostBlkMap: new (clusterBits: number, lengthBytes: number) => NativeVhostBlkMap;
+}
+
+/**
+ * The cluster table of a mapped vhost-blk queue: JavaScript writes it, worker threads read it
+ * without locks. After invalidate(), call the worker's barrier() before reusing the clusters.
+ */
+export interface NativeVhostBlkMap {
+  /** Maps [guestOffset, +bytes) to host [hostOffset, +bytes); all cluster aligned (RangeError). Beyond the table: ignored. */
+  set(guestOffset: number, bytes: number, hostOffset: number, writable: boolean): void;
+  /** Unmaps every cluster overlapping [guestOffset, +bytes) (need not be aligned). */
+  /** Returns how many of the clusters were mapped. */
+  invalidate(guestOffset: number, bytes: number): number | undefined;
+  clear(): void;
+  /** Mapped clusters. */
+  readonly size: number;
+}
+
+/**
+ * Where a mapped queue sends what it does not serve. `ring` (Int32 slots holding u32 values,
+ * free-running counters; JavaScript uses Atomics.load/store on its own and the worker's):
+ * [0] fwdProd (worker), [1] fwdCons (JS), [2] cplProd (JS), [3] cplCons (worker), [4..15] 0;
+ * forwarded heads at [16 + i % num] for i in [fwdCons, fwdProd); completions (head, used length)
+ * at [16 + num + 2 * (i % num)] and the slot after, for i in [cplCons, cplProd). JavaScript
+ * advances fwdCons past a head before it posts that head's completion (the ring holds `num`
+ * heads: a head completed but not taken could be forwarded again into a full ring, which breaks
+ * the queue), and writes guest data and the status byte before it stores cplProd.
+ */
+export interface NativeVhostBlkForward {
+  /** At least 16 + 3 * num Int32s; kept alive by the worker; must not be transferred or detached. */
+  ring: Int32Array;
+  /** eventfd the worker writes after a batch that forwarded something (dup'd). */
+  notifyFd: number;
+  /** eventfd JavaScript writes after adding completions (dup'd). */
+  completeFd: number;
 }
 
 /** addQueue options of the native vhost-user-blk worker (GPAs are offsets into the layout). */
@@ -105,15 +141,22 @@ export interface NativeVhostBlkQueue {
   /** Negotiated VIRTIO_BLK_F_DISCARD / F_WRITE_ZEROES (default true); without: UNSUPP. */
   discard?: boolean;
   writeZeroes?: boolean;
+  /**
+   * A mapped queue: guest offsets go through the map to offsets in `fd` (the image file); reads
+   * and writes it cannot serve, flush, discard and write-zeroes are forwarded. Needs `forward`.
+   */
+  map?: NativeVhostBlkMap;
+  forward?: NativeVhostBlkForward;
 }
 
 export interface NativeVhostBlkStats {
   lastAvail: number;
   usedIdx: number;
+  /** Requests the worker served itself (forwarded ones are counted in `forwarded`). */
   requests: number;
   bytesRead: number;
   bytesWritten: number;
-  /** Requests completed with a status other than VIRTIO_BLK_S_OK. */
+  /** Requests completed with a status other than VIRTIO_BLK_S_OK (served natively). */
   errors: number;
   /** Call-fd writes. */
   calls: number;
@@ -121,6 +164,10 @@ export interface NativeVhostBlkStats {
   batches: number;
   /** Nanoseconds the worker spent serving this ring (its own cost, without wake-ups). */
   busyNs: number;
+  /** Requests forwarded to JavaScript (not counted in requests/errors/bytes). */
+  forwarded: number;
+  /** Forwarded requests whose completion the worker has not pushed yet. */
+  inForward: number;
   /** Why the queue stopped (a broken ring), or null. */
   broken: string | null;
 }
@@ -132,6 +179,8 @@ export interface NativeVhostBlkWorker {
   removeQueue(index: number): NativeVhostBlkStats;
   setCallFd(index: number, fd: number): void;
   setWriteCache(index: number, on: boolean): void;
+  setCapacity(index: number, sectors: number): void;
+  barrier(): void;
   kick(index: number): void;
   pause(): void;
   resume(): void;

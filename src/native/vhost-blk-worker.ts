@@ -1,11 +1,21 @@
 /**
  * The native fast path of the vhost-user-blk export (native/src/vhostblk/): one native
- * iothread serves split virtqueues end to end for a disk that is a plain raw file — pop the
- * chain, read the header, preadv/pwritev between the file and guest memory, status byte, used
- * element, one used-index store and at most one call-fd write per batch — without entering
- * JavaScript. Requests behave as hw/block/virtio-blk.ts serves them (same bounds checks and
- * status codes); structural chain errors (loops, nested or bad indirect tables, `next` beyond
- * the table) break the queue, as do the ring errors hw/virtio/virtqueue.ts reports.
+ * iothread serves split virtqueues end to end — pop the chain, read the header,
+ * preadv/pwritev between the image file and guest memory, status byte, used element, one
+ * used-index store and at most one call-fd write per batch — without entering JavaScript.
+ * Requests behave as hw/block/virtio-blk.ts serves them (same bounds checks and status codes);
+ * structural chain errors (loops, nested or bad indirect tables, `next` beyond the table)
+ * break the queue, as do the ring errors hw/virtio/virtqueue.ts reports.
+ *
+ * A raw queue (no `map`) serves a raw file: guest offset == file offset. A mapped queue
+ * (`map`, a VhostBlkMap, plus `forward`) serves a format such as qcow2: reads (writes) whose
+ * clusters are all mapped (writable) go guest -> host through the map natively; every other
+ * read/write, and every flush, discard and write-zeroes, is forwarded: its head appears in
+ * the forward ring (FWD_* below) and notifyFd is written once per batch; JavaScript executes
+ * the request (data and status byte in guest memory), adds (head, used length) to the
+ * completion part of the ring, and writes completeFd; the worker pushes the used element and
+ * calls. The worker stays the only writer of the used ring while the queue is attached, and
+ * pushes completions even while paused.
  *
  * Life cycle: setMemory (no queue attached) → addQueue per ring (serving starts at once) →
  * removeQueue (the position to hand back: GET_VRING_BASE) → destroy. Every fd passed in is
@@ -13,11 +23,27 @@
  * alive by the worker, but it must not be unmapped (unmapFd) while queues are attached.
  *
  * Not served here (the TypeScript dataplane must serve the device instead): dirty logging
- * (VHOST_F_LOG_ALL), packed rings, images that are not raw files.
+ * (VHOST_F_LOG_ALL), packed rings.
  */
-import { native, type NativeVhostBlkQueue, type NativeVhostBlkStats, type NativeVhostBlkWorker } from './addon.js';
+import {
+  native, type NativeVhostBlkMap, type NativeVhostBlkQueue, type NativeVhostBlkStats, type NativeVhostBlkWorker,
+} from './addon.js';
+import { VhostBlkMap } from './vhost-blk-map.js';
 
-export type VhostBlkQueueOptions = NativeVhostBlkQueue;
+export { VhostBlkMap } from './vhost-blk-map.js';
+export type { NativeVhostBlkForward as VhostBlkForward } from './addon.js';
+
+/** addQueue options; `map` may be the VhostBlkMap wrapper or its native handle. */
+export type VhostBlkQueueOptions = Omit<NativeVhostBlkQueue, 'map'> & { map?: VhostBlkMap | NativeVhostBlkMap };
+
+/** Forward ring slots (Int32Array indices; see NativeVhostBlkForward). */
+export const FWD_PROD = 0, FWD_CONS = 1, CPL_PROD = 2, CPL_CONS = 3, FWD_ENTRIES = 16;
+/** Int32s a forward ring of a queue of `num` entries needs. */
+export const forwardRingLength = (num: number): number => FWD_ENTRIES + 3 * num;
+/** The Int32 index of forwarded entry i (a free-running counter value). */
+export const fwdSlot = (num: number, i: number): number => FWD_ENTRIES + ((i >>> 0) % num);
+/** The Int32 index of completion entry i's head (its used length is the next slot). */
+export const cplSlot = (num: number, i: number): number => FWD_ENTRIES + num + 2 * ((i >>> 0) % num);
 export type VhostBlkQueueStats = NativeVhostBlkStats;
 /** The position and counters returned by removeQueue. */
 export type VhostBlkQueuePosition = NativeVhostBlkStats;
@@ -77,13 +103,17 @@ export class VhostBlkWorker {
 
   /** Attaches ring `index` and serves what is already available, as if kicked. */
   addQueue(index: number, q: VhostBlkQueueOptions): void {
-    this.handle.addQueue(index, q);
+    const map = q.map instanceof VhostBlkMap ? q.map.handle : q.map;
+    this.handle.addQueue(index, { ...q, map });
     this.attached.add(index);
   }
 
   /**
-   * Stops ring `index` after the batch in progress (no request is ever half done), closes the
-   * worker's fds of it, and returns its position (lastAvail: GET_VRING_BASE's value) and counters.
+   * Stops ring `index` after the request in progress (no request is ever half done), pushes
+   * the completions already in the forward ring, closes the worker's fds of it, and returns its
+   * position (lastAvail: GET_VRING_BASE's value) and counters. Remove a mapped queue only once
+   * `stats().inForward` is 0: requests still forwarded are forgotten (their used elements
+   * would never be pushed).
    */
   removeQueue(index: number): VhostBlkQueuePosition {
     const r = this.handle.removeQueue(index);
@@ -101,12 +131,28 @@ export class VhostBlkWorker {
     this.handle.setWriteCache(index, on);
   }
 
+  /** A resize: requests are checked against `sectors` from the next one on. */
+  setCapacity(index: number, sectors: number): void {
+    this.handle.setCapacity(index, sectors);
+  }
+
+  /**
+   * Returns once the worker is between requests: every request that looked up a map entry
+   * before the call has finished its I/O (use after VhostBlkMap.invalidate/clear).
+   */
+  barrier(): void {
+    this.handle.barrier();
+  }
+
   /** Process ring `index` now, as if the driver kicked. */
   kick(index: number): void {
     this.handle.kick(index);
   }
 
-  /** Stops serving all rings; returns once no request is being processed. Kicks are remembered. */
+  /**
+   * Stops popping requests from all rings; returns once no request is being processed. Kicks
+   * are remembered; completions of forwarded requests are still pushed.
+   */
   pause(): void {
     this.handle.pause();
   }

@@ -2,12 +2,16 @@
 // real fds and the worker's real thread: guest RAM is a memfd mapped with mmapLayout as two
 // spans with a hole between (and reserved, unmapped space after them); the driver fills the
 // descriptor table and avail ring (with used_event) and reads the used ring; the disk is a
-// temp file.  useWorkerRig() installs the memory and the per-test cleanup.
+// temp file.  useWorkerRig() installs the memory and the per-test cleanup.  Forwarder plays
+// JavaScript's side of a mapped queue's forward ring.
 import { closeSync, openSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll } from 'vitest';
 import { closeFd, eventfd, eventfdWrite, memfdCreate, mmapLayout } from '../../src/native/unix-fd.js';
-import { VhostBlkWorker } from '../../src/native/vhost-blk-worker.js';
+import {
+  CPL_CONS, CPL_PROD, FWD_CONS, FWD_PROD, VhostBlkWorker, cplSlot, forwardRingLength, fwdSlot, type VhostBlkForward,
+  type VhostBlkQueueOptions,
+} from '../../src/native/vhost-blk-worker.js';
 import { pattern, tempDir } from './helpers.js';
 
 export const MiB = 1 << 20;
@@ -162,6 +166,8 @@ export interface Rig {
   request(type: number, sector: number, data: Seg[], opts?: { indirectAt?: number; hdrSplit?: boolean }): { head: number; status: number };
   /** Publishes, kicks, and waits for the used index to reach the avail index. */
   run(): Promise<{ id: number; len: number }[]>;
+  /** Publishes and kicks (no waiting). */
+  submit(): void;
   close(): void;
 }
 
@@ -191,7 +197,11 @@ export function useWorkerRig(): void {
 }
 
 let fileSeq = 0;
-export function rig(o: { num?: number; eventIdx?: boolean; readOnly?: boolean; serial?: string; writeCache?: boolean; add?: boolean } = {}): Rig {
+export function rig(o: {
+  num?: number; eventIdx?: boolean; readOnly?: boolean; serial?: string; writeCache?: boolean; add?: boolean;
+  /** More addQueue options (map, forward, capacitySectors, ...). */
+  queue?: Partial<VhostBlkQueueOptions>;
+} = {}): Rig {
   const num = o.num ?? 64;
   const drv = new Driver(layout, num, 0x1000, 0x1000 + 16 * num, 0x1000 + 16 * num + 4096);
   u8.fill(0, 0x40000, SPAN_A[1]);
@@ -207,7 +217,7 @@ export function rig(o: { num?: number; eventIdx?: boolean; readOnly?: boolean; s
   const queue = (): void => w.addQueue(0, {
     num, desc: drv.desc, avail: drv.avail, used: drv.used, lastAvail: 0, usedIdx: 0, eventIdx: o.eventIdx ?? false,
     kickFd: kick, callFd: call, fd: file, capacitySectors: DISK_SECTORS, readOnly: o.readOnly ?? false,
-    serial: o.serial ?? 'spindle-serial', writeCache: o.writeCache ?? true,
+    serial: o.serial ?? 'spindle-serial', writeCache: o.writeCache ?? true, ...o.queue,
   });
   if (o.add !== false) queue();
   let closed = false;
@@ -230,6 +240,10 @@ export function rig(o: { num?: number; eventIdx?: boolean; readOnly?: boolean; s
       await until('the used index', () => drv.usedIdx === drv.availIdx);
       return drv.reap();
     },
+    submit() {
+      drv.publish();
+      eventfdWrite(kick);
+    },
     close() {
       if (closed) return;
       closed = true;
@@ -245,3 +259,54 @@ export function rig(o: { num?: number; eventIdx?: boolean; readOnly?: boolean; s
 
 export const fileBytes = (r: Rig, off: number, len: number): Buffer => readFileSync(r.path).subarray(off, off + len);
 export const guest = (addr: number, len: number): Buffer => Buffer.from(u8.subarray(addr, addr + len));
+
+/** JavaScript's side of a mapped queue's forward ring (and its two eventfds). */
+export class Forwarder {
+  readonly ring: Int32Array;
+  readonly notifyFd = eventfd();
+  readonly completeFd = eventfd();
+
+  constructor(readonly num: number) {
+    this.ring = new Int32Array(forwardRingLength(num));
+    cleanups.push(() => {
+      closeFd(this.notifyFd);
+      closeFd(this.completeFd);
+    });
+  }
+
+  get forward(): VhostBlkForward {
+    return { ring: this.ring, notifyFd: this.notifyFd, completeFd: this.completeFd };
+  }
+
+  /** The worker's counters: forwarded so far, completions taken so far. */
+  get produced(): number {
+    return Atomics.load(this.ring, FWD_PROD) >>> 0;
+  }
+  get taken(): number {
+    return Atomics.load(this.ring, CPL_CONS) >>> 0;
+  }
+
+  /** The heads forwarded since the last take(), oldest first (consumed). */
+  take(): number[] {
+    const prod = this.produced;
+    const heads: number[] = [];
+    for (let i = Atomics.load(this.ring, FWD_CONS) >>> 0; i !== prod; i = (i + 1) >>> 0) {
+      heads.push(Atomics.load(this.ring, fwdSlot(this.num, i)));
+    }
+    Atomics.store(this.ring, FWD_CONS, prod | 0);
+    return heads;
+  }
+
+  /** Posts completions (head, used length) and, unless told not to, writes completeFd. */
+  complete(list: { id: number; len: number }[], signal = true): void {
+    let p = Atomics.load(this.ring, CPL_PROD) >>> 0;
+    for (const { id, len } of list) {
+      const at = cplSlot(this.num, p);
+      Atomics.store(this.ring, at, id);
+      Atomics.store(this.ring, at + 1, len);
+      p = (p + 1) >>> 0;
+    }
+    Atomics.store(this.ring, CPL_PROD, p | 0);
+    if (signal) eventfdWrite(this.completeFd);
+  }
+}

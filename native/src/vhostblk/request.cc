@@ -1,7 +1,8 @@
 // Executing one virtio-blk request popped by the ring code: read/write
-// between the image file and guest memory, flush, get-id, discard and
-// write-zeroes, and the status byte.  Synchronous syscalls on the worker
-// thread (see the I/O note in worker.h).
+// between the image file and guest memory (on a mapped queue through the
+// cluster map), flush, get-id, discard and write-zeroes, and the status byte;
+// or, on a mapped queue, the decision to forward it to JavaScript.
+// Synchronous syscalls on the worker thread (see the I/O note in worker.h).
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/falloc.h>
@@ -60,6 +61,22 @@ int RwFull(int fd, iovec* iov, size_t cnt, uint64_t off, bool write) {
     }
   }
   return 0;
+}
+
+// Appends to `out` the next `len` bytes of `src` from the cursor (*i, *skip),
+// and advances the cursor.  `src` must hold them.
+void SliceIov(const std::vector<iovec>& src, size_t* i, size_t* skip, uint64_t len, std::vector<iovec>* out) {
+  while (len > 0) {
+    const iovec& v = src[*i];
+    size_t k = (size_t)std::min<uint64_t>(v.iov_len - *skip, len);
+    out->push_back({(uint8_t*)v.iov_base + *skip, k});
+    len -= k;
+    *skip += k;
+    if (*skip == v.iov_len) {
+      ++*i;
+      *skip = 0;
+    }
+  }
 }
 
 int Fallocate(int fd, int mode, uint64_t off, uint64_t len) {
@@ -139,13 +156,14 @@ bool Worker::InRange(const Queue* q, uint64_t sector, uint64_t count) {
   return sector <= q->capacity && count <= q->capacity - sector;
 }
 
-// Executes the request in e_; writes and returns its status.
+// Executes the request in e_; writes and returns its status, or returns
+// kForward (nothing written: JavaScript answers it).
 uint8_t Worker::Run(Queue* q) {
   if (e_.in.empty()) return S_IOERR;  // no status byte to write
   const iovec& last = e_.in.back();
   uint8_t* status_at = (uint8_t*)last.iov_base + last.iov_len - 1;
   uint8_t s = Request(q);
-  *status_at = s;
+  if (s != kForward) *status_at = s;
   return s;
 }
 
@@ -165,7 +183,12 @@ uint8_t Worker::Request(Queue* q) {
       if (bytes % kSector != 0 || !InRange(q, sector, bytes / kSector)) return S_IOERR;
       if (write && q->read_only) return S_IOERR;
       if (bytes == 0) return S_OK;
-      if (RwFull(q->fd, data_.data(), data_.size(), sector * kSector, write) < 0) return S_IOERR;
+      if (q->map) {
+        uint8_t s = MappedRw(q, sector * kSector, bytes, write);
+        if (s != S_OK) return s;
+      } else if (RwFull(q->fd, data_.data(), data_.size(), sector * kSector, write) < 0) {
+        return S_IOERR;
+      }
       if (write) {
         q->bytes_written.fetch_add(bytes, std::memory_order_relaxed);
         if (!q->write_cache.load(std::memory_order_relaxed) && Fdatasync(q->fd) < 0) return S_IOERR;
@@ -175,6 +198,7 @@ uint8_t Worker::Request(Queue* q) {
       return S_OK;
     }
     case T_FLUSH:
+      if (q->map) return kForward;  // the format's metadata too
       return Fdatasync(q->fd) < 0 ? S_IOERR : S_OK;
     case T_GET_ID: {
       Gather(false);
@@ -186,10 +210,38 @@ uint8_t Worker::Request(Queue* q) {
     case T_DISCARD:
     case T_WRITE_ZEROES:
       if (!(type == T_DISCARD ? q->discard : q->write_zeroes)) return S_UNSUPP;
+      if (q->map) return kForward;  // clusters to free or zero in the format
       return DiscardOrZero(q, type == T_DISCARD);
     default:
       return S_UNSUPP;
   }
+}
+
+// A read/write of [off, +bytes) (data in data_) on a mapped queue: served if
+// every cluster is mapped (writable, for a write), one transfer per run of
+// host-contiguous clusters; else kForward, before any I/O.
+uint8_t Worker::MappedRw(Queue* q, uint64_t off, uint64_t bytes, bool write) {
+  const ClusterMap& m = *q->map;
+  uint64_t csize = (uint64_t)1 << m.bits(), end = off + bytes;
+  runs_.clear();
+  for (uint64_t pos = off; pos < end;) {
+    uint64_t e = m.Lookup(pos >> m.bits());
+    if (!(e & ClusterMap::kValid) || (write && !(e & ClusterMap::kWritable))) return kForward;
+    uint64_t in = pos & (csize - 1), n = std::min(csize - in, end - pos);
+    uint64_t host = (e & ~(ClusterMap::kValid | ClusterMap::kWritable)) + in;
+    if (!runs_.empty() && runs_.back().host + runs_.back().len == host)
+      runs_.back().len += n;
+    else
+      runs_.push_back({host, n});
+    pos += n;
+  }
+  size_t i = 0, skip = 0;  // cursor in data_, which holds exactly `bytes`
+  for (const HostRun& r : runs_) {
+    slice_.clear();
+    SliceIov(data_, &i, &skip, r.len, &slice_);
+    if (RwFull(q->fd, slice_.data(), slice_.size(), r.host, write) < 0) return S_IOERR;
+  }
+  return S_OK;
 }
 
 uint8_t Worker::DiscardOrZero(Queue* q, bool discard) {

@@ -1,6 +1,7 @@
 // The split-ring side of VhostBlkWorker: serving a queue in batches, polling,
 // publishing the used index and calling, popping a chain and walking its
 // descriptors with every address checked against the guest memory spans.
+// A batch also pushes the completions JavaScript returned (forward.cc).
 #include <time.h>
 #include <unistd.h>
 
@@ -51,10 +52,12 @@ uint64_t Worker::Now() {
 
 void Worker::Serve(Queue* q) {
   if (q->dead || paused_) return;
+  q->resched = false;
   mem_ = q->mem;
   spans_ = &q->spans;
   uint64_t t0 = Now();
   ServeRing(q);
+  Complete(q);  // what JavaScript returned during the last batch goes out now
   q->busy_ns.fetch_add(Now() - t0, std::memory_order_relaxed);
 }
 
@@ -67,14 +70,26 @@ void Worker::ServeRing(Queue* q) {
       std::fill(q->stamp.begin(), q->stamp.end(), 0);
       q->batch = 1;
     }
-    while (done < q->num) {
+    TakeCompletions(q);  // published with this batch
+    bool cut = false;
+    while (done < q->num && !q->dead) {
+      // A command waits for us: end the batch here, serve again after it.
+      if (cmd_pending_.load(std::memory_order_relaxed)) {
+        cut = true;
+        break;
+      }
       int r = PopAndRun(q);
       if (r <= 0) break;
       done++;
     }
-    Publish(q, done);
+    Publish(q);
+    EndForwardBatch(q);
     served += done;
     if (q->dead) return;
+    if (cut) {
+      q->resched = true;
+      return;
+    }
     if (done >= q->num) continue;
     // Empty.  A driver with requests in flight adds more soon: look for them a
     // little while before asking for a kick, which costs the guest an exit
@@ -90,20 +105,23 @@ void Worker::ServeRing(Queue* q) {
   }
 }
 
-// Spins up to poll_ns_ for the avail index to move; true if it did.
+// Spins up to poll_ns_ for the avail index to move or a completion to
+// arrive; true if either did.
 bool Worker::Poll(Queue* q) {
   uint64_t end = Now() + poll_ns_;
   do {
     for (int i = 0; i < 64; i++) {
-      if (Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail) return true;
+      if (Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail || CompletionsPending(q)) return true;
       __builtin_ia32_pause();
     }
   } while (Now() < end && !cmd_pending_.load(std::memory_order_relaxed));
   return false;
 }
 
-void Worker::Publish(Queue* q, uint32_t done) {
-  if (done > 0) {
+// Publishes the used elements pushed since the last call, and calls if the
+// driver asked for it.
+void Worker::Publish(Queue* q) {
+  if (q->used_idx != q->published) {
     uint16_t old = q->published, now = q->used_idx;
     Store16(q->used + 2, now, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);  // 2.7.7: the flag/event read must not pass the store
@@ -127,7 +145,16 @@ void Worker::Publish(Queue* q, uint32_t done) {
   q->pos.store((uint32_t)q->last_avail | ((uint32_t)q->published << 16), std::memory_order_release);
 }
 
-// 1: a chain was popped and completed; 0: ring empty; -1: the queue broke.
+// Used element, published by the next Publish.
+void Worker::PushUsed(Queue* q, uint32_t head, uint32_t len) {
+  uint8_t* slot = mem_ + q->used + 4 + 8 * (uint64_t)(q->used_idx % q->num);
+  memcpy(slot, &head, 4);
+  memcpy(slot + 4, &len, 4);
+  q->used_idx++;
+}
+
+// 1: a chain was popped and completed or forwarded; 0: ring empty; -1: the
+// queue broke.
 int Worker::PopAndRun(Queue* q) {
   uint32_t n = q->num;
   uint16_t avail_idx = Load16(q->avail + 2, __ATOMIC_ACQUIRE);
@@ -142,8 +169,9 @@ int Worker::PopAndRun(Queue* q) {
     Break(q, "head " + std::to_string(head) + " is beyond the queue size " + std::to_string(n));
     return -1;
   }
-  // A head pushed in this batch is not yet visible to the driver as used.
-  if (q->stamp[head] == q->batch) {
+  // A head pushed in this batch is not yet visible to the driver as used; a
+  // forwarded one is not used until JavaScript completes it.
+  if (q->stamp[head] == q->batch || q->fwd_inflight[head]) {
     Break(q, "head " + std::to_string(head) + " made available again while in flight");
     return -1;
   }
@@ -155,12 +183,8 @@ int Worker::PopAndRun(Queue* q) {
   q->stamp[head] = q->batch;
   q->last_avail++;
   uint8_t status = Run(q);
-  // Used element, published by the batch's single used->idx store.
-  uint8_t* slot = mem_ + q->used + 4 + 8 * (uint64_t)(q->used_idx % n);
-  uint32_t id = head, len = (uint32_t)e_.in_bytes;
-  memcpy(slot, &id, 4);
-  memcpy(slot + 4, &len, 4);
-  q->used_idx++;
+  if (status == kForward) return Forward(q, head) ? 1 : -1;
+  PushUsed(q, head, (uint32_t)e_.in_bytes);
   q->requests.fetch_add(1, std::memory_order_relaxed);
   if (status != S_OK) q->errors.fetch_add(1, std::memory_order_relaxed);
   return 1;

@@ -1,5 +1,6 @@
-// VhostBlkWorker's thread: start/stop, the epoll loop over kick fds and the
-// control eventfd, and the commands the JS thread hands it (see worker.h).
+// VhostBlkWorker's thread: start/stop, the epoll loop over kick fds, completion
+// eventfds and the control eventfd, and the commands the JS thread hands it
+// (see worker.h).
 #include <pthread.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -16,6 +17,8 @@ namespace spindle {
 namespace vhostblk {
 
 constexpr uint64_t kCtlKey = ~(uint64_t)0;  // epoll data of the control eventfd
+// epoll data: queue index for its kick fd, | kCplBit for its completion eventfd.
+constexpr uint64_t kCplBit = (uint64_t)1 << 32;
 
 // Returns 0 or -errno.
 int Worker::Start() {
@@ -58,22 +61,24 @@ void Worker::Stop() {
 }
 
 // Executes a command on the worker thread; blocks until it is done.
-int Worker::Command(CmdType type, Queue* q, uint32_t index, int fd) {
+int Worker::Command(CmdType type, Queue* q, uint32_t index, int fd, uint64_t arg) {
   std::unique_lock<std::mutex> l(mu_);
   cv_.wait(l, [this] { return cmd_ == kNone; });
   cmd_ = type;
   cmd_q_ = q;
   cmd_index_ = index;
   cmd_fd_ = fd;
+  cmd_arg_ = arg;
   cmd_done_ = false;
-  cmd_pending_.store(true, std::memory_order_relaxed);  // ends a poll at once
+  // Ends a poll at once and cuts the batch in progress short (the worker
+  // clears it when it takes the command).
+  cmd_pending_.store(true, std::memory_order_relaxed);
   uint64_t one = 1;
   ssize_t w = write(ctl_, &one, sizeof one);
   (void)w;
   cv_.wait(l, [this] { return cmd_done_; });
   int r = cmd_result_;
   cmd_ = kNone;
-  cmd_pending_.store(false, std::memory_order_relaxed);
   cv_.notify_all();
   return r;
 }
@@ -106,10 +111,16 @@ void Worker::Loop() {
       Queue* q = idx < queues_.size() ? queues_[idx] : nullptr;
       if (!q) continue;  // removed in this round
       uint64_t v;
+      if (evs[i].data.u64 & kCplBit) {
+        ssize_t r = read(q->complete_fd, &v, sizeof v);  // readable: does not block
+        (void)r;
+        Complete(q);  // even while paused: these were popped before
+        continue;
+      }
       ssize_t r = read(q->kick_fd, &v, sizeof v);  // readable: does not block
       (void)r;
       if (paused_) {
-        q->kicked_while_paused = true;
+        q->resched = true;
         continue;
       }
       Serve(q);
@@ -117,10 +128,25 @@ void Worker::Loop() {
   }
 }
 
-// Returns false on kQuit.
+// Returns false on kQuit.  The command completes before the queues it left
+// to serve (Queue::resched) are served, so the JS thread is not held up.
 bool Worker::RunCommand() {
-  std::unique_lock<std::mutex> l(mu_);
-  if (cmd_ == kNone || cmd_done_) return true;
+  bool go_on = true;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    if (cmd_ == kNone || cmd_done_) return true;
+    // Taken: a batch may run to its end again (until the next command).
+    cmd_pending_.store(false, std::memory_order_relaxed);
+    go_on = Execute();
+    cmd_done_ = true;
+    cv_.notify_all();
+  }
+  if (go_on) ServeRescheduled();
+  return go_on;
+}
+
+// Runs cmd_ (mu_ held); sets cmd_result_; false on kQuit.
+bool Worker::Execute() {
   int result = 0;
   bool go_on = true;
   Queue* q = cmd_q_;
@@ -135,20 +161,25 @@ bool Worker::RunCommand() {
         queues_[q->index] = nullptr;
         break;
       }
+      if (q->complete_fd >= 0) {
+        ev.data.u64 = kCplBit | q->index;
+        if (epoll_ctl(ep_, EPOLL_CTL_ADD, q->complete_fd, &ev) < 0) {
+          result = -errno;
+          epoll_ctl(ep_, EPOLL_CTL_DEL, q->kick_fd, nullptr);
+          queues_[q->index] = nullptr;
+          break;
+        }
+      }
       mem_ = q->mem;
       spans_ = &q->spans;
       if (!q->dead && !RingsValid(q)) Break(q, "rings are not inside guest memory or are misaligned");
-      // Serve what is already available, as if kicked (unless paused).
-      l.unlock();
-      if (paused_)
-        q->kicked_while_paused = true;
-      else
-        Serve(q);
-      l.lock();
+      q->resched = true;  // serve what is already available, as if kicked
       break;
     }
     case kRemove:
+      Complete(q);  // what JS finished goes to the guest; the rest is forgotten
       epoll_ctl(ep_, EPOLL_CTL_DEL, q->kick_fd, nullptr);
+      if (q->complete_fd >= 0) epoll_ctl(ep_, EPOLL_CTL_DEL, q->complete_fd, nullptr);
       queues_[q->index] = nullptr;
       Detach(q);
       break;
@@ -156,23 +187,22 @@ bool Worker::RunCommand() {
       if (q->call_fd >= 0) close(q->call_fd);
       q->call_fd = cmd_fd_;
       break;
+    case kSetCapacity:
+      q->capacity = cmd_arg_;
+      break;
     case kPause:
       paused_ = true;
       break;
     case kResume:
-      paused_ = false;
-      l.unlock();
-      for (Queue* x : queues_)
-        if (x && x->kicked_while_paused) {
-          x->kicked_while_paused = false;
-          Serve(x);
-        }
-      l.lock();
+      paused_ = false;  // ServeRescheduled serves what was kicked meanwhile
+      break;
+    case kBarrier:  // between requests by construction: nothing to do
       break;
     case kQuit:
       for (Queue*& x : queues_)
         if (x) {
           epoll_ctl(ep_, EPOLL_CTL_DEL, x->kick_fd, nullptr);
+          if (x->complete_fd >= 0) epoll_ctl(ep_, EPOLL_CTL_DEL, x->complete_fd, nullptr);
           Detach(x);
           x = nullptr;
         }
@@ -182,16 +212,25 @@ bool Worker::RunCommand() {
       break;
   }
   cmd_result_ = result;
-  cmd_done_ = true;
-  cv_.notify_all();
   return go_on;
+}
+
+// Serves the queues that wait for it (unless paused).  A command arriving
+// meanwhile cuts Serve short again, with resched set for the next round.
+void Worker::ServeRescheduled() {
+  if (paused_) return;
+  for (Queue* q : queues_)
+    if (q && q->resched && !cmd_pending_.load(std::memory_order_relaxed)) {
+      q->resched = false;
+      Serve(q);
+    }
 }
 
 // The queue leaves the worker: every batch already published its used
 // index; the position stays in q->pos; the dup'd fds are closed.
 void Worker::Detach(Queue* q) {
   q->pos.store((uint32_t)q->last_avail | ((uint32_t)q->published << 16));
-  for (int* f : {&q->kick_fd, &q->call_fd, &q->fd}) {
+  for (int* f : {&q->kick_fd, &q->call_fd, &q->fd, &q->notify_fd, &q->complete_fd}) {
     if (*f >= 0) close(*f);
     *f = -1;
   }

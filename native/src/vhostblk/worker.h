@@ -1,9 +1,32 @@
 // VhostBlkWorker: the native fast path of the vhost-user-blk export.  One
-// native thread (an iothread) serves split virtqueues end to end for a disk
-// that is a plain file (raw on file): it pops chains from the avail ring,
-// reads the request header, preadv/pwritev's directly between the file and
-// guest memory, writes the status byte, pushes the used element, publishes the
-// used index once per batch and signals the call eventfd — no JavaScript.
+// native thread (an iothread) serves split virtqueues end to end: it pops
+// chains from the avail ring, reads the request header, preadv/pwritev's
+// directly between the image file and guest memory, writes the status byte,
+// pushes the used element, publishes the used index once per batch and
+// signals the call eventfd — no JavaScript.
+//
+// Two kinds of queue:
+// - raw (no map): guest offset == file offset; every request is served here.
+// - mapped (a ClusterMap, map.h; e.g. qcow2): JavaScript fills a table of
+//   guest cluster -> host offset (+ writable).  A read whose clusters are all
+//   mapped (a write: mapped writable) is served here, split into runs of
+//   host-contiguous clusters; every other read/write, and every flush,
+//   discard and write-zeroes (the format has metadata to flush or clusters
+//   to free), is *forwarded*: its head goes into a shared-memory forward ring
+//   and an eventfd tells JavaScript, which executes it (guest data and status
+//   byte included) and hands back (head, used len) through a completion ring
+//   plus an eventfd.  The worker pushes those used elements itself, so it
+//   stays the only writer of the used ring while the queue is attached.
+//   Request checks that end in a status without touching the image (faults,
+//   bounds, read-only, zero length, GET_ID, unknown types) stay native.
+//   Forward ring layout (Int32 slots holding u32, free-running counters):
+//   [0] fwdProd (worker) [1] fwdCons (JS) [2] cplProd (JS) [3] cplCons
+//   (worker) [4..15] reserved, [16 + i % num] forwarded heads, [16 + num +
+//   2 * (i % num)] (head, len) completions.  A forwarded head stays "in
+//   flight" until its completion; the driver making it available again, or a
+//   completion for a head not in flight, breaks the queue.  The map is read
+//   without locks; after map.invalidate JS calls barrier(), which returns once
+//   every request that looked at the old entries has finished its I/O.
 //
 // Behaviour mirrors hw/virtio/virtqueue.ts and hw/block/virtio-blk.ts (bounds
 // checks, status codes, status byte = last byte of the last device-writable
@@ -23,9 +46,12 @@
 // Threading: the JS thread owns the Queue objects' lifetime; it talks to the
 // worker only through one mutex-protected command slot plus a control eventfd
 // and blocks on a condvar until the worker has executed the command (a few
-// microseconds).  The worker runs commands only between batches, so pause()
-// and removeQueue() never see a request half done.  Counters are atomics the
-// JS thread may read at any time.
+// microseconds).  The worker runs commands only between requests: a pending
+// command ends the batch in progress (published first) and the queue is
+// served again after it (Queue::resched), so pause(), removeQueue() and
+// barrier() are prompt under load and never see a request half done.  While
+// paused nothing new is popped, but completions of forwarded requests are
+// still pushed.  Counters are atomics the JS thread may read at any time.
 //
 // I/O is synchronous preadv/pwritev/fdatasync/fallocate on the worker thread.
 // That is right for the common case (the image is page-cached: a 4 KiB copy
@@ -35,11 +61,13 @@
 // in flight until its CQE, and the pool fallback where io_uring is missing.
 //
 // Not done here (the TS path must serve the device instead): dirty-page
-// logging (VHOST_F_LOG_ALL, migration), packed rings, formats other than raw.
+// logging (VHOST_F_LOG_ALL, migration), packed rings.
 //
 // Files: worker.h (this: shared types and the Worker class), worker.cc (the
 // thread, its epoll loop and commands), ring.cc (serving the split rings),
-// request.cc (executing virtio-blk requests), napi.cc (the JS class).
+// request.cc (executing virtio-blk requests), forward.cc (mapped I/O, the
+// forward and completion rings), map.h/map.cc (the cluster map and its JS
+// class), napi.cc (the worker's JS class).
 #pragma once
 
 #include <sys/uio.h>
@@ -47,10 +75,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "map.h"
 
 namespace spindle {
 namespace vhostblk {
@@ -61,6 +92,11 @@ constexpr uint32_t kSector = 512;
 constexpr uint32_t kIdBytes = 20;
 
 enum : uint8_t { S_OK = 0, S_IOERR = 1, S_UNSUPP = 2 };
+// Request()'s answer for "JavaScript executes this one": no status byte written.
+constexpr uint8_t kForward = 0xff;
+
+// Forward ring slots (Int32Array indices; see the header comment).
+enum : uint32_t { kFwdProd = 0, kFwdCons = 1, kCplProd = 2, kCplCons = 3, kFwdEntries = 16 };
 
 struct Span {
   uint64_t start, end;
@@ -86,15 +122,26 @@ struct Queue {
   bool write_zeroes = true;
   uint8_t serial[kIdBytes] = {};
   bool dead = false;  // worker-side copy of `broken`
-  bool kicked_while_paused = false;
+  // Serve again when possible: kicked while paused, or a batch cut short by a command.
+  bool resched = false;
   std::vector<uint32_t> stamp;  // per head: batch in which it was popped
   uint32_t batch = 0;
+
+  // Mapped queues: guest -> host through the map; what it cannot serve is forwarded.
+  std::shared_ptr<ClusterMap> map;
+  uint32_t* fring = nullptr;  // the forward/completion ring (JS memory, kept alive by napi.cc)
+  int notify_fd = -1, complete_fd = -1;
+  uint32_t fwd_prod = 0, cpl_cons = 0;  // worker-owned counters (also stored in fring)
+  bool fwd_batch = false;  // forwarded something in the batch in progress
+  std::vector<uint8_t> fwd_inflight;  // per head: forwarded, completion not yet seen
 
   std::atomic<bool> write_cache{true};
   std::atomic<bool> broken{false};
   std::string why;  // guarded by Worker::stats_mu_
   std::atomic<uint64_t> requests{0}, bytes_read{0}, bytes_written{0}, errors{0}, calls{0}, batches{0};
   std::atomic<uint64_t> busy_ns{0};  // time spent in Serve (worker-side cost)
+  std::atomic<uint64_t> forwarded{0};
+  std::atomic<uint32_t> in_forward{0};
   std::atomic<uint32_t> pos{0};  // last_avail | published << 16, after each batch
 };
 
@@ -113,7 +160,7 @@ struct Elem {
 
 class Worker {
  public:
-  enum CmdType { kNone, kAdd, kRemove, kSetCall, kPause, kResume, kQuit };
+  enum CmdType { kNone, kAdd, kRemove, kSetCall, kSetCapacity, kPause, kResume, kBarrier, kQuit };
 
   // Returns 0 or -errno.
   int Start();
@@ -121,7 +168,7 @@ class Worker {
   // The JS side deletes the Queue objects.
   void Stop();
   // Executes a command on the worker thread; blocks until it is done.
-  int Command(CmdType type, Queue* q, uint32_t index, int fd);
+  int Command(CmdType type, Queue* q, uint32_t index, int fd, uint64_t arg = 0);
 
   std::mutex stats_mu_;
   // The thread's kernel id once it runs (query-iothreads' thread-id), else 0.
@@ -132,6 +179,8 @@ class Worker {
   void Close();
   void Loop();
   bool RunCommand();
+  bool Execute();
+  void ServeRescheduled();
   void Detach(Queue* q);
   void Break(Queue* q, const std::string& why);
   static uint64_t PollNsFromEnv();
@@ -145,7 +194,8 @@ class Worker {
   void Serve(Queue* q);
   void ServeRing(Queue* q);
   bool Poll(Queue* q);
-  void Publish(Queue* q, uint32_t done);
+  void Publish(Queue* q);
+  void PushUsed(Queue* q, uint32_t head, uint32_t len);
   int PopAndRun(Queue* q);
   bool Walk(Queue* q, uint16_t head, std::string* why);
 
@@ -157,6 +207,14 @@ class Worker {
   uint8_t Request(Queue* q);
   uint8_t DiscardOrZero(Queue* q, bool discard);
 
+  // forward.cc: mapped queues.
+  uint8_t MappedRw(Queue* q, uint64_t off, uint64_t bytes, bool write);
+  bool Forward(Queue* q, uint16_t head);
+  void EndForwardBatch(Queue* q);
+  bool CompletionsPending(const Queue* q) const;
+  void TakeCompletions(Queue* q);
+  void Complete(Queue* q);
+
   int ctl_ = -1, ep_ = -1;
   std::thread thread_;
   std::mutex mu_;
@@ -165,6 +223,7 @@ class Worker {
   Queue* cmd_q_ = nullptr;
   uint32_t cmd_index_ = 0;
   int cmd_fd_ = -1;
+  uint64_t cmd_arg_ = 0;
   bool cmd_done_ = false;
   int cmd_result_ = 0;
   std::atomic<bool> cmd_pending_{false};
@@ -179,6 +238,12 @@ class Worker {
   bool paused_ = false;
   Elem e_;
   std::vector<iovec> data_;
+  // MappedRw's scratch (reused, no allocation per request): host runs, one run's iov.
+  struct HostRun {
+    uint64_t host, len;
+  };
+  std::vector<HostRun> runs_;
+  std::vector<iovec> slice_;
 };
 
 }  // namespace vhostblk
