@@ -172,9 +172,19 @@ export class VirtQueue {
     if (count === 0) return 0;
     if (count > n) return this.fail(`queue ${this.index}: avail index moved by ${count}, more than the queue size ${n}`);
     const head = dv.getUint16(this.avail + 4 + 2 * (this.lastAvail % n), true);
-    if (head >= n) return this.fail(`queue ${this.index}: head ${head} is beyond the queue size ${n}`);
+    const r = this.take(e, head);
+    if (r > 0) this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    return r;
+  }
+
+  /**
+   * Takes chain `head` into `e` as in flight (pop's second half; a subclass whose heads come
+   * from elsewhere calls it directly): 1, or -1 when the head is out of range or in flight.
+   */
+  protected take(e: VirtQueueElement, head: number): number {
+    if (!this.valid) return this.fail(`queue ${this.index}: rings are not inside guest RAM or are misaligned`);
+    if (head >= this.num) return this.fail(`queue ${this.index}: head ${head} is beyond the queue size ${this.num}`);
     if (this.inflight[head]) return this.fail(`queue ${this.index}: head ${head} made available again while in flight`);
-    this.lastAvail = (this.lastAvail + 1) & 0xffff;
     this.inflight[head] = 1;
     this.inflightCount++;
     e.clear();
@@ -184,7 +194,15 @@ export class VirtQueue {
     return 1;
   }
 
-  private fail(why: string): number {
+  /** Ends `e`'s time in flight without a used entry (a subclass that returns chains elsewhere). */
+  protected release(e: VirtQueueElement): boolean {
+    if (e.gen !== this.gen || !this.inflight[e.head]) return false;
+    this.inflight[e.head] = 0;
+    this.inflightCount--;
+    return true;
+  }
+
+  protected fail(why: string): number {
     this.error = why;
     return -1;
   }

@@ -3,67 +3,28 @@
 // of vhost-user-frontend.ts over memfd guest RAM. Checks what the hand-overs must keep: data in
 // the file, ring positions across GET_VRING_BASE, a new memory table, and a move back to the
 // TypeScript path when the graph changes under the export (here: a throttle and a drain).
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { existsSync, readFileSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
 import { newConfig, Bucket } from '../../src/backend/throttle.js';
-import { configureGroup, ioLimitsDisable, ioLimitsEnable } from '../../src/backend/throttle-group.js';
+import { configureGroup, ioLimitsEnable } from '../../src/backend/throttle-group.js';
 import { withDrained } from '../../src/block/drain.js';
 import { createIoThread, deleteIoThread, setNodeIoThread } from '../../src/block/iothread.js';
-import { openNode, settleCloses, unref } from '../../src/block/graph.js';
-import type { BlockNode } from '../../src/block/node.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
-import { VhostUserBlkExport } from '../../src/export/vhost-user/export.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
 import { liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
 import { VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_SLAVE_CONFIG_CHANGE_MSG } from '../../src/export/vhost-user/backend-channel.js';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
-import { qemuImg } from '../cli/helpers.js';
-import { pattern, scratchDir } from '../helpers/tmp.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
+import { exportRig, fill, SIZE, uniq, useExportRig } from './vhost-user-export-rig.js';
 import {
-  configReq, connect, fdCount, frontEnds, guestRam, HIGH, killFrontEnd, LOW, memTable, MiB, qemuStartup, releaseHeld,
+  configReq, connect, fdCount, HIGH, killFrontEnd, LOW, memTable, MiB, qemuStartup,
   restartRing, toClose, toUnmap, until,
 } from './vhost-user-frontend.js';
 
-const dir = scratchDir('spindle-vhost-fast-');
-let seq = 0;
-const SIZE = 8 * MiB + 3 * 512;
-const fill = (n: number, seed: number): Uint8Array => new Uint8Array(pattern(n, seed));
-
-const exportsOpen: VhostUserBlkExport[] = [];
-const nodes: BlockNode[] = [];
-afterEach(async () => {
-  for (const f of frontEnds.splice(0)) f.close();
-  for (const e of exportsOpen.splice(0)) {
-    await ioLimitsDisable(e.backend);
-    await e.close();
-  }
-  releaseHeld();
-  for (const n of nodes.splice(0)) if (!n.deleted) unref(n);
-  await settleCloses();
-});
-
-async function rig(format: 'raw' | 'qcow2' = 'raw', numQueues = 1) {
-  const img = join(dir, `${seq++}.${format}`);
-  writeFileSync(img, pattern(SIZE, 3));
-  if (format === 'qcow2') qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', img, `${img}.q`);
-  const node = await openNode({ driver: format, discard: 'unmap', file: { driver: 'file', filename: format === 'qcow2' ? `${img}.q` : img, discard: 'unmap' } });
-  nodes.push(node);
-  const path = join(dir, `${seq++}.sock`);
-  const exp = new VhostUserBlkExport({ id: 'fast0', path, node, writable: true, numQueues });
-  exportsOpen.push(exp);
-  const ram = guestRam();
-  const fds0 = fdCount();
-  const maps0 = liveMappings();
-  const drv = Array.from({ length: numQueues }, (_, i) => new BlkDriver(ram, i));
-  const { fe, be } = await connect(exp, path);
-  const { kicks, calls } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE });
-  drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
-  return { img, exp, ram, fe, be, drv, kicks, calls, fds0, maps0 };
-}
+useExportRig();
+const rig = (format: 'raw' | 'qcow2' = 'raw', numQueues = 1, node?: Record<string, unknown>) => exportRig(format, { numQueues, node });
 
 describe('vhost-user-blk fast path (native worker)', () => {
   it('serves a raw file natively: multi-segment writes land in the file, reads, GET_ID, flush, discard; two queues', async () => {
@@ -91,8 +52,8 @@ describe('vhost-user-blk fast path (native worker)', () => {
     expect(r.exp.backend.node!.stats.rdOps + r.exp.backend.node!.stats.wrOps).toBe(0);
   });
 
-  it('a qcow2 export stays on the TypeScript path, and works', async () => {
-    const r = await rig('qcow2');
+  it('a node that detects zeroes stays on the TypeScript path, and works', async () => {
+    const r = await rig('qcow2', 1, { 'detect-zeroes': 'on' });
     const q = r.drv[0]!;
     const d = fill(2048, 13);
     expect((await q.submit(VIRTIO_BLK_T_OUT, 50, [{ len: 2048, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
@@ -142,7 +103,7 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const d = fill(512, 16);
     expect((await q.submit(VIRTIO_BLK_T_OUT, 10, [{ len: 512, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(r.exp.onFastPath).toBe(true);
-    ioLimitsEnable(r.exp.backend, `fast-${seq++}`);
+    ioLimitsEnable(r.exp.backend, `fast-${uniq()}`);
     const cfg = newConfig();
     cfg.buckets[Bucket.OPS_TOTAL]!.avg = 1_000_000;
     configureGroup(r.exp.backend.throttle!, cfg);
@@ -167,7 +128,7 @@ describe('vhost-user-blk fast path (native worker)', () => {
     expect((await r2.drv[0]!.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(r2.exp.nativeThreadId).toBe(mainTid);
     // The first export's node moves to an iothread: its rings move to that thread, in place.
-    const t = createIoThread(`vu-io-${seq++}`);
+    const t = createIoThread(`vu-io-${uniq()}`);
     try {
       await setNodeIoThread(r.exp.backend.node!, t, true);
       const ioTid = r.exp.nativeThreadId!;

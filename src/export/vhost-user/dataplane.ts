@@ -59,6 +59,8 @@ export class VhostUserBlkDataPlane {
   private native: NativeRings | null = null;
   /** The session runs on the TypeScript path from now on (it started there, or fell back). */
   private jsOnly = false;
+  /** Rings the native path left, still completing forwarded requests: TypeScript waits for them. */
+  private handingOver: NativeRings | null = null;
 
   constructor(private readonly be: VhostUserBlkBackend, private readonly io: BackendIO, private readonly o: DataPlaneOptions) {}
 
@@ -86,6 +88,11 @@ export class VhostUserBlkDataPlane {
     return this.native !== null;
   }
 
+  /** Guest clusters in the native worker's mapping table (a format on the fast path). */
+  get nativeMappedClusters(): number {
+    return this.native?.mappedClusters ?? 0;
+  }
+
   /** The kernel thread serving the rings natively, or null. */
   get nativeThreadId(): number | null {
     return this.native ? this.native.threadId : null;
@@ -104,8 +111,10 @@ export class VhostUserBlkDataPlane {
     // then the block layer must see every request. Else the rings start again, on the thread
     // of the node's context (an iothread move happens in a drained section).
     const t = this.o.fastPath();
-    if (!t || !n.serves(t)) this.toTypeScript();
-    else n.resume();
+    if (!t || !n.serves(t)) {
+      n.undrain();
+      this.toTypeScript();
+    } else n.resume();
   }
 
   /** The export's length changed: requests are checked against the new capacity from now on. */
@@ -114,7 +123,7 @@ export class VhostUserBlkDataPlane {
     const n = this.native;
     if (!n) return;
     const t = this.o.fastPath();
-    if (t) n.retarget(t);
+    if (t && n.serves(t, true)) n.retarget(t);
     else this.toTypeScript();
   }
 
@@ -134,8 +143,16 @@ export class VhostUserBlkDataPlane {
     if (!n) return;
     this.native = null;
     this.jsOnly = true;
-    n.close();
-    for (const ring of this.be.rings) if (this.be.ringReady(ring)) this.ringChanged(ring);
+    this.handingOver = n;
+    n.close(); // calls nativeIdle once no forwarded request is left
+  }
+
+  /** The native rings are closed and nothing they forwarded is in flight: TypeScript may start. */
+  private nativeIdle(n: NativeRings): void {
+    if (this.handingOver !== n) return;
+    this.handingOver = null;
+    for (const [i, w] of [...this.stopWaiters]) if (!this.busy(i)) w();
+    this.restartWhenIdle();
   }
 
   /** The session ended: nothing new is popped; what is in flight finishes, then memory goes. */
@@ -157,7 +174,10 @@ export class VhostUserBlkDataPlane {
     if (!this.jsOnly && !this.active && this.retiring.size === 0 && !this.o.drained()) {
       const t = this.o.fastPath();
       if (t) {
-        const n = new NativeRings(this.be, t, { serial: this.o.serial, writeCache: () => this.effectiveWriteCache(), context: this.o.context });
+        const n: NativeRings = new NativeRings(this.be, t, {
+          serial: this.o.serial, writeCache: () => this.effectiveWriteCache(), context: this.o.context,
+          io: this.io, call: (i) => this.call(i), idle: () => this.nativeIdle(n),
+        });
         this.native = n;
         if (n.start(ring) || !this.be.ringReady(ring)) return;
         this.native = null;
@@ -186,7 +206,8 @@ export class VhostUserBlkDataPlane {
   }
 
   private stopping(ring: Vring): Promise<void> | void {
-    if (this.native) return this.native.stop(ring); // synchronous: the worker ends its batch first
+    // The worker ends its batch first; what it forwarded completes before the reply.
+    if (this.native) return this.native.stop(ring);
     const a = this.active;
     const i = ring.index;
     if (a) a.running[i] = false;
@@ -208,6 +229,7 @@ export class VhostUserBlkDataPlane {
 
   /** Whether queue `i` has requests in flight on any device of the session. */
   private busy(i: number): boolean {
+    if (this.handingOver?.forwarding(i)) return true;
     if (this.active && this.active.dev.queues[i]!.inFlight > 0) return true;
     for (const r of this.retiring) if (r.dev.queues[i]!.inFlight > 0) return true;
     return false;
@@ -239,7 +261,7 @@ export class VhostUserBlkDataPlane {
   private device(): Active | null {
     if (this.active) return this.active;
     const memory = this.be.memory;
-    if (!memory.ram || this.retiring.size > 0) return null;
+    if (!memory.ram || this.retiring.size > 0 || this.handingOver) return null;
     const n = this.be.numQueues;
     const dev = new VirtioBlk(memory.ram, this.io, { numQueues: n, queueSize: MAX_QUEUE_SIZE, serial: this.o.serial });
     const a: Active = { dev, memory, release: memory.hold(), configured: new Array<boolean>(n).fill(false), running: new Array<boolean>(n).fill(false) };
@@ -306,7 +328,7 @@ export class VhostUserBlkDataPlane {
 
   /** After a memory change: once no old request is in flight, restart the ready rings. */
   private restartWhenIdle(): void {
-    if (this.retiring.size > 0 || this.be.closed) return;
+    if (this.retiring.size > 0 || this.handingOver || this.be.closed) return;
     // (A ring whose GET_VRING_BASE waits is stopping, not restarting.)
     for (const ring of this.be.rings) if (this.be.ringReady(ring) && !this.stopWaiters.has(ring.index)) this.ringChanged(ring);
   }

@@ -120,6 +120,11 @@ export class VhostUserBlkExport {
     return this.#plane?.plane.onFastPath ?? false;
   }
 
+  /** Guest clusters the native worker serves from its mapping table (a format on the fast path). */
+  get nativeMappedClusters(): number {
+    return this.#plane?.plane.nativeMappedClusters ?? 0;
+  }
+
   /** The kernel thread serving the live session's rings natively, or null. */
   get nativeThreadId(): number | null {
     return this.#plane?.plane.nativeThreadId ?? null;

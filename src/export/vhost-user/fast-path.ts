@@ -1,8 +1,12 @@
 /**
- * The vhost-user-blk fast path: when the exported node is a plain file (raw, no window, on a
- * page-cached regular file), a session's rings are served end to end by a native worker thread
- * (src/native/vhost-blk-worker.ts), without entering JavaScript. Everything else — qcow2,
- * filters, throttling, O_DIRECT, block devices — stays on the TypeScript path (dataplane.ts).
+ * The vhost-user-blk fast path: a session's rings are served by a native worker thread
+ * (src/native/vhost-blk-worker.ts) without entering JavaScript, when the exported node is
+ * - a plain file (raw, no window, on a page-cached regular file): every request, end to end;
+ * - a format whose driver reports host mappings (qcow2 on such a file): reads and writes of
+ *   clusters in the worker's mapping table (mapping.ts), with everything else forwarded to
+ *   the block layer through shared rings (forwarding.ts) — DESIGN's hybrid.
+ * Filters, throttling, O_DIRECT, zero detection and block devices stay on the TypeScript path
+ * (dataplane.ts).
  *
  * The worker takes the ring's kick fd (the control plane's watcher is paused, not closed) and
  * signals the call fd itself. Stopping a ring (GET_VRING_BASE), a new memory table, a drained
@@ -13,7 +17,8 @@
  * Context: main loop.
  */
 import type { BlockBackend } from '../../backend/backend.js';
-import { stateOf } from '../../block/node.js';
+import type { BackendIO } from '../../backend/io.js';
+import { stateOf, type BlockNode } from '../../block/node.js';
 import { Perm } from '../../block/types.js';
 import type { AioContext } from '../../block/context.js';
 import type { VhostBlkWorker } from '../../native/vhost-blk-worker.js';
@@ -23,12 +28,16 @@ import type { VhostUserBlkBackend } from './backend.js';
 import { VIRTIO_RING_F_EVENT_IDX } from './blk-features.js';
 import type { GuestMemoryTable } from './memory.js';
 import type { Vring } from './vring.js';
+import { Forwarder } from './forwarding.js';
+import { MappingCache } from './mapping.js';
 
 /** What the worker serves: a file descriptor and the disk's shape. */
 export interface FastPathTarget {
   fd: number;
   length: number;
   readOnly: boolean;
+  /** A format node whose clusters the worker maps (requests it cannot map are forwarded). */
+  mapped?: { node: BlockNode; clusterBits: number };
 }
 
 /**
@@ -39,18 +48,25 @@ export interface FastPathTarget {
 export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
   if (process.env.SPINDLE_VHOST_FASTPATH === '0') return null;
   if (backend.throttle) return null;
-  let node = backend.node;
-  if (!node) return null;
-  const readOnly = node.readOnly || !(backend.root && backend.root.perm & Perm.WRITE);
-  if (node.driver.format === 'raw') {
-    const s = stateOf<{ offset: number; size: number }>(node);
-    if (s.offset !== 0 || s.size >= 0 || node.detectZeroes !== 'off') return null;
-    node = node.file?.node ?? null;
+  const top = backend.node;
+  if (!top || top.detectZeroes !== 'off') return null;
+  const readOnly = top.readOnly || !(backend.root && backend.root.perm & Perm.WRITE);
+  let node: BlockNode | null = top;
+  let mapped: FastPathTarget['mapped'];
+  if (top.driver.format === 'raw') {
+    const s = stateOf<{ offset: number; size: number }>(top);
+    if (s.offset !== 0 || s.size >= 0) return null;
+    node = top.file?.node ?? null;
+  } else if (top.driver.hostExtents && top.driver.watchMappings && process.env.SPINDLE_VHOST_FASTPATH !== 'raw') {
+    const bits = stateOf<{ header?: { clusterBits?: number } }>(top).header?.clusterBits;
+    if (typeof bits !== 'number') return null;
+    mapped = { node: top, clusterBits: bits };
+    node = top.file?.node ?? null;
   }
   if (!node || node.driver.format !== 'file' || node.detectZeroes !== 'off') return null;
   const f = stateOf<{ fd: number; direct: boolean; blockDev: boolean; noFlush: boolean }>(node);
   if (f.direct || f.blockDev || f.noFlush || !(f.fd >= 0)) return null;
-  return { fd: f.fd, length: backend.node!.length, readOnly };
+  return { fd: f.fd, length: top.length, readOnly, mapped };
 }
 
 /** A session's rings on the native worker of its node's AioContext (iothread-workers.ts). */
@@ -63,19 +79,39 @@ export class NativeRings {
   private suspended: Vring[] | null = null;
   private release: (() => void) | null = null;
   private memory: GuestMemoryTable | null = null;
+  /** Mapped mode: the worker's mapping table, and the forwarded requests of this memory table. */
+  private cache: MappingCache | null = null;
+  private fwd: Forwarder | null = null;
+  /** Forwarders of older memory tables, finishing their requests. */
+  private readonly retired = new Set<Forwarder>();
+  /** Rings that start once nothing forwarded is left on them. */
+  private readonly deferred = new Set<number>();
+  /** GET_VRING_BASE replies waiting for a ring's forwarded requests. */
+  private readonly waiters = new Map<number, () => void>();
+  private closed = false;
 
   constructor(
     private readonly be: VhostUserBlkBackend,
     private target: FastPathTarget,
-    private readonly o: { serial: string; writeCache: () => boolean; context: () => AioContext },
+    private readonly o: {
+      serial: string;
+      writeCache: () => boolean;
+      context: () => AioContext;
+      io: BackendIO;
+      call: (index: number) => void;
+      /** Every forwarded request is done after close(): the rings may go elsewhere. */
+      idle?: () => void;
+    },
   ) {
     this.ctx = o.context();
     this.worker = acquireWorker(this.ctx);
+    if (target.mapped) this.cache = new MappingCache(target.mapped.node, target.mapped.clusterBits, () => this.worker.barrier());
   }
 
-  /** Whether this target is still the one served (same fd, shape and mode). */
-  serves(t: FastPathTarget): boolean {
-    return t.fd === this.target.fd && t.length === this.target.length && t.readOnly === this.target.readOnly;
+  /** Whether this target is still the one served (same fd, mode and format node; and length unless resized). */
+  serves(t: FastPathTarget, resized = false): boolean {
+    const a = this.target;
+    return t.fd === a.fd && (resized || t.length === a.length) && t.readOnly === a.readOnly && t.mapped?.node === a.mapped?.node;
   }
 
   /** Start (or restart, after its kick fd or enable state changed) ring `ring`; false if it cannot. */
@@ -96,6 +132,17 @@ export class NativeRings {
       this.memory = m;
       this.release = m.hold();
     }
+    const i = ring.index;
+    if (this.cache && (!this.fwd || this.fwd.memory !== m)) {
+      if (this.fwd) this.retire(this.fwd);
+      this.fwd = this.forwarder(m);
+    }
+    if (this.forwarding(i)) {
+      // Its used ring is still being written from here: the worker takes it once that is done.
+      this.deferred.add(i);
+      return true;
+    }
+    this.deferred.delete(i);
     const a = ring.addr!;
     const desc = m.uvaToGpa(a.descUser);
     const avail = m.uvaToGpa(a.availUser);
@@ -114,26 +161,37 @@ export class NativeRings {
         capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
         serial: this.o.serial, writeCache: this.o.writeCache(),
         discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
+        ...(this.cache && this.fwd ? { map: this.cache.map, forward: this.fwd.queue(i).attach(ring.num, desc, avail, used) } : {}),
       });
     } catch (e) {
       ring.kick.setWatching(true);
       this.worker.freeIndex(slot);
       throw e;
     }
-    this.slots.set(ring.index, slot);
+    this.slots.set(i, slot);
     return true;
   }
 
-  /** Take ring `ring` back: its position goes to the ring, and JavaScript watches its kick again. */
-  stop(ring: Vring): void {
+  /**
+   * Take ring `ring` back: its position goes to the ring, and JavaScript watches its kick again.
+   * Requests the worker forwarded and that are not done yet complete into the used ring from
+   * here; the promise (if any) resolves once they have (GET_VRING_BASE waits for it).
+   */
+  stop(ring: Vring): Promise<void> | void {
+    const i = ring.index;
     if (this.suspended) this.suspended = this.suspended.filter((r) => r !== ring);
-    const slot = this.slots.get(ring.index);
-    if (slot === undefined) return;
-    this.slots.delete(ring.index);
-    const pos = this.worker.removeQueue(slot);
-    this.worker.freeIndex(slot);
-    ring.lastAvailIdx = pos.lastAvail;
-    ring.kick?.setWatching(true);
+    this.deferred.delete(i);
+    const slot = this.slots.get(i);
+    if (slot !== undefined) {
+      this.slots.delete(i);
+      const pos = this.worker.removeQueue(slot);
+      this.worker.freeIndex(slot);
+      ring.lastAvailIdx = pos.lastAvail;
+      ring.kick?.setWatching(true);
+      this.fwd?.queue(i).detach(pos.lastAvail, pos.usedIdx);
+    }
+    if (!this.forwarding(i)) return;
+    return new Promise<void>((resolve) => this.waiters.set(i, resolve));
   }
 
   kick(ring: Vring): void {
@@ -150,26 +208,26 @@ export class NativeRings {
     for (const slot of this.slots.values()) this.worker.setWriteCache(slot, on);
   }
 
-  /** The disk changed shape (a resize): the rings restart, at their positions, with the new one. */
+  /** The disk changed size: the rings check requests against the new capacity from now on. */
   retarget(t: FastPathTarget): void {
-    const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
-    for (const r of rings) this.stop(r);
     this.target = t;
-    for (const r of rings) if (this.be.ringReady(r)) this.start(r);
+    for (const slot of this.slots.values()) this.worker.setCapacity(slot, Math.floor(t.length / 512));
+    this.fwd?.dev.updateCapacity();
   }
 
   /** A new memory table: every ring moves to it at its position. */
   memoryChanged(): void {
-    for (const i of [...this.slots.keys()]) this.stop(this.be.rings[i]!);
+    for (const i of [...this.slots.keys()]) void this.stop(this.be.rings[i]!);
     for (const r of this.be.rings) if (this.be.ringReady(r)) this.start(r);
   }
 
   /** A drained section: the rings come back (the worker ends its batch), nothing is served. */
   suspend(): void {
     if (this.suspended) return;
-    const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
-    for (const r of rings) this.stop(r);
+    const rings = [...this.slots.keys(), ...this.deferred].map((i) => this.be.rings[i]!);
+    for (const r of rings) void this.stop(r);
     this.suspended = rings;
+    this.fwd?.drainedBegin();
   }
 
   /** The section ended: the rings start again, on the thread of the node's context now. */
@@ -184,7 +242,20 @@ export class NativeRings {
       this.ctx = ctx;
       releaseWorker(old);
     }
+    // What was mapped may not be any more (snapshots, reopen, a new image under the node).
+    this.cache?.clear();
+    this.fwd?.drainedEnd();
     for (const r of rings) if (this.be.ringReady(r)) this.start(r);
+  }
+
+  /** A drained section ended and the session leaves the worker: forwarded requests go on. */
+  undrain(): void {
+    this.fwd?.drainedEnd();
+  }
+
+  /** Guest clusters in the worker's mapping table. */
+  get mappedClusters(): number {
+    return this.cache?.map.size ?? 0;
   }
 
   /** The native thread serving the rings. */
@@ -192,13 +263,74 @@ export class NativeRings {
     return this.worker.threadId;
   }
 
-  /** Every ring back (positions to the rings), the worker released, the memory released. */
+  /** Whether requests forwarded from ring `i` are still being served here. */
+  forwarding(i: number): boolean {
+    if (this.fwd?.busy(i)) return true;
+    for (const f of this.retired) if (f.busy(i)) return true;
+    return false;
+  }
+
+  /** Whether any forwarded request is still being served here. */
+  get anyForwarding(): boolean {
+    return [this.fwd, ...this.retired].some((f) => f?.anyBusy);
+  }
+
+  /**
+   * Every ring back (positions to the rings), the worker released. Forwarded requests finish
+   * into the used rings (o.idle follows once they have); the memory goes after them.
+   */
   close(): void {
+    this.closed = true;
     this.suspended = null;
-    for (const i of [...this.slots.keys()]) this.stop(this.be.rings[i]!);
+    this.deferred.clear();
+    for (const i of [...this.slots.keys()]) void this.stop(this.be.rings[i]!);
     releaseWorker(this.ctx);
+    this.cache?.close();
+    if (this.fwd) this.retire(this.fwd);
+    this.fwd = null;
     this.release?.();
     this.release = null;
     this.memory = null;
+    if (!this.anyForwarding) this.o.idle?.();
+  }
+
+  private forwarder(m: GuestMemoryTable): Forwarder {
+    return new Forwarder(m, this.o.io, {
+      numQueues: this.be.numQueues,
+      serial: this.o.serial,
+      features: this.be.ackedFeatures,
+      call: this.o.call,
+      idle: (f, i) => this.idle(f, i),
+      done: (offset, bytes) => this.cache?.learn(offset, bytes),
+    });
+  }
+
+  /** A forwarder of an older memory table: it serves what it has, then closes. */
+  private retire(f: Forwarder): void {
+    if (f.anyBusy) this.retired.add(f);
+    else f.close();
+  }
+
+  /** Nothing forwarded is left on ring `i` of `f`. */
+  private idle(f: Forwarder, i: number): void {
+    if (this.retired.has(f) && !f.anyBusy) {
+      this.retired.delete(f);
+      f.close();
+    }
+    if (this.forwarding(i)) return;
+    const w = this.waiters.get(i);
+    if (w) {
+      this.waiters.delete(i);
+      w();
+    }
+    if (this.closed) {
+      if (!this.anyForwarding) this.o.idle?.();
+      return;
+    }
+    if (this.deferred.has(i)) {
+      const ring = this.be.rings[i]!;
+      this.deferred.delete(i);
+      if (this.be.ringReady(ring)) this.start(ring);
+    }
   }
 }

@@ -1,0 +1,196 @@
+// The hybrid fast path for qcow2 (src/export/vhost-user/fast-path.ts, mapping.ts,
+// forwarding.ts): the native worker serves reads and writes of clusters in its mapping table,
+// everything else is forwarded to the block layer and completed back through the worker.
+// What must hold: data lands where qcow2 says (QEMU reads it back, `qemu-img check` is clean),
+// a cluster leaves the table before qcow2 frees or copies it, and forwarded requests are
+// complete before a ring changes hands.
+import { readFileSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { withDrained } from '../../src/block/drain.js';
+import { settleCloses, unref } from '../../src/block/graph.js';
+import * as P from '../../src/export/vhost-user/protocol.js';
+import {
+  VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+} from '../../hw/virtio/virtio-blk-abi.js';
+import { ok, qemuImg } from '../cli/helpers.js';
+import type { BlkDriver } from './vhost-user-blk-driver.js';
+import { exportRig, fill, SIZE, useExportRig } from './vhost-user-export-rig.js';
+import { MiB, until } from './vhost-user-frontend.js';
+
+useExportRig();
+
+const CLUSTER = 65536;
+const SECTORS = CLUSTER / 512;
+const empty = (raw: string, q: string): void => void ok(qemuImg('create', '-q', '-f', 'qcow2', q, String(SIZE)));
+
+type Rig = Awaited<ReturnType<typeof exportRig>>;
+const ops = (r: Rig): number => r.node.stats.rdOps + r.node.stats.wrOps;
+
+async function write(q: BlkDriver, sector: number, data: Uint8Array): Promise<void> {
+  expect((await q.submit(VIRTIO_BLK_T_OUT, sector, [{ len: data.length, data }])).status).toBe(VIRTIO_BLK_S_OK);
+}
+async function read(q: BlkDriver, sector: number, len: number): Promise<Uint8Array> {
+  const c = await q.submit(VIRTIO_BLK_T_IN, sector, [{ len }]);
+  expect(c.status).toBe(VIRTIO_BLK_S_OK);
+  return c.data[0]!;
+}
+function discardSeg(sector: number, count: number): Uint8Array {
+  const seg = new Uint8Array(16);
+  new DataView(seg.buffer).setUint32(0, sector, true);
+  new DataView(seg.buffer).setUint32(8, count, true);
+  return seg;
+}
+/** The image as QEMU reads it (the export may still hold it open: -U). */
+function qemuRead(r: Rig, offset: number, len: number, snapshot?: string): Buffer {
+  const out = `${r.file}.${offset}.raw`;
+  ok(qemuImg('convert', '-U', '-f', 'qcow2', ...(snapshot ? ['-l', `snapshot.name=${snapshot}`] : []), '-O', 'raw', r.file, out));
+  return readFileSync(out).subarray(offset, offset + len);
+}
+async function closeAndCheck(r: Rig): Promise<void> {
+  r.fe.close();
+  await r.exp.close();
+  unref(r.node);
+  await settleCloses();
+  ok(qemuImg('check', '-q', r.file));
+}
+
+describe('vhost-user-blk hybrid fast path (qcow2)', () => {
+  it('allocated clusters: the first read goes through the block layer, then the worker serves them, writes in place', async () => {
+    const r = await exportRig('qcow2');
+    expect(r.exp.onFastPath).toBe(true);
+    const q = r.drv[0]!;
+    const base = fill(SIZE, 3);
+    expect(await read(q, 2 * SECTORS, 4096)).toEqual(base.subarray(2 * CLUSTER, 2 * CLUSTER + 4096));
+    expect(r.node.stats.rdOps).toBe(1);
+    await until('the cluster learned', () => r.exp.nativeMappedClusters > 0);
+    // From now on the block layer sees nothing: reads and in-place writes are native.
+    const before = ops(r);
+    expect(await read(q, 2 * SECTORS + 8, 8192)).toEqual(base.subarray(2 * CLUSTER + 4096, 2 * CLUSTER + 4096 + 8192));
+    const d = fill(8192, 21);
+    await write(q, 2 * SECTORS + 16, d);
+    expect(await read(q, 2 * SECTORS + 16, 8192)).toEqual(d);
+    expect(ops(r)).toBe(before);
+    // The bytes went where qcow2 maps them: QEMU reads them back.
+    expect(qemuRead(r, 2 * CLUSTER + 8192, 8192)).toEqual(Buffer.from(d));
+    await closeAndCheck(r);
+  });
+
+  it('an empty image: allocating writes are forwarded, rewrites are native; flush; QEMU reads the result and check is clean', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    const at = [0, 5 * SECTORS + 24, 100 * SECTORS - 8]; // the last one straddles two clusters
+    for (const [i, s] of at.entries()) await write(q, s, fill(8192, 30 + i));
+    expect(r.node.stats.wrOps).toBe(3);
+    await until('the clusters learned', () => r.exp.nativeMappedClusters >= 4);
+    const wr = r.node.stats.wrOps;
+    for (const [i, s] of at.entries()) await write(q, s, fill(8192, 40 + i));
+    expect(r.node.stats.wrOps).toBe(wr);
+    expect((await q.submit(VIRTIO_BLK_T_FLUSH, 0)).status).toBe(VIRTIO_BLK_S_OK);
+    for (const [i, s] of at.entries()) {
+      expect(await read(q, s, 8192)).toEqual(fill(8192, 40 + i));
+      expect(qemuRead(r, s * 512, 8192)).toEqual(Buffer.from(fill(8192, 40 + i)));
+    }
+    // Never written: still reads as zeroes (forwarded: unallocated).
+    expect((await read(q, 50 * SECTORS, 4096)).every((b) => b === 0)).toBe(true);
+    expect(q.errors).toEqual([]);
+    await closeAndCheck(r);
+  });
+
+  it('discard: the cluster leaves the table before qcow2 frees it; a write that reuses the host cluster does not show through', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    await write(q, 1 * SECTORS, fill(CLUSTER, 50));
+    await until('the cluster learned', () => r.exp.nativeMappedClusters === 1);
+    await write(q, 1 * SECTORS, fill(CLUSTER, 51)); // native
+    expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: discardSeg(SECTORS, SECTORS) }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r.exp.nativeMappedClusters).toBe(0);
+    // New clusters: qcow2 may hand out the freed one again.
+    for (let i = 0; i < 4; i++) await write(q, (10 + i) * SECTORS, fill(CLUSTER, 60 + i));
+    expect((await read(q, SECTORS, CLUSTER)).every((b) => b === 0)).toBe(true);
+    for (let i = 0; i < 4; i++) expect(await read(q, (10 + i) * SECTORS, CLUSTER)).toEqual(fill(CLUSTER, 60 + i));
+    await closeAndCheck(r);
+  });
+
+  it('a cluster shared with an internal snapshot is read natively, copied on write, and read back new; the snapshot keeps the old data', async () => {
+    const r = await exportRig('qcow2', {
+      qcow2: (raw, q) => {
+        ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, q));
+        ok(qemuImg('snapshot', '-c', 's1', q));
+      },
+    });
+    const q = r.drv[0]!;
+    const base = fill(SIZE, 3);
+    expect(await read(q, 4 * SECTORS, 4096)).toEqual(base.subarray(4 * CLUSTER, 4 * CLUSTER + 4096));
+    await until('the cluster learned', () => r.exp.nativeMappedClusters > 0);
+    const rd = r.node.stats.rdOps;
+    expect(await read(q, 4 * SECTORS, 4096)).toEqual(base.subarray(4 * CLUSTER, 4 * CLUSTER + 4096));
+    expect(r.node.stats.rdOps).toBe(rd); // native, read-only mapping
+    const d = fill(4096, 70);
+    await write(q, 4 * SECTORS, d); // not writable in place: forwarded, copied
+    expect(r.node.stats.wrOps).toBe(1);
+    expect(await read(q, 4 * SECTORS, 4096)).toEqual(d);
+    expect(await read(q, 4 * SECTORS + 8, 4096)).toEqual(base.subarray(4 * CLUSTER + 4096, 4 * CLUSTER + 8192));
+    expect(qemuRead(r, 4 * CLUSTER, 4096, 's1')).toEqual(Buffer.from(base.subarray(4 * CLUSTER, 4 * CLUSTER + 4096)));
+    await closeAndCheck(r);
+  });
+
+  it('a backing file: unallocated clusters read through it, a partial write copies the rest up', async () => {
+    const r = await exportRig('qcow2', {
+      qcow2: (raw, q) => void ok(qemuImg('create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', q)),
+    });
+    const q = r.drv[0]!;
+    const base = fill(SIZE, 3);
+    expect(await read(q, 3 * SECTORS, 8192)).toEqual(base.subarray(3 * CLUSTER, 3 * CLUSTER + 8192));
+    const d = fill(4096, 80);
+    await write(q, 3 * SECTORS + 8, d);
+    const want = Buffer.from(base.subarray(3 * CLUSTER, 4 * CLUSTER));
+    want.set(d, 4096);
+    expect(Buffer.from(await read(q, 3 * SECTORS, CLUSTER))).toEqual(want);
+    await until('the cluster learned', () => r.exp.nativeMappedClusters === 1);
+    expect(Buffer.from(await read(q, 3 * SECTORS, CLUSTER))).toEqual(want);
+    await closeAndCheck(r);
+  });
+
+  it('GET_VRING_BASE and drained sections wait for forwarded requests; the worker takes the ring back after', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    // Allocating writes are forwarded; the reply must come after their used entries.
+    const p = [q.post(VIRTIO_BLK_T_OUT, 0, [{ len: 4096, data: fill(4096, 90) }]), q.post(VIRTIO_BLK_T_OUT, 7 * SECTORS, [{ len: 4096, data: fill(4096, 91) }])];
+    q.kick();
+    const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
+    expect(P.dataView(vb).getUint32(4, true)).toBe(7 + 2);
+    expect(q.usedIdx).toBe(7 + 2);
+    for (const x of p) expect((await q.wait(x)).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r.node.stats.wrOps).toBe(2);
+
+    // A drain with forwarded requests in flight: they finish; afterwards the ring is native again.
+    const r2 = await exportRig('qcow2', { qcow2: empty });
+    const q2 = r2.drv[0]!;
+    const w = q2.post(VIRTIO_BLK_T_OUT, 9 * SECTORS, [{ len: 4096, data: fill(4096, 92) }]);
+    q2.kick();
+    await until('forwarded', () => r2.node.stats.wrOps + r2.node.stats.rdOps > 0 || q2.usedIdx > 7);
+    await withDrained([r2.node], () => {});
+    expect((await q2.wait(w)).status).toBe(VIRTIO_BLK_S_OK);
+    expect(r2.exp.onFastPath).toBe(true);
+    // The drain forgot the table (the graph may have changed): the next request relearns it.
+    expect(r2.exp.nativeMappedClusters).toBe(0);
+    expect(await read(q2, 9 * SECTORS, 4096)).toEqual(fill(4096, 92));
+    await until('the cluster learned', () => r2.exp.nativeMappedClusters === 1);
+    const wr = r2.node.stats.wrOps;
+    await write(q2, 9 * SECTORS, fill(4096, 93));
+    expect(r2.node.stats.wrOps).toBe(wr);
+    expect(await read(q2, 9 * SECTORS, 4096)).toEqual(fill(4096, 93));
+    expect(q2.errors).toEqual([]);
+    await closeAndCheck(r2);
+  });
+
+  it('grows with block_resize: the new clusters are allocated and then served natively', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    await r.exp.backend.truncate(SIZE + MiB);
+    const s = Math.floor(SIZE / CLUSTER) * SECTORS + 2 * SECTORS;
+    await write(q, s, fill(4096, 95));
+    expect(await read(q, s, 4096)).toEqual(fill(4096, 95));
+    await closeAndCheck(r);
+  });
+});
