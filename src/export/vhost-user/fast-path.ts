@@ -87,7 +87,7 @@ export class NativeRings {
   /** Rings that start once nothing forwarded is left on them. */
   private readonly deferred = new Set<number>();
   /** GET_VRING_BASE replies waiting for a ring's forwarded requests. */
-  private readonly waiters = new Map<number, () => void>();
+  private readonly waiters = new Map<number, (() => void)[]>();
   private closed = false;
 
   constructor(
@@ -191,7 +191,11 @@ export class NativeRings {
       this.fwd?.queue(i).detach(pos.lastAvail, pos.usedIdx);
     }
     if (!this.forwarding(i)) return;
-    return new Promise<void>((resolve) => this.waiters.set(i, resolve));
+    return new Promise<void>((resolve) => {
+      const w = this.waiters.get(i);
+      if (w) w.push(resolve);
+      else this.waiters.set(i, [resolve]);
+    });
   }
 
   kick(ring: Vring): void {
@@ -321,7 +325,7 @@ export class NativeRings {
     const w = this.waiters.get(i);
     if (w) {
       this.waiters.delete(i);
-      w();
+      for (const f of w) f();
     }
     if (this.closed) {
       if (!this.anyForwarding) this.o.idle?.();
