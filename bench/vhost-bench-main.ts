@@ -13,7 +13,7 @@
  *
  * Lines the guest prints (all start with "bench: "):
  *   bench: wait <job>                 the host samples CPU, then types "go"
- *   bench: result <job> <KiB/s> <IOPS> <runtime ms>
+ *   bench: result <job> <KiB/s> <IOPS> <runtime ms> <virtio request interrupts>
  *   bench: fail <why>
  *
  * Context: bench code only.
@@ -42,6 +42,8 @@ export interface JobResult {
   runtimeMs: number;
   /** Daemon CPU time during the job, in seconds. */
   cpuS: number;
+  /** Virtio request-queue interrupts the guest took during the job (/proc/interrupts). */
+  irqs: number;
 }
 
 export interface BenchOptions {
@@ -62,6 +64,7 @@ function guestScript(runtimeS: number): string {
   const jobs = JOBS.map((j) => `${j.name}:${j.rw}:${j.bs}:${j.depth}`).join(' ');
   return `
 export PATH=/bin:/usr/bin
+irqs() { awk '/virtio.*req/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }
 [ -b /dev/vda ] || { echo "bench: fail no /dev/vda"; cat /proc/partitions; exit 1; }
 for spec in ${jobs}; do
   IFS=: read name rw bs depth <<EOF
@@ -69,10 +72,12 @@ $spec
 EOF
   echo "bench: wait $name"
   read go
+  i0=$(irqs)
   /usr/bin/fio --name=$name --filename=/dev/vda --direct=1 --ioengine=libaio --rw=$rw --bs=$bs \\
     --iodepth=$depth --runtime=${runtimeS} --time_based=1 --output-format=terse --terse-version=3 >/tmp/out 2>&1 \\
     || { echo "bench: fail fio $name: $(tail -c 300 /tmp/out)"; exit 1; }
-  awk -F';' -v n=$name '{ print "bench: result", n, $7, $8, $9 }' /tmp/out
+  i1=$(irqs)
+  awk -F';' -v n=$name -v irq=$((i1 - i0)) '{ print "bench: result", n, $7, $8, $9, irq }' /tmp/out
   echo "bench: wait $name-end"
   read go
 done
@@ -120,8 +125,8 @@ async function runOne(o: BenchOptions, accel: Accel, kernel: string, initrd: str
       await g.waitFor(`bench: wait ${j.name}-end`);
       const c1 = cpuS(d.pid);
       g.type('go\n');
-      const [, , , kib, iops, ms] = line.trim().split(/\s+/);
-      out[j.name] = { kibps: Number(kib), iops: Number(iops), runtimeMs: Number(ms), cpuS: c1 - c0 };
+      const [, , , kib, iops, ms, irqs] = line.trim().split(/\s+/);
+      out[j.name] = { kibps: Number(kib), iops: Number(iops), runtimeMs: Number(ms), cpuS: c1 - c0, irqs: Number(irqs) };
     }
     await g.exited;
   } finally {

@@ -41,17 +41,19 @@ try {
   if (args.json) {
     process.stdout.write(JSON.stringify({ accel, results }, null, 2) + '\n');
   } else {
-    const usPerReq = (r) => (r.cpuS * 1e6) / (r.iops * (r.runtimeMs / 1000));
+    const reqs = (r) => r.iops * (r.runtimeMs / 1000);
+    const usPerReq = (r) => (r.cpuS * 1e6) / reqs(r);
+    const irqPerReq = (r) => (r.irqs / reqs(r)).toFixed(2);
     console.log(`\nvhost-user-blk, fio in a QEMU guest (${accel}); best of ${args.rounds ?? 2} round(s)\n`);
-    console.log('| format | job | Spindle IOPS | qsd IOPS | IOPS ratio | Spindle MB/s | qsd MB/s | MB/s ratio | Spindle CPU µs/req | qsd CPU µs/req |');
-    console.log('|---|---|---|---|---|---|---|---|---|---|');
+    console.log('| format | job | Spindle IOPS | qsd IOPS | IOPS ratio | Spindle MB/s | qsd MB/s | MB/s ratio | Spindle CPU µs/req | qsd CPU µs/req | Spindle guest IRQs/req | qsd guest IRQs/req |');
+    console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
     for (const [fmt, byDaemon] of Object.entries(results)) {
       for (const job of mod.JOBS) {
         const s = byDaemon.spindle[job.name];
         const q = byDaemon.qsd[job.name];
         if (!s || !q) continue;
         const mb = (r) => r.kibps * 1024 / 1e6;
-        console.log(`| ${fmt} | ${job.name} | ${s.iops} | ${q.iops} | **${(s.iops / q.iops).toFixed(2)}x** | ${mb(s).toFixed(1)} | ${mb(q).toFixed(1)} | ${(s.kibps / q.kibps).toFixed(2)}x | ${usPerReq(s).toFixed(1)} | ${usPerReq(q).toFixed(1)} |`);
+        console.log(`| ${fmt} | ${job.name} | ${s.iops} | ${q.iops} | **${(s.iops / q.iops).toFixed(2)}x** | ${mb(s).toFixed(1)} | ${mb(q).toFixed(1)} | ${(s.kibps / q.kibps).toFixed(2)}x | ${usPerReq(s).toFixed(1)} | ${usPerReq(q).toFixed(1)} | ${irqPerReq(s)} | ${irqPerReq(q)} |`);
       }
     }
   }

@@ -141,6 +141,8 @@ export interface NativeVhostBlkQueue {
   /** Negotiated VIRTIO_BLK_F_DISCARD / F_WRITE_ZEROES (default true); without: UNSUPP. */
   discard?: boolean;
   writeZeroes?: boolean;
+  /** The node may free blocks (discard=unmap; default true): else discard is a no-op and write-zeroes keeps them allocated. */
+  unmap?: boolean;
   /**
    * A mapped queue: guest offsets go through the map to offsets in `fd` (the image file); reads
    * and writes it cannot serve, flush, discard and write-zeroes are forwarded. Needs `forward`.

@@ -92,7 +92,7 @@ void CloseFds(Queue* q) {
 
 // addQueue(index, {memory?, spans?, num, desc, avail, used, lastAvail, usedIdx,
 //   eventIdx, kickFd, callFd, fd, capacitySectors, readOnly, serial, writeCache,
-//   discard?, writeZeroes?, map?, forward?: {ring, notifyFd, completeFd}})
+//   discard?, writeZeroes?, unmap?, map?, forward?: {ring, notifyFd, completeFd}})
 Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemory& def, QueueRefs* refs) {
   // The queue's own memory ({memory, spans}), or the worker's (setMemory).
   Napi::Value mv = o.Get("memory");
@@ -144,6 +144,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
   q->read_only = o.Get("readOnly").ToBoolean();
   q->discard = o.Get("discard").IsUndefined() || o.Get("discard").ToBoolean().Value();
   q->write_zeroes = o.Get("writeZeroes").IsUndefined() || o.Get("writeZeroes").ToBoolean().Value();
+  q->unmap = o.Get("unmap").IsUndefined() || o.Get("unmap").ToBoolean().Value();
   q->write_cache.store(o.Get("writeCache").IsUndefined() ? true : o.Get("writeCache").ToBoolean().Value());
   q->capacity = (uint64_t)cap;
   memcpy(q->serial, serial.data(), serial.size());

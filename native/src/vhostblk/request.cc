@@ -257,7 +257,8 @@ uint8_t Worker::DiscardOrZero(Queue* q, bool discard) {
   bool unmap = (flags & kWzUnmap) != 0;
   if ((flags & ~kWzUnmap) || (discard && unmap)) return S_UNSUPP;
   if (count > kMaxDiscardSectors || !InRange(q, sector, count) || q->read_only) return S_IOERR;
-  if (count == 0) return S_OK;
+  if (count == 0 || (discard && !q->unmap)) return S_OK;
+  unmap = unmap && q->unmap;
   uint64_t off = sector * kSector, len = (uint64_t)count * kSector;
   int r;
   if (discard) {

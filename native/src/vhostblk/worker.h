@@ -120,6 +120,9 @@ struct Queue {
   // Negotiated VIRTIO_BLK_F_DISCARD / WRITE_ZEROES: without them the request is UNSUPP.
   bool discard = true;
   bool write_zeroes = true;
+  // The node may free blocks (discard=unmap): else discard does nothing and
+  // write-zeroes keeps the blocks allocated, as the block layer does.
+  bool unmap = true;
   uint8_t serial[kIdBytes] = {};
   bool dead = false;  // worker-side copy of `broken`
   // Serve again when possible: kicked while paused, or a batch cut short by a command.

@@ -114,7 +114,7 @@ export class VhostUserBlkDataPlane {
     if (!t || !n.serves(t)) {
       n.undrain();
       this.toTypeScript();
-    } else n.resume();
+    } else n.resume(t);
   }
 
   /** The export's length changed: requests are checked against the new capacity from now on. */

@@ -36,6 +36,8 @@ export interface FastPathTarget {
   fd: number;
   length: number;
   readOnly: boolean;
+  /** Every node on the way lets discards free blocks (discard=unmap). */
+  unmap: boolean;
   /** A format node whose clusters the worker maps (requests it cannot map are forwarded). */
   mapped?: { node: BlockNode; clusterBits: number };
 }
@@ -52,6 +54,7 @@ export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
   if (!top || top.detectZeroes !== 'off') return null;
   const readOnly = top.readOnly || !(backend.root && backend.root.perm & Perm.WRITE);
   let node: BlockNode | null = top;
+  let unmap = top.discardUnmap;
   let mapped: FastPathTarget['mapped'];
   if (top.driver.format === 'raw') {
     const s = stateOf<{ offset: number; size: number }>(top);
@@ -66,7 +69,8 @@ export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
   if (!node || node.driver.format !== 'file' || node.detectZeroes !== 'off') return null;
   const f = stateOf<{ fd: number; direct: boolean; blockDev: boolean; noFlush: boolean }>(node);
   if (f.direct || f.blockDev || f.noFlush || !(f.fd >= 0)) return null;
-  return { fd: f.fd, length: top.length, readOnly, mapped };
+  unmap &&= node.discardUnmap;
+  return { fd: f.fd, length: top.length, readOnly, unmap, mapped };
 }
 
 /** A session's rings on the native worker of its node's AioContext (iothread-workers.ts). */
@@ -161,6 +165,7 @@ export class NativeRings {
         capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
         serial: this.o.serial, writeCache: this.o.writeCache(),
         discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
+        unmap: this.target.unmap,
         ...(this.cache && this.fwd ? { map: this.cache.map, forward: this.fwd.queue(i).attach(ring.num, desc, avail, used) } : {}),
       });
     } catch (e) {
@@ -234,11 +239,12 @@ export class NativeRings {
     this.fwd?.drainedBegin();
   }
 
-  /** The section ended: the rings start again, on the thread of the node's context now. */
-  resume(): void {
+  /** The section ended: the rings start again, on the thread of the node's context now, for `t` (as served). */
+  resume(t: FastPathTarget): void {
     const rings = this.suspended;
     if (!rings) return;
     this.suspended = null;
+    this.target = t; // a reopen may have changed its discard mode
     const ctx = this.o.context();
     if (ctx !== this.ctx) {
       const old = this.ctx;
