@@ -1,9 +1,11 @@
 // `npm run bench:nbd`: nbdcopy of a 256 MiB raw image (page cache warm) out of Spindle's NBD
 // export (`spindle daemon --nbd-server ... --export type=nbd`) and out of `qemu-nbd -r`, on the
-// same file, in one run; best of 3 each, alternating, with the MiB/s and the ratio.
+// same file, in one run; a sample is COPIES copies in a row (one copy takes ~150 ms, of which
+// nbdcopy's start-up is a noisy part); best of ROUNDS samples each, alternating, with the MiB/s,
+// the ratio and each server's CPU time per GiB.
 // Needs dist/ (npm run build), nbdcopy (libnbd-bin) and qemu-nbd (qemu-utils).
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -11,7 +13,8 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const MiB = 1 << 20;
 const SIZE = 256 * MiB;
-const ROUNDS = 3;
+const ROUNDS = 5;
+const COPIES = 4;
 const extra = process.argv.slice(2); // e.g. --connections=1
 
 const dir = mkdtempSync(join(tmpdir(), 'spindle-nbd-bench-'));
@@ -31,11 +34,22 @@ async function waitFor(path, proc) {
   }
 }
 
-function copy(uri) {
+/** utime + stime of process `pid` in seconds (all its threads). */
+function cpuS(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
+
+/** COPIES copies in a row: [seconds, server CPU seconds]. */
+function copy(uri, pid) {
+  const c0 = cpuS(pid);
   const t0 = process.hrtime.bigint();
-  const r = spawnSync('nbdcopy', [...extra, uri, 'null:'], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`nbdcopy ${uri}: ${r.stderr}`);
-  return Number(process.hrtime.bigint() - t0) / 1e9;
+  for (let i = 0; i < COPIES; i++) {
+    const r = spawnSync('nbdcopy', [...extra, uri, 'null:'], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`nbdcopy ${uri}: ${r.stderr}`);
+  }
+  return [Number(process.hrtime.bigint() - t0) / 1e9, cpuS(pid) - c0];
 }
 
 const spindleSock = join(dir, 'spindle.sock');
@@ -49,18 +63,22 @@ try {
   await waitFor(qemuSock, qemu);
   spawnSync('sh', ['-c', `cat '${img}' > /dev/null`]);
   const best = { spindle: Infinity, qemu: Infinity };
+  const cpu = { spindle: 0, qemu: 0 };
   for (let i = 0; i < ROUNDS; i++) {
     for (const who of i % 2 ? ['qemu', 'spindle'] : ['spindle', 'qemu']) {
-      const t = copy(`nbd+unix:///b?socket=${who === 'spindle' ? spindleSock : qemuSock}`);
+      const [t, c] = copy(`nbd+unix:///b?socket=${who === 'spindle' ? spindleSock : qemuSock}`, who === 'spindle' ? spindle.pid : qemu.pid);
       best[who] = Math.min(best[who], t);
+      cpu[who] += c;
     }
   }
-  const rate = (t) => SIZE / MiB / t;
-  console.log(`nbdcopy ${SIZE / MiB} MiB to null: ${extra.join(' ')}`);
-  console.log(`  spindle daemon  ${rate(best.spindle).toFixed(0).padStart(6)} MiB/s`);
-  console.log(`  qemu-nbd        ${rate(best.qemu).toFixed(0).padStart(6)} MiB/s`);
+  const gib = (ROUNDS * COPIES * SIZE) / (1 << 30);
+  const rate = (t) => (COPIES * SIZE) / MiB / t;
+  console.log(`nbdcopy ${SIZE / MiB} MiB to null, ${COPIES} in a row, best of ${ROUNDS}: ${extra.join(' ')}`);
+  console.log(`  spindle daemon  ${rate(best.spindle).toFixed(0).padStart(6)} MiB/s  ${(cpu.spindle / gib).toFixed(2)} CPU s/GiB`);
+  console.log(`  qemu-nbd        ${rate(best.qemu).toFixed(0).padStart(6)} MiB/s  ${(cpu.qemu / gib).toFixed(2)} CPU s/GiB`);
   console.log(`  spindle/qemu    ${(best.qemu / best.spindle).toFixed(2)}x`);
-  console.log(JSON.stringify({ bench: 'nbd', mib: SIZE / MiB, spindleMiBs: rate(best.spindle), qemuMiBs: rate(best.qemu), ratio: best.qemu / best.spindle }));
+  console.log(JSON.stringify({ bench: 'nbd', mib: SIZE / MiB, spindleMiBs: rate(best.spindle), qemuMiBs: rate(best.qemu), ratio: best.qemu / best.spindle,
+    spindleCpuSPerGiB: cpu.spindle / gib, qemuCpuSPerGiB: cpu.qemu / gib }));
 } finally {
   spindle.kill('SIGTERM');
   qemu.kill('SIGTERM');
