@@ -191,6 +191,12 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     const s = Math.floor(SIZE / CLUSTER) * SECTORS + 2 * SECTORS;
     await write(q, s, fill(4096, 95));
     expect(await read(q, s, 4096)).toEqual(fill(4096, 95));
+    await until('the new cluster learned', () => r.exp.nativeMappedClusters === 1);
+    const wr = r.node.stats.wrOps;
+    await write(q, s, fill(4096, 96));
+    expect(r.node.stats.wrOps).toBe(wr);
+    expect(await read(q, s, 4096)).toEqual(fill(4096, 96));
+    expect(qemuRead(r, s * 512, 4096)).toEqual(Buffer.from(fill(4096, 96)));
     await closeAndCheck(r);
   });
 });

@@ -220,8 +220,18 @@ export class NativeRings {
   /** The disk changed size: the rings check requests against the new capacity from now on. */
   retarget(t: FastPathTarget): void {
     this.target = t;
-    for (const slot of this.slots.values()) this.worker.setCapacity(slot, Math.floor(t.length / 512));
     this.fwd?.dev.updateCapacity();
+    const c = this.cache;
+    if (c && t.mapped && t.length > c.map.lengthBytes) {
+      // The table cannot cover the new clusters: the rings move to a bigger one.
+      const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
+      for (const r of rings) void this.stop(r);
+      c.close();
+      this.cache = new MappingCache(t.mapped.node, t.mapped.clusterBits, () => this.worker.barrier());
+      for (const r of rings) if (this.be.ringReady(r)) this.start(r);
+      return;
+    }
+    for (const slot of this.slots.values()) this.worker.setCapacity(slot, Math.floor(t.length / 512));
   }
 
   /** A new memory table: every ring moves to it at its position. */
