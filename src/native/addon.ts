@@ -170,6 +170,10 @@ export interface NativeVhostBlkStats {
   forwarded: number;
   /** Forwarded requests whose completion the worker has not pushed yet. */
   inForward: number;
+  /** Of `requests`: those whose I/O went (at least partly) through the worker's io_uring. */
+  asyncRequests: number;
+  /** Requests with I/O on the io_uring now (popped, used element not yet pushed). */
+  inAsync: number;
   /** Why the queue stopped (a broken ring), or null. */
   broken: string | null;
 }
@@ -190,7 +194,16 @@ export interface NativeVhostBlkWorker {
   destroy(): void;
   /** The worker thread's kernel thread id (0 until it runs or after destroy). */
   readonly threadId: number;
+  /** The I/O policy: $SPINDLE_VHOST_IO at construction (default auto); sync without io_uring. Null after destroy. */
+  readonly ioMode: VhostBlkIoMode | null;
 }
+
+/**
+ * How the vhost-blk worker does I/O: `auto` tries RWF_NOWAIT inline and sends what would block
+ * to its io_uring, `async` sends every read/write/flush to the io_uring, `sync` does it all
+ * with blocking syscalls on the worker thread.
+ */
+export type VhostBlkIoMode = 'sync' | 'async' | 'auto';
 
 /** Native UNIX socket handle (native/src/unixfd/). */
 export interface NativeUnixSocket {

@@ -22,16 +22,24 @@
  * dup'd by the worker, so the caller may close its own at once. The layout ArrayBuffer is kept
  * alive by the worker, but it must not be unmapped (unmapFd) while queues are attached.
  *
+ * I/O ($SPINDLE_VHOST_IO, read when the worker is constructed; `ioMode`): `auto` (default) reads
+ * and writes with RWF_NOWAIT inline — a page-cache hit costs one syscall — and hands what would
+ * block (a cache miss; on ext4 every buffered write) to the worker's io_uring, so one slow request
+ * does not stall the other rings of the thread; flushes are io_uring fdatasyncs. `async` sends all
+ * of them to the io_uring; `sync` (also where io_uring is refused) does blocking syscalls on the
+ * worker thread. Discard and write-zeroes are synchronous.
+ *
  * Not served here (the TypeScript dataplane must serve the device instead): dirty logging
  * (VHOST_F_LOG_ALL), packed rings.
  */
 import {
   native, type NativeVhostBlkMap, type NativeVhostBlkQueue, type NativeVhostBlkStats, type NativeVhostBlkWorker,
+  type VhostBlkIoMode,
 } from './addon.js';
 import { VhostBlkMap } from './vhost-blk-map.js';
 
 export { VhostBlkMap } from './vhost-blk-map.js';
-export type { NativeVhostBlkForward as VhostBlkForward } from './addon.js';
+export type { NativeVhostBlkForward as VhostBlkForward, VhostBlkIoMode } from './addon.js';
 
 /** addQueue options; `map` may be the VhostBlkMap wrapper or its native handle. */
 export type VhostBlkQueueOptions = Omit<NativeVhostBlkQueue, 'map'> & { map?: VhostBlkMap | NativeVhostBlkMap };
@@ -90,6 +98,11 @@ export class VhostBlkWorker {
     return this.h?.threadId ?? 0;
   }
 
+  /** The I/O policy in effect (see the file comment). */
+  get ioMode(): VhostBlkIoMode {
+    return this.handle.ioMode ?? 'sync';
+  }
+
   /** A queue index no one else on this worker uses (queues of several sessions share a worker). */
   allocIndex(): number {
     const i = this.freeSlots.pop() ?? this.nextSlot++;
@@ -109,7 +122,8 @@ export class VhostBlkWorker {
   }
 
   /**
-   * Stops ring `index` after the request in progress (no request is ever half done), pushes
+   * Stops ring `index` after the request in progress (no request is ever half done: those with
+   * I/O on the io_uring are waited for, blocking this thread meanwhile), pushes
    * the completions already in the forward ring, closes the worker's fds of it, and returns its
    * position (lastAvail: GET_VRING_BASE's value) and counters. Remove a mapped queue only once
    * `stats().inForward` is 0: requests still forwarded are forgotten (their used elements
@@ -137,8 +151,9 @@ export class VhostBlkWorker {
   }
 
   /**
-   * Returns once the worker is between requests: every request that looked up a map entry
-   * before the call has finished its I/O (use after VhostBlkMap.invalidate/clear).
+   * Returns once the worker is between requests and no request has I/O in flight: every request
+   * that looked up a map entry before the call has finished its I/O (use after
+   * VhostBlkMap.invalidate/clear). Blocks this thread while in-flight I/O completes.
    */
   barrier(): void {
     this.handle.barrier();
@@ -150,8 +165,9 @@ export class VhostBlkWorker {
   }
 
   /**
-   * Stops popping requests from all rings; returns once no request is being processed. Kicks
-   * are remembered; completions of forwarded requests are still pushed.
+   * Stops popping requests from all rings; returns once no request is being processed (I/O in
+   * flight on the io_uring completed and pushed). Kicks are remembered; completions of forwarded
+   * requests are still pushed.
    */
   pause(): void {
     this.handle.pause();

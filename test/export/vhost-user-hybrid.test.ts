@@ -157,6 +157,11 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     // Allocating writes are forwarded; the reply must come after their used entries.
     const p = [q.post(VIRTIO_BLK_T_OUT, 0, [{ len: 4096, data: fill(4096, 90) }]), q.post(VIRTIO_BLK_T_OUT, 7 * SECTORS, [{ len: 4096, data: fill(4096, 91) }])];
     q.kick();
+    // The worker forwards both (and asks for the next kick past them) on its own thread; this
+    // thread does not yield meanwhile, so their I/O has not even started when the message goes.
+    const end = Date.now() + 3000;
+    while (q.availEvent !== 9 && Date.now() < end);
+    expect(q.availEvent).toBe(9);
     const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
     expect(P.dataView(vb).getUint32(4, true)).toBe(7 + 2);
     expect(q.usedIdx).toBe(7 + 2);

@@ -33,7 +33,7 @@ bool Worker::Forward(Queue* q, uint16_t head) {
   }
   StoreRelaxed(q->fring + kFwdEntries + q->fwd_prod % n, head);
   q->fwd_prod++;
-  q->fwd_inflight[head] = 1;
+  q->inflight[head] = kInFwd;
   q->in_forward.fetch_add(1, std::memory_order_relaxed);
   q->forwarded.fetch_add(1, std::memory_order_relaxed);
   q->fwd_batch = true;
@@ -69,11 +69,11 @@ void Worker::TakeCompletions(Queue* q) {
   for (; q->cpl_cons != prod; q->cpl_cons++) {
     const uint32_t* c = cpl + 2 * (q->cpl_cons % n);
     uint32_t head = LoadRelaxed(c), len = LoadRelaxed(c + 1);
-    if (head >= n || !q->fwd_inflight[head]) {
+    if (head >= n || q->inflight[head] != kInFwd) {
       Break(q, "completion for head " + std::to_string(head) + " that was not forwarded");
       break;
     }
-    q->fwd_inflight[head] = 0;
+    q->inflight[head] = 0;
     q->in_forward.fetch_sub(1, std::memory_order_relaxed);
     // Not yet visible to the driver: making it available again before the
     // next publication is a driver bug (as for a head served natively).

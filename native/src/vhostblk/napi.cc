@@ -45,7 +45,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
                         InstanceMethod<&VhostBlkWorker::Resume>("resume"),
                         InstanceMethod<&VhostBlkWorker::Stats>("stats"),
                         InstanceMethod<&VhostBlkWorker::Destroy>("destroy"),
-                        InstanceAccessor<&VhostBlkWorker::GetThreadId>("threadId")});
+                        InstanceAccessor<&VhostBlkWorker::GetThreadId>("threadId"),
+                        InstanceAccessor<&VhostBlkWorker::GetIoMode>("ioMode")});
   }
 
   VhostBlkWorker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VhostBlkWorker>(info) {
@@ -133,6 +134,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     QueueRefs refs;
     Queue* q = vhostblk::NewQueue(env, (uint32_t)idx, info[1].As<Napi::Object>(), def_, &refs);
     if (!q) return env.Undefined();
+    if (worker_->io_mode() != vhostblk::IoMode::kSync) vhostblk::AllocAioSlots(q);
     int r = worker_->Command(Worker::kAdd, q, q->index, -1);
     if (r < 0) {
       vhostblk::CloseFds(q);
@@ -162,6 +164,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     o.Set("busyNs", (double)q->busy_ns.load());
     o.Set("forwarded", (double)q->forwarded.load());
     o.Set("inForward", (double)q->in_forward.load());
+    o.Set("asyncRequests", (double)q->async_requests.load());
+    o.Set("inAsync", (double)q->in_async.load());
     if (q->broken.load()) {
       std::lock_guard<std::mutex> g(worker_->stats_mu_);
       o.Set("broken", q->why);
@@ -214,8 +218,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     return env.Undefined();
   }
 
-  // barrier(): returns once the worker is between requests, so no request
-  // still uses map entries invalidated before the call.
+  // barrier(): returns once the worker is between requests and has no I/O on
+  // its ring, so no request still uses map entries invalidated before the call.
   Napi::Value Barrier(const Napi::CallbackInfo& info) {
     if (!worker_) return Fail(info.Env(), "destroyed");
     worker_->Command(Worker::kBarrier, nullptr, 0, -1);
@@ -248,6 +252,13 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     Queue* q = Lookup(info);
     if (!q) return info.Env().Undefined();
     return StatsOf(info.Env(), q);
+  }
+
+  // "sync" | "async" | "auto": $SPINDLE_VHOST_IO at construction, sync without io_uring.
+  Napi::Value GetIoMode(const Napi::CallbackInfo& info) {
+    static const char* const names[] = {"sync", "async", "auto"};
+    if (!worker_) return info.Env().Null();
+    return Napi::String::New(info.Env(), names[(int)worker_->io_mode()]);
   }
 
   Napi::Value GetThreadId(const Napi::CallbackInfo& info) {

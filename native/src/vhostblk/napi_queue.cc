@@ -149,7 +149,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
   q->capacity = (uint64_t)cap;
   memcpy(q->serial, serial.data(), serial.size());
   q->stamp.assign(q->num, 0);
-  q->fwd_inflight.assign(q->num, 0);
+  q->inflight.assign(q->num, 0);
   bool ok = (q->kick_fd = DupFd((int)kick)) >= 0 && (q->fd = DupFd((int)fd)) >= 0 &&
             (call < 0 || (q->call_fd = DupFd((int)call)) >= 0) &&
             (notify < 0 || (q->notify_fd = DupFd((int)notify)) >= 0) &&

@@ -1,8 +1,10 @@
 // Executing one virtio-blk request popped by the ring code: read/write
 // between the image file and guest memory (on a mapped queue through the
 // cluster map), flush, get-id, discard and write-zeroes, and the status byte;
-// or, on a mapped queue, the decision to forward it to JavaScript.
-// Synchronous syscalls on the worker thread (see the I/O note in worker.h).
+// or, on a mapped queue, the decision to forward it to JavaScript.  Reads,
+// writes and flushes go to aio.cc when the worker has an io_uring; the rest,
+// and everything without a ring, are synchronous syscalls on this thread (see
+// the I/O note in worker.h).
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/falloc.h>
@@ -13,6 +15,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "io.h"
 #include "worker.h"
 
 namespace spindle {
@@ -26,9 +29,8 @@ enum : uint32_t {
 };
 constexpr uint32_t kWzUnmap = 1;
 
-// Full transfer between fd and iov (modified in place): loops over short
-// transfers, EINTR and IOV_MAX.  A read that meets EOF zero-fills the rest (a
-// file shorter than its capacity reads as zeroes, as in QEMU's raw driver).
+}  // namespace
+
 int RwFull(int fd, iovec* iov, size_t cnt, uint64_t off, bool write) {
   while (cnt > 0) {
     int n = cnt > (size_t)IOV_MAX ? IOV_MAX : (int)cnt;
@@ -39,32 +41,37 @@ int RwFull(int fd, iovec* iov, size_t cnt, uint64_t off, bool write) {
     }
     if (r == 0) {
       if (write) return -EIO;
-      for (size_t i = 0; i < cnt; i++) memset(iov[i].iov_base, 0, iov[i].iov_len);
+      ZeroIov(iov, cnt);  // a file shorter than its capacity reads as zeroes (QEMU's raw driver)
       return 0;
     }
     off += (uint64_t)r;
-    size_t left = (size_t)r;
-    while (left > 0 && cnt > 0) {
-      if (left >= iov->iov_len) {
-        left -= iov->iov_len;
-        iov++;
-        cnt--;
-      } else {
-        iov->iov_base = (uint8_t*)iov->iov_base + left;
-        iov->iov_len -= left;
-        left = 0;
-      }
-    }
-    while (cnt > 0 && iov->iov_len == 0) {
-      iov++;
-      cnt--;
-    }
+    AdvanceIov(&iov, &cnt, (size_t)r);
   }
   return 0;
 }
 
-// Appends to `out` the next `len` bytes of `src` from the cursor (*i, *skip),
-// and advances the cursor.  `src` must hold them.
+void AdvanceIov(iovec** iov, size_t* cnt, size_t n) {
+  iovec* v = *iov;
+  size_t c = *cnt;
+  while (c > 0 && (n > 0 || v->iov_len == 0)) {
+    if (n >= v->iov_len) {
+      n -= v->iov_len;
+      v++;
+      c--;
+    } else {
+      v->iov_base = (uint8_t*)v->iov_base + n;
+      v->iov_len -= n;
+      n = 0;
+    }
+  }
+  *iov = v;
+  *cnt = c;
+}
+
+void ZeroIov(const iovec* iov, size_t cnt) {
+  for (size_t i = 0; i < cnt; i++) memset(iov[i].iov_base, 0, iov[i].iov_len);
+}
+
 void SliceIov(const std::vector<iovec>& src, size_t* i, size_t* skip, uint64_t len, std::vector<iovec>* out) {
   while (len > 0) {
     const iovec& v = src[*i];
@@ -79,16 +86,18 @@ void SliceIov(const std::vector<iovec>& src, size_t* i, size_t* skip, uint64_t l
   }
 }
 
-int Fallocate(int fd, int mode, uint64_t off, uint64_t len) {
+int Fdatasync(int fd) {
   for (;;) {
-    if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0) return 0;
+    if (fdatasync(fd) == 0) return 0;
     if (errno != EINTR) return -errno;
   }
 }
 
-int Fdatasync(int fd) {
+namespace {
+
+int Fallocate(int fd, int mode, uint64_t off, uint64_t len) {
   for (;;) {
-    if (fdatasync(fd) == 0) return 0;
+    if (fallocate(fd, mode, (off_t)off, (off_t)len) == 0) return 0;
     if (errno != EINTR) return -errno;
   }
 }
@@ -156,18 +165,25 @@ bool Worker::InRange(const Queue* q, uint64_t sector, uint64_t count) {
   return sector <= q->capacity && count <= q->capacity - sector;
 }
 
-// Executes the request in e_; writes and returns its status, or returns
-// kForward (nothing written: JavaScript answers it).
-uint8_t Worker::Run(Queue* q) {
-  if (e_.in.empty()) return S_IOERR;  // no status byte to write
+// The status byte: the last byte of the last device-writable buffer (e_.in
+// is not empty).
+uint8_t* Worker::StatusAt() const {
   const iovec& last = e_.in.back();
-  uint8_t* status_at = (uint8_t*)last.iov_base + last.iov_len - 1;
-  uint8_t s = Request(q);
-  if (s != kForward) *status_at = s;
+  return (uint8_t*)last.iov_base + last.iov_len - 1;
+}
+
+// Executes the request in e_ (popped from `head`); writes and returns its
+// status, or returns kForward (nothing written: JavaScript answers it) or
+// kAsync (nothing written yet: its I/O is on the ring).
+uint8_t Worker::Run(Queue* q, uint16_t head) {
+  if (e_.in.empty()) return S_IOERR;  // no status byte to write
+  uint8_t* status_at = StatusAt();
+  uint8_t s = Request(q, head);
+  if (s != kForward && s != kAsync) *status_at = s;
   return s;
 }
 
-uint8_t Worker::Request(Queue* q) {
+uint8_t Worker::Request(Queue* q, uint16_t head) {
   if (e_.fault || e_.out_bytes < 16) return S_IOERR;
   uint8_t hdr[16];
   CopyOut(hdr, 0, 16);
@@ -183,9 +199,10 @@ uint8_t Worker::Request(Queue* q) {
       if (bytes % kSector != 0 || !InRange(q, sector, bytes / kSector)) return S_IOERR;
       if (write && q->read_only) return S_IOERR;
       if (bytes == 0) return S_OK;
+      if (q->map && !MapRuns(q, sector * kSector, bytes, write)) return kForward;
+      if (ring_) return ReadWrite(q, head, sector * kSector, bytes, write);
       if (q->map) {
-        uint8_t s = MappedRw(q, sector * kSector, bytes, write);
-        if (s != S_OK) return s;
+        if (MappedSync(q, write) < 0) return S_IOERR;
       } else if (RwFull(q->fd, data_.data(), data_.size(), sector * kSector, write) < 0) {
         return S_IOERR;
       }
@@ -199,6 +216,7 @@ uint8_t Worker::Request(Queue* q) {
     }
     case T_FLUSH:
       if (q->map) return kForward;  // the format's metadata too
+      if (ring_) return FlushAsync(q, head);
       return Fdatasync(q->fd) < 0 ? S_IOERR : S_OK;
     case T_GET_ID: {
       Gather(false);
@@ -217,16 +235,16 @@ uint8_t Worker::Request(Queue* q) {
   }
 }
 
-// A read/write of [off, +bytes) (data in data_) on a mapped queue: served if
-// every cluster is mapped (writable, for a write), one transfer per run of
-// host-contiguous clusters; else kForward, before any I/O.
-uint8_t Worker::MappedRw(Queue* q, uint64_t off, uint64_t bytes, bool write) {
+// A read/write of [off, +bytes) (data in data_) on a mapped queue: runs_ =
+// the runs of host-contiguous clusters; false (forward it) unless every
+// cluster is mapped (writable, for a write).
+bool Worker::MapRuns(Queue* q, uint64_t off, uint64_t bytes, bool write) {
   const ClusterMap& m = *q->map;
   uint64_t csize = (uint64_t)1 << m.bits(), end = off + bytes;
   runs_.clear();
   for (uint64_t pos = off; pos < end;) {
     uint64_t e = m.Lookup(pos >> m.bits());
-    if (!(e & ClusterMap::kValid) || (write && !(e & ClusterMap::kWritable))) return kForward;
+    if (!(e & ClusterMap::kValid) || (write && !(e & ClusterMap::kWritable))) return false;
     uint64_t in = pos & (csize - 1), n = std::min(csize - in, end - pos);
     uint64_t host = (e & ~(ClusterMap::kValid | ClusterMap::kWritable)) + in;
     if (!runs_.empty() && runs_.back().host + runs_.back().len == host)
@@ -235,13 +253,19 @@ uint8_t Worker::MappedRw(Queue* q, uint64_t off, uint64_t bytes, bool write) {
       runs_.push_back({host, n});
     pos += n;
   }
-  size_t i = 0, skip = 0;  // cursor in data_, which holds exactly `bytes`
+  return true;
+}
+
+// MapRuns' runs, one synchronous transfer each; 0 or -errno.
+int Worker::MappedSync(Queue* q, bool write) {
+  size_t i = 0, skip = 0;  // cursor in data_, which holds exactly the runs' bytes
   for (const HostRun& r : runs_) {
     slice_.clear();
     SliceIov(data_, &i, &skip, r.len, &slice_);
-    if (RwFull(q->fd, slice_.data(), slice_.size(), r.host, write) < 0) return S_IOERR;
+    int e = RwFull(q->fd, slice_.data(), slice_.size(), r.host, write);
+    if (e < 0) return e;
   }
-  return S_OK;
+  return 0;
 }
 
 uint8_t Worker::DiscardOrZero(Queue* q, bool discard) {

@@ -56,8 +56,11 @@ void Worker::Serve(Queue* q) {
   mem_ = q->mem;
   spans_ = &q->spans;
   uint64_t t0 = Now();
+  serving_ = q;
   ServeRing(q);
+  serving_ = nullptr;
   Complete(q);  // what JavaScript returned during the last batch goes out now
+  if (aio_reqs_) ReapAio();  // CQEs that came in meanwhile, without waiting for epoll
   q->busy_ns.fetch_add(Now() - t0, std::memory_order_relaxed);
 }
 
@@ -71,6 +74,7 @@ void Worker::ServeRing(Queue* q) {
       q->batch = 1;
     }
     TakeCompletions(q);  // published with this batch
+    if (aio_reqs_) ReapAio();  // so are q's CQEs; other queues are published at once
     bool cut = false;
     while (done < q->num && !q->dead) {
       // A command waits for us: end the batch here, serve again after it.
@@ -82,6 +86,7 @@ void Worker::ServeRing(Queue* q) {
       if (r <= 0) break;
       done++;
     }
+    if (ring_ && ring_->Unsubmitted()) ring_->Submit();  // one io_uring_enter per batch
     Publish(q);
     EndForwardBatch(q);
     served += done;
@@ -105,13 +110,15 @@ void Worker::ServeRing(Queue* q) {
   }
 }
 
-// Spins up to poll_ns_ for the avail index to move or a completion to
-// arrive; true if either did.
+// Spins up to poll_ns_ for the avail index to move or a completion (from
+// JavaScript or the ring) to arrive; true if either did.
 bool Worker::Poll(Queue* q) {
   uint64_t end = Now() + poll_ns_;
   do {
     for (int i = 0; i < 64; i++) {
-      if (Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail || CompletionsPending(q)) return true;
+      if (Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail || CompletionsPending(q) ||
+          (aio_reqs_ && ring_->Ready()))
+        return true;
       __builtin_ia32_pause();
     }
   } while (Now() < end && !cmd_pending_.load(std::memory_order_relaxed));
@@ -170,8 +177,9 @@ int Worker::PopAndRun(Queue* q) {
     return -1;
   }
   // A head pushed in this batch is not yet visible to the driver as used; a
-  // forwarded one is not used until JavaScript completes it.
-  if (q->stamp[head] == q->batch || q->fwd_inflight[head]) {
+  // forwarded one is not used until JavaScript completes it, one on the ring
+  // until its last CQE.
+  if (q->stamp[head] == q->batch || q->inflight[head]) {
     Break(q, "head " + std::to_string(head) + " made available again while in flight");
     return -1;
   }
@@ -182,8 +190,9 @@ int Worker::PopAndRun(Queue* q) {
   }
   q->stamp[head] = q->batch;
   q->last_avail++;
-  uint8_t status = Run(q);
+  uint8_t status = Run(q, head);
   if (status == kForward) return Forward(q, head) ? 1 : -1;
+  if (status == kAsync) return 1;  // ReapAio pushes it
   PushUsed(q, head, (uint32_t)e_.in_bytes);
   q->requests.fetch_add(1, std::memory_order_relaxed);
   if (status != S_OK) q->errors.fetch_add(1, std::memory_order_relaxed);

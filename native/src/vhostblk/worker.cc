@@ -39,6 +39,11 @@ int Worker::Start() {
     Close();
     return e;
   }
+  int e = StartAio();
+  if (e < 0) {
+    Close();
+    return e;
+  }
   queues_.assign(kMaxQueues, nullptr);
   // Signals stay with Node's threads: the worker blocks them all (inherited
   // mask), so its syscalls are not interrupted and no handler runs on it.
@@ -87,6 +92,7 @@ void Worker::Close() {
   if (ep_ >= 0) close(ep_);
   if (ctl_ >= 0) close(ctl_);
   ep_ = ctl_ = -1;
+  ring_.reset();  // nothing in flight: kQuit waited for it
 }
 
 void Worker::Loop() {
@@ -100,6 +106,13 @@ void Worker::Loop() {
       return;  // cannot happen with a valid epoll fd
     }
     for (int i = 0; i < n; i++) {
+      if (evs[i].data.u64 == kAioKey) {
+        uint64_t v;
+        ssize_t r = read(ring_->event_fd(), &v, sizeof v);  // before reaping: a later CQE signals again
+        (void)r;
+        ReapAio();  // even while paused: these were popped before
+        continue;
+      }
       if (evs[i].data.u64 == kCtlKey) {
         uint64_t v;
         ssize_t r = read(ctl_, &v, sizeof v);
@@ -177,6 +190,7 @@ bool Worker::Execute() {
       break;
     }
     case kRemove:
+      DrainAio(q);  // the position handed back counts every request popped
       Complete(q);  // what JS finished goes to the guest; the rest is forgotten
       epoll_ctl(ep_, EPOLL_CTL_DEL, q->kick_fd, nullptr);
       if (q->complete_fd >= 0) epoll_ctl(ep_, EPOLL_CTL_DEL, q->complete_fd, nullptr);
@@ -188,17 +202,21 @@ bool Worker::Execute() {
       q->call_fd = cmd_fd_;
       break;
     case kSetCapacity:
+      DrainAio(q);  // no request checked against the old capacity still doing I/O
       q->capacity = cmd_arg_;
       break;
     case kPause:
+      DrainAio(nullptr);
       paused_ = true;
       break;
     case kResume:
       paused_ = false;  // ServeRescheduled serves what was kicked meanwhile
       break;
-    case kBarrier:  // between requests by construction: nothing to do
+    case kBarrier:  // between requests by construction; the ring's requests are waited for
+      DrainAio(nullptr);
       break;
     case kQuit:
+      DrainAio(nullptr);
       for (Queue*& x : queues_)
         if (x) {
           epoll_ctl(ep_, EPOLL_CTL_DEL, x->kick_fd, nullptr);

@@ -49,16 +49,39 @@
 // microseconds).  The worker runs commands only between requests: a pending
 // command ends the batch in progress (published first) and the queue is
 // served again after it (Queue::resched), so pause(), removeQueue() and
-// barrier() are prompt under load and never see a request half done.  While
-// paused nothing new is popped, but completions of forwarded requests are
-// still pushed.  Counters are atomics the JS thread may read at any time.
+// barrier() are prompt under load and never see a request half done (those
+// with I/O on the ring are waited for, see below).  While paused nothing new
+// is popped, but completions of forwarded requests are still pushed.
+// Counters are atomics the JS thread may read at any time.
 //
-// I/O is synchronous preadv/pwritev/fdatasync/fallocate on the worker thread.
-// That is right for the common case (the image is page-cached: a 4 KiB copy
-// costs ~1 us and an async submission would cost as much), but a cache miss
-// or a slow fdatasync stalls every queue of this worker.  The replacement is
-// an io_uring per worker (uring.cc's raw-syscall ring) with the chain kept as
-// in flight until its CQE, and the pool fallback where io_uring is missing.
+// I/O: $SPINDLE_VHOST_IO (read at worker start) picks the policy.
+// - auto (default): a read first tries preadv2(RWF_NOWAIT) inline, so a
+//   page-cache hit costs what a plain preadv does; what would block (EAGAIN,
+//   or a short count that is not EOF) goes to the worker's io_uring (aio.cc)
+//   as READV of the rest.  Writes likewise with pwritev2(RWF_NOWAIT); where
+//   the file system refuses NOWAIT for buffered writes (ext4: EOPNOTSUPP,
+//   remembered per queue) they are done inline, as before: the copy costs
+//   less than io-wq's hand-off.  O_DIRECT files skip the inline try.  Every
+//   fdatasync (flush, and write-through after a write when the write cache
+//   is off) is an FSYNC(DATASYNC) SQE; only write-through with data on the
+//   ring orders it after them (IO_DRAIN).
+// - async: everything above goes to the ring, no inline try (tests use it).
+// - sync, or io_uring_setup refused (ENOSYS, EPERM): synchronous preadv/
+//   pwritev/fdatasync on this thread, as before.
+// Discard and write-zeroes (fallocate) stay synchronous.  A request with
+// I/O on the ring keeps what it needs in its head's slot (Queue::aio,
+// preallocated: no allocation per request) and stays in flight (a head the
+// driver makes available again breaks the queue) until its last CQE: then its
+// status byte is written, the used element pushed, and the queue published
+// once per round of CQEs.  CQEs are reaped when the ring's eventfd wakes the
+// epoll loop, at each batch start and after each Serve.  Commands that need
+// "no request doing I/O" (pause, barrier, quit: none at all; removeQueue,
+// setCapacity: none on that queue) first wait for the ring's requests,
+// completing them meanwhile; the JS thread blocks for that long.  At most
+// cq_entries SQEs are in flight: beyond, the worker waits for completions
+// (backpressure); a request that alone needs more is done synchronously.
+// IO_DRAIN is ring-wide, so it is kept to that rare case: it would hold
+// back later SQEs of every queue of this worker.
 //
 // Not done here (the TS path must serve the device instead): dirty-page
 // logging (VHOST_F_LOG_ALL, migration), packed rings.
@@ -66,8 +89,10 @@
 // Files: worker.h (this: shared types and the Worker class), worker.cc (the
 // thread, its epoll loop and commands), ring.cc (serving the split rings),
 // request.cc (executing virtio-blk requests), forward.cc (mapped I/O, the
-// forward and completion rings), map.h/map.cc (the cluster map and its JS
-// class), napi.cc (the worker's JS class).
+// forward and completion rings), aio.cc (requests on the io_uring),
+// iouring.h/iouring.cc (the ring itself), io.h (the synchronous helpers),
+// map.h/map.cc (the cluster map and its JS class), napi.cc (the worker's JS
+// class).
 #pragma once
 
 #include <sys/uio.h>
@@ -81,6 +106,7 @@
 #include <thread>
 #include <vector>
 
+#include "iouring.h"
 #include "map.h"
 
 namespace spindle {
@@ -94,12 +120,42 @@ constexpr uint32_t kIdBytes = 20;
 enum : uint8_t { S_OK = 0, S_IOERR = 1, S_UNSUPP = 2 };
 // Request()'s answer for "JavaScript executes this one": no status byte written.
 constexpr uint8_t kForward = 0xff;
+// Request()'s answer for "its I/O is on the io_uring": the last CQE completes it.
+constexpr uint8_t kAsync = 0xfe;
+// Queue::inflight values: why a popped head has no used element yet.
+enum : uint8_t { kInFwd = 1, kInAio = 2 };
+
+enum class IoMode : uint8_t { kSync, kAsync, kAuto };
+// epoll data of the io_uring's eventfd (worker.cc has the other keys).
+constexpr uint64_t kAioKey = ~(uint64_t)1;
 
 // Forward ring slots (Int32Array indices; see the header comment).
 enum : uint32_t { kFwdProd = 0, kFwdCons = 1, kCplProd = 2, kCplCons = 3, kFwdEntries = 16 };
 
 struct Span {
   uint64_t start, end;
+};
+
+// One SQE of an async request: a READV/WRITEV of iov[first, +count) at off
+// (bytes left to transfer), or the FSYNC.
+struct AioPart {
+  uint64_t off, bytes;
+  uint32_t first, count;
+  bool fsync;
+};
+
+// A request whose I/O is on the ring (Queue::aio[head]).  Vectors keep their
+// capacity from request to request: after warm-up nothing is allocated.
+struct AioSlot {
+  uint8_t* status = nullptr;
+  uint32_t len = 0;      // used length
+  uint32_t pending = 0;  // parts whose CQE has not arrived
+  uint64_t bytes = 0;    // data bytes, counted at completion
+  bool write = false;
+  bool data_err = false, sync_err = false;
+  bool resync = false;  // a write part was resubmitted after its FSYNC was queued
+  std::vector<iovec> iov;  // own copy: e_ and data_ are reused by the next request
+  std::vector<AioPart> parts;
 };
 
 // One attached queue.  Created and deleted by the JS thread; between addQueue
@@ -136,7 +192,14 @@ struct Queue {
   int notify_fd = -1, complete_fd = -1;
   uint32_t fwd_prod = 0, cpl_cons = 0;  // worker-owned counters (also stored in fring)
   bool fwd_batch = false;  // forwarded something in the batch in progress
-  std::vector<uint8_t> fwd_inflight;  // per head: forwarded, completion not yet seen
+  std::vector<uint8_t> inflight;  // per head: kInFwd (forwarded), kInAio (on the ring), or 0
+
+  // Requests on the io_uring (worker-owned; aio.cc).
+  std::vector<AioSlot> aio;  // per head, sized at attach when the worker has a ring
+  uint32_t aio_inflight = 0;
+  bool aio_touched = false;  // pushed used elements not yet published (Reap)
+  bool direct = false;       // O_DIRECT fd: no inline NOWAIT try
+  bool nowait_read = true, nowait_write = true;  // cleared on EOPNOTSUPP
 
   std::atomic<bool> write_cache{true};
   std::atomic<bool> broken{false};
@@ -145,6 +208,8 @@ struct Queue {
   std::atomic<uint64_t> busy_ns{0};  // time spent in Serve (worker-side cost)
   std::atomic<uint64_t> forwarded{0};
   std::atomic<uint32_t> in_forward{0};
+  std::atomic<uint64_t> async_requests{0};  // served requests whose I/O went (partly) to the ring
+  std::atomic<uint32_t> in_async{0};
   std::atomic<uint32_t> pos{0};  // last_avail | published << 16, after each batch
 };
 
@@ -161,6 +226,9 @@ struct Elem {
   }
 };
 
+// Sizes a new queue's Queue::aio (JS thread, before kAdd, if the worker has a ring).
+void AllocAioSlots(Queue* q);
+
 class Worker {
  public:
   enum CmdType { kNone, kAdd, kRemove, kSetCall, kSetCapacity, kPause, kResume, kBarrier, kQuit };
@@ -172,6 +240,8 @@ class Worker {
   void Stop();
   // Executes a command on the worker thread; blocks until it is done.
   int Command(CmdType type, Queue* q, uint32_t index, int fd, uint64_t arg = 0);
+  // The effective I/O policy (sync if io_uring could not be set up); fixed by Start.
+  IoMode io_mode() const { return io_mode_; }
 
   std::mutex stats_mu_;
   // The thread's kernel id once it runs (query-iothreads' thread-id), else 0.
@@ -187,6 +257,7 @@ class Worker {
   void Detach(Queue* q);
   void Break(Queue* q, const std::string& why);
   static uint64_t PollNsFromEnv();
+  static IoMode IoModeFromEnv();
 
   // ring.cc: bounds, ring access, batches, chain walking.
   bool Contains(uint64_t addr, uint64_t len) const;
@@ -206,12 +277,27 @@ class Worker {
   void CopyOut(uint8_t* dst, size_t skip, size_t n);
   uint64_t Gather(bool write);
   static bool InRange(const Queue* q, uint64_t sector, uint64_t count);
-  uint8_t Run(Queue* q);
-  uint8_t Request(Queue* q);
+  uint8_t* StatusAt() const;
+  uint8_t Run(Queue* q, uint16_t head);
+  uint8_t Request(Queue* q, uint16_t head);
   uint8_t DiscardOrZero(Queue* q, bool discard);
+  bool MapRuns(Queue* q, uint64_t off, uint64_t bytes, bool write);
+  int MappedSync(Queue* q, bool write);
+
+  // aio.cc: requests on the io_uring.
+  int StartAio();
+  uint8_t ReadWrite(Queue* q, uint16_t head, uint64_t off, uint64_t bytes, bool write);
+  uint8_t FlushAsync(Queue* q, uint16_t head);
+  int TryInline(Queue* q, iovec** iov, size_t* cnt, uint64_t* off, bool write);
+  void AddParts(AioSlot& s, const iovec* iov, size_t cnt, uint64_t off);
+  uint8_t SubmitSlot(Queue* q, uint16_t head, AioSlot& s);
+  void PrepPart(Queue* q, uint16_t head, uint32_t k);
+  void ReapAio();
+  void OnCqe(uint64_t key, int32_t res);
+  void FinishAio(Queue* q, uint16_t head);
+  void DrainAio(Queue* q);
 
   // forward.cc: mapped queues.
-  uint8_t MappedRw(Queue* q, uint64_t off, uint64_t bytes, bool write);
   bool Forward(Queue* q, uint16_t head);
   void EndForwardBatch(Queue* q);
   bool CompletionsPending(const Queue* q) const;
@@ -232,6 +318,9 @@ class Worker {
   std::atomic<bool> cmd_pending_{false};
   // How long an emptied ring is polled before asking for a kick ($SPINDLE_VHOST_POLL_NS).
   uint64_t poll_ns_ = PollNsFromEnv();
+  // $SPINDLE_VHOST_IO, then sync if the ring cannot be set up.
+  IoMode io_mode_ = IoMode::kSync;
+  std::unique_ptr<Uring> ring_;  // null: synchronous I/O
 
   // Worker-thread state.
   std::vector<Queue*> queues_;
@@ -239,9 +328,15 @@ class Worker {
   const std::vector<Span>* spans_ = nullptr;
   uint8_t* mem_ = nullptr;
   bool paused_ = false;
+  // The queue whose batch is in progress: its used elements are published at
+  // the batch end, not by ReapAio (a head pushed in a batch is not yet
+  // visible to the driver, which PopAndRun's reuse check relies on).
+  Queue* serving_ = nullptr;
+  uint32_t aio_reqs_ = 0, aio_sqes_ = 0;  // requests / SQEs on the ring
+  std::vector<Queue*> touched_;           // ReapAio: queues to publish
   Elem e_;
   std::vector<iovec> data_;
-  // MappedRw's scratch (reused, no allocation per request): host runs, one run's iov.
+  // MapRuns' scratch (reused, no allocation per request): host runs, one run's iov.
   struct HostRun {
     uint64_t host, len;
   };
