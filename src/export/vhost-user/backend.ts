@@ -22,18 +22,17 @@ import { translateRing, Vring } from './vring.js';
 import { GuestMemoryTable } from './memory.js';
 import type { VhostUserBlkHooks, VhostUserBlkOptions } from './backend-options.js';
 import {
-  closeFdQuietly, memTableRegions, MessageReader, noPayload, refuse, sendReply, u64, u64Fds, vringState,
+  closeFdQuietly, memTableRegions, MessageReader, noPayload, refuse, sendReply, u64, vringAddr, vringFd, vringState,
   VhostUserRefused, type Message,
 } from './messages.js';
 import {
-  bit, dataView, MAX_MEM_REGIONS, requestName, safeU64, u64Payload, VHOST_USER_F_PROTOCOL_FEATURES,
+  bit, dataView, MAX_MEM_REGIONS, requestName, u64Payload, VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_CONFIG, VHOST_USER_GET_FEATURES, VHOST_USER_GET_MAX_MEM_SLOTS, VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM, VHOST_USER_GET_VRING_BASE, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_SLAVE_REQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK, VHOST_USER_RESET_OWNER, VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES, VHOST_USER_SET_MEM_TABLE, VHOST_USER_SET_OWNER, VHOST_USER_SET_PROTOCOL_FEATURES,
   VHOST_USER_SET_VRING_ADDR, VHOST_USER_SET_VRING_BASE, VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_ENABLE,
   VHOST_USER_SET_VRING_ERR, VHOST_USER_SET_VRING_KICK, VHOST_USER_SET_VRING_NUM,
-  VHOST_USER_VRING_IDX_MASK, VHOST_USER_VRING_NOFD_MASK, VRING_ADDR_PAYLOAD,
   VRING_STATE_PAYLOAD, vringStatePayload,
 } from './protocol.js';
 
@@ -378,33 +377,18 @@ export class VhostUserBlkBackend {
   }
 
   private setVringAddr(m: Message): void {
-    noPayload(m);
-    if (m.payload.length < VRING_ADDR_PAYLOAD) refuse(`payload of ${m.payload.length} bytes, need a vring address`);
-    const dv = dataView(m.payload);
-    const ring = this.ring(dv.getUint32(0, true));
-    const flags = dv.getUint32(4, true);
-    const desc = safeU64(dv, 8);
-    const used = safeU64(dv, 16);
-    const avail = safeU64(dv, 24);
-    const log = safeU64(dv, 32) ?? 0;
+    const v = vringAddr(m);
+    const ring = this.ring(v.index);
     if (ring.num === 0) refuse(`ring ${ring.index}: SET_VRING_ADDR before SET_VRING_NUM`);
-    if (desc === null || used === null || avail === null) refuse(`ring ${ring.index}: address beyond 2^53`);
-    // virtio 1.x 2.7: descriptor table 16-byte, available ring 2-byte, used ring 4-byte aligned.
-    if (desc % 16 !== 0 || avail % 2 !== 0 || used % 4 !== 0) refuse(`ring ${ring.index}: misaligned ring address`);
-    const a = translateRing(this.memory, ring.num, flags, desc, used, avail, log);
+    const a = translateRing(this.memory, ring.num, v.flags, v.desc, v.used, v.avail, v.log);
     if (!a) refuse(`ring ${ring.index}: ring addresses are not inside the memory table`);
     ring.addr = a;
   }
 
   private setVringFd(m: Message): void {
-    const v = u64Fds(m);
-    if (v > BigInt(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)) refuse(`payload 0x${v.toString(16)} has reserved bits`);
-    const n = Number(v);
-    const ring = this.ring(n & VHOST_USER_VRING_IDX_MASK);
-    const noFd = (n & VHOST_USER_VRING_NOFD_MASK) !== 0;
-    if (noFd && m.fds.length !== 0) refuse(`no-fd bit set but ${m.fds.length} fds came`);
-    if (!noFd && m.fds.length !== 1) refuse(`${m.fds.length} fds, expected 1`);
-    const fd = noFd ? -1 : m.fds.pop()!;
+    const v = vringFd(m);
+    const ring = this.ring(v.index);
+    const fd = v.noFd ? -1 : m.fds.pop()!;
     if (m.request === VHOST_USER_SET_VRING_KICK) {
       ring.kick?.close();
       ring.kick = null;

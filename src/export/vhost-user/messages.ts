@@ -7,7 +7,8 @@ import { closeFd, type UnixConnection } from '../../native/unix-fd.js';
 import type { MemoryRegionDesc } from './memory.js';
 import {
   dataView, decodeHeader, encodeReply, HEADER_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_PAYLOAD, MEM_REGION_SIZE,
-  MEM_TABLE_HEADER, requestName, safeU64, VHOST_USER_VERSION, VHOST_USER_VERSION_MASK, VRING_STATE_PAYLOAD,
+  MEM_TABLE_HEADER, requestName, safeU64, VHOST_USER_VERSION, VHOST_USER_VERSION_MASK, VHOST_USER_VRING_IDX_MASK,
+  VHOST_USER_VRING_NOFD_MASK, VRING_ADDR_PAYLOAD, VRING_STATE_PAYLOAD,
 } from './protocol.js';
 
 /** A refused request: REPLY_ACK failure when asked for, else the connection is closed. */
@@ -118,6 +119,32 @@ export function vringState(m: Message): [number, number] {
   if (m.payload.length < VRING_STATE_PAYLOAD) refuse(`payload of ${m.payload.length} bytes, need a vring state`);
   const dv = dataView(m.payload);
   return [dv.getUint32(0, true), dv.getUint32(4, true)];
+}
+
+/** SET_VRING_ADDR's payload, checked: ring index, flags and the three user addresses (aligned). */
+export function vringAddr(m: Message): { index: number; flags: number; desc: number; used: number; avail: number; log: number } {
+  noPayload(m);
+  if (m.payload.length < VRING_ADDR_PAYLOAD) refuse(`payload of ${m.payload.length} bytes, need a vring address`);
+  const dv = dataView(m.payload);
+  const index = dv.getUint32(0, true);
+  const desc = safeU64(dv, 8);
+  const used = safeU64(dv, 16);
+  const avail = safeU64(dv, 24);
+  if (desc === null || used === null || avail === null) refuse(`ring ${index}: address beyond 2^53`);
+  // virtio 1.x 2.7: descriptor table 16-byte, available ring 2-byte, used ring 4-byte aligned.
+  if (desc % 16 !== 0 || avail % 2 !== 0 || used % 4 !== 0) refuse(`ring ${index}: misaligned ring address`);
+  return { index, flags: dv.getUint32(4, true), desc, used, avail, log: safeU64(dv, 32) ?? 0 };
+}
+
+/** SET_VRING_KICK/CALL/ERR's payload, checked against the fds that came: the ring index, and whether it has no fd. */
+export function vringFd(m: Message): { index: number; noFd: boolean } {
+  const v = u64Fds(m);
+  if (v > BigInt(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)) refuse(`payload 0x${v.toString(16)} has reserved bits`);
+  const n = Number(v);
+  const noFd = (n & VHOST_USER_VRING_NOFD_MASK) !== 0;
+  if (noFd && m.fds.length !== 0) refuse(`no-fd bit set but ${m.fds.length} fds came`);
+  if (!noFd && m.fds.length !== 1) refuse(`${m.fds.length} fds, expected 1`);
+  return { index: n & VHOST_USER_VRING_IDX_MASK, noFd };
 }
 
 /** SET_MEM_TABLE's regions, one fd each (m.fds in the same order). */
