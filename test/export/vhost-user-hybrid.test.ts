@@ -6,6 +6,8 @@
 // complete before a ring changes hands.
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
+import { newConfig, Bucket } from '../../src/backend/throttle.js';
+import { configureGroup, ioLimitsEnable } from '../../src/backend/throttle-group.js';
 import { withDrained } from '../../src/block/drain.js';
 import { settleCloses, unref } from '../../src/block/graph.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
@@ -14,7 +16,7 @@ import {
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { ok, qemuImg } from '../cli/helpers.js';
 import type { BlkDriver } from './vhost-user-blk-driver.js';
-import { exportRig, fill, SIZE, useExportRig } from './vhost-user-export-rig.js';
+import { exportRig, fill, SIZE, uniq, useExportRig } from './vhost-user-export-rig.js';
 import { MiB, until } from './vhost-user-frontend.js';
 
 useExportRig();
@@ -187,6 +189,28 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     expect(await read(q2, 9 * SECTORS, 4096)).toEqual(fill(4096, 93));
     expect(q2.errors).toEqual([]);
     await closeAndCheck(r2);
+  });
+
+  it('a throttle added with a forwarded write not yet started: it runs after the drain, then the session is on the TypeScript path', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    const w = q.post(VIRTIO_BLK_T_OUT, 11 * SECTORS, [{ len: 4096, data: fill(4096, 97) }]);
+    q.kick();
+    const end = Date.now() + 3000;
+    while (q.availEvent !== 8 && Date.now() < end); // forwarded; this thread has not popped it
+    expect(q.availEvent).toBe(8);
+    ioLimitsEnable(r.exp.backend, `hybrid-${uniq()}`);
+    const cfg = newConfig();
+    cfg.buckets[Bucket.OPS_TOTAL]!.avg = 1_000_000;
+    configureGroup(r.exp.backend.throttle!, cfg);
+    await withDrained([r.node], () => {});
+    expect(r.exp.onFastPath).toBe(false);
+    expect((await q.wait(w)).status).toBe(VIRTIO_BLK_S_OK);
+    expect(await read(q, 11 * SECTORS, 4096)).toEqual(fill(4096, 97));
+    await write(q, 12 * SECTORS, fill(4096, 98));
+    expect(await read(q, 12 * SECTORS, 4096)).toEqual(fill(4096, 98));
+    expect(q.usedIdx).toBe(7 + 4);
+    expect(q.errors).toEqual([]);
   });
 
   it('grows with block_resize: the new clusters are allocated and then served natively', async () => {
