@@ -3,7 +3,7 @@
 // eventfd and memfd. Readiness comes from a uv_poll_t on Node's own loop; the
 // socket classes here are thin: reads and writes are synchronous, non-blocking
 // syscalls made from the readiness callback.
-import { unlinkSync } from 'node:fs';
+import { lstatSync, unlinkSync } from 'node:fs';
 import { constants } from 'node:os';
 import { native, type NativeUnixSocket } from './addon.js';
 import { check, EngineError } from './errors.js';
@@ -11,6 +11,8 @@ import { check, EngineError } from './errors.js';
 const EAGAIN = constants.errno.EAGAIN;
 const EINTR = constants.errno.EINTR;
 const ECONNABORTED = constants.errno.ECONNABORTED;
+const EADDRINUSE = constants.errno.EADDRINUSE;
+const ECONNREFUSED = constants.errno.ECONNREFUSED;
 
 /** One recvmsg: bytes received into the caller's buffer and the fds that came with them. */
 export interface ReceivedMessage {
@@ -164,8 +166,14 @@ export class UnixListener {
     this.h = new native.UnixSocket(fd);
   }
 
+  /**
+   * Listens on `path`. A socket file left behind by a server that died (nothing accepts on it)
+   * is replaced, as QEMU's listeners do; one a live server listens on is not: EADDRINUSE.
+   */
   static listen(path: string, onConnection: (conn: UnixConnection) => void, opts: ListenOptions = {}): UnixListener {
-    const fd = check(native.unixListen(path, opts.backlog ?? 16), `Could not listen on UNIX socket ${path}`);
+    let rc = native.unixListen(path, opts.backlog ?? 16);
+    if (rc === -EADDRINUSE && removeStaleSocket(path)) rc = native.unixListen(path, opts.backlog ?? 16);
+    const fd = check(rc, `Could not listen on UNIX socket ${path}`);
     const l = new UnixListener(path, fd);
     if (opts.ref === false) l.h.setRef(false);
     l.h.start((status) => {
@@ -216,6 +224,23 @@ export class UnixListener {
     }
     check(rc, `close of listener ${this.path} failed`);
   }
+}
+
+/**
+ * Unlinks `path` if it is a socket file no one listens on (connecting is refused: its server
+ * died); returns whether it did. A live server's socket, or any other file, is left alone.
+ */
+export function removeStaleSocket(path: string): boolean {
+  try {
+    if (!lstatSync(path).isSocket()) return false;
+  } catch {
+    return false;
+  }
+  const fd = native.unixConnect(path);
+  if (fd >= 0) closeFd(fd);
+  if (fd !== -ECONNREFUSED) return false;
+  unlinkSync(path);
+  return true;
 }
 
 function checkRange(what: string, v: number, min: number): void {

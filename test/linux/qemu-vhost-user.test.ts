@@ -2,7 +2,8 @@
 // daemon: an ext2 filesystem built by mke2fs -d, in qcow2. The guest mounts it, checks the host's
 // file, writes its own, syncs and powers off; the host checks the image with qemu-img and reads
 // the files back with e2fsprogs. Then a guest is SIGKILLed mid-run and a second QEMU reconnects
-// to the same, still running daemon and finds what the first synced.
+// to the same, still running daemon and finds what the first synced; and the other way round,
+// the daemon is SIGKILLed and a new one on the same socket serves the running guest.
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -207,6 +208,43 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     } finally {
       await g1.kill();
       await g2?.kill();
+      await d.stop();
+    }
+  }, BOOT_MS * 4);
+  it('qcow2: the daemon is SIGKILLed while the guest idles; a new daemon on the same socket takes over, QEMU reconnects, the guest goes on', async () => {
+    const img = ext2Image('c', { 'seed.txt': 'seed\n' }, 'qcow2');
+    const sock = join(dir, 'c.sock');
+    let d = await daemon(img, sock, join(dir, 'c1.pid'));
+    const script = [
+      'mkdir -p /mnt/d',
+      'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
+      'dd if=/dev/urandom of=/mnt/d/before.bin bs=1M count=2 2>/dev/null',
+      'sync',
+      'echo "guest: synced"',
+      'read go', // the host replaces the daemon meanwhile
+      'dd if=/dev/urandom of=/mnt/d/after.bin bs=1M count=2 2>/dev/null',
+      'echo 3 > /proc/sys/vm/drop_caches',
+      'echo "guest: before.bin $(md5sum /mnt/d/before.bin | cut -d" " -f1)"',
+      'echo "guest: after.bin $(md5sum /mnt/d/after.bin | cut -d" " -f1)"',
+      'umount /mnt/d && echo "guest: unmounted"',
+    ].join('\n');
+    const g = startQemuGuest({ kernel: assets.kernel, initrd: initrd('c', script), disks: [{ socket: sock }], accel, timeoutMs: BOOT_MS * 2 });
+    try {
+      await g.waitFor('guest: synced', BOOT_MS);
+      d.proc.kill('SIGKILL');
+      expect(await d.exited).toEqual({ code: null, signal: 'SIGKILL' });
+      d = await daemon(img, sock, join(dir, 'c2.pid'));
+      g.type('go\n');
+      const exit = await g.exited;
+      const out = g.output();
+      expect(exit, out).toEqual({ code: 0, signal: null });
+      expect(out).toContain('guest: unmounted\n');
+      expect(await d.stop(), d.log()).toEqual({ code: 0, signal: null });
+      const raw = flatChecked(img);
+      expect(md5(debugfsCat(raw, '/before.bin'))).toBe(guestSays(out, 'before.bin'));
+      expect(md5(debugfsCat(raw, '/after.bin'))).toBe(guestSays(out, 'after.bin'));
+    } finally {
+      await g.kill();
       await d.stop();
     }
   }, BOOT_MS * 4);

@@ -2,7 +2,7 @@
 // (our own listener/connection and a python3 peer), shared mappings of memfds,
 // eventfds, EOF/close behaviour and fd leaks.
 import { spawn } from 'node:child_process';
-import { closeSync, fstatSync, openSync, readdirSync, readSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
@@ -206,6 +206,28 @@ describe('UNIX sockets carrying fds, in one process', () => {
     expect(errOf(() => b.send(Buffer.from('z')))).toMatchObject({ code: 'EPIPE' });
     expect(a.polling).toBe(false);
     b.close();
+  });
+
+  it('a socket file left by a dead server is replaced; a live server\'s socket and other files are not', async () => {
+    const path = join(dir, 'stale.sock');
+    const first = UnixListener.listen(path, () => {});
+    // A live listener keeps its path.
+    expect(errOf(() => UnixListener.listen(path, () => {}))).toMatchObject({ code: 'EADDRINUSE' });
+    UnixConnection.connect(path).close();
+    first.close(false); // as if the server died: the file stays, no one accepts
+    expect(errOf(() => UnixConnection.connect(path))).toMatchObject({ code: 'ECONNREFUSED' });
+    const accepted: UnixConnection[] = [];
+    const second = UnixListener.listen(path, (c) => accepted.push(c));
+    const client = UnixConnection.connect(path);
+    await until('accept', () => accepted.length === 1);
+    client.close();
+    accepted[0]!.close();
+    second.close();
+    // Not a socket: left alone.
+    const file = join(dir, 'not-a-socket');
+    writeFileSync(file, 'data');
+    expect(errOf(() => UnixListener.listen(file, () => {}))).toMatchObject({ code: 'EADDRINUSE' });
+    expect(readFileSync(file, 'utf8')).toBe('data');
   });
 
   it('closing our side while polling, with the peer still open, stops polling without a leak', async () => {

@@ -13,7 +13,7 @@
  * Context: main loop, every method.
  */
 import { createServer, type AddressInfo, type Server } from 'node:net';
-import { setSendBuffer } from '../../native/unix-fd.js';
+import { removeStaleSocket, setSendBuffer } from '../../native/unix-fd.js';
 import { assertMainLoop } from '../../block/context.js';
 import { BlockError } from '../../block/error.js';
 import { NbdConn, type ConnHost } from './conn.js';
@@ -73,7 +73,10 @@ export class NbdServer implements ConnHost {
         this.#servers.push(srv);
         resolve(srv.address()!);
       };
-      if ('path' in addr) srv.listen(addr.path, ready);
+      if ('path' in addr) {
+        removeStaleSocket(addr.path); // left by a server that died, as QEMU replaces it
+        srv.listen(addr.path, ready);
+      }
       else srv.listen(addr.port, addr.host ?? '127.0.0.1', ready);
     });
   }
