@@ -9,6 +9,7 @@ import { openNode, settleCloses, unref } from '../../src/block/graph.js';
 import type { BlockNode } from '../../src/block/node.js';
 import type { NodeOptions } from '../../src/block/types.js';
 import { NbdServer } from '../../src/export/nbd/index.js';
+import { UnixListener } from '../../src/native/unix-fd.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { RawClient, option, sh, shOk, sleep } from './nbd-helpers.js';
 
@@ -326,6 +327,22 @@ describe('NBD export: robustness', () => {
     for (let i = 0; i < 200 && s.clientCount > 0; i++) await sleep(5);
     expect(s.clientCount).toBe(0);
   }
+
+  it('listening replaces a socket file a dead server left, and refuses one a live server holds', async () => {
+    const path = tmp('stale.sock');
+    UnixListener.listen(path, () => {}).close(false); // the file stays, no one accepts
+    server = new NbdServer();
+    sock = path;
+    expect(await server.listen({ path })).toBe(path);
+    const img = tmp('stale.raw');
+    writeFileSync(img, pattern(MiB, 3));
+    server.addExport({ name: 'x', node: await open(img, 'raw'), writable: false });
+    expect(JSON.parse(await shOk('nbdinfo', ['--json', uri('x')])).exports[0]['export-size']).toBe(MiB);
+    const other = new NbdServer();
+    await expect(other.listen({ path })).rejects.toMatchObject({ code: 'EADDRINUSE' });
+    await other.close();
+    expect(JSON.parse(await shOk('nbdinfo', ['--json', uri('x')])).exports[0]['export-size']).toBe(MiB);
+  });
 
   it('a client that never finishes the handshake is dropped after handshakeMaxSeconds', async () => {
     server = new NbdServer({ handshakeMaxSeconds: 0.2 });
