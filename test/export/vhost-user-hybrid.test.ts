@@ -15,9 +15,11 @@ import {
   VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { ok, qemuImg } from '../cli/helpers.js';
-import type { BlkDriver } from './vhost-user-blk-driver.js';
+import { BlkDriver } from './vhost-user-blk-driver.js';
 import { exportRig, fill, SIZE, uniq, useExportRig } from './vhost-user-export-rig.js';
-import { MiB, until } from './vhost-user-frontend.js';
+import { connect, fdCount, killFrontEnd, MiB, qemuStartup, until } from './vhost-user-frontend.js';
+import { liveMappings } from '../../src/native/unix-fd.js';
+import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
 
 useExportRig();
 
@@ -211,6 +213,24 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     expect(await read(q, 12 * SECTORS, 4096)).toEqual(fill(4096, 98));
     expect(q.usedIdx).toBe(7 + 4);
     expect(q.errors).toEqual([]);
+  });
+
+  it('the front-end going away with forwarded requests done leaks no fd or mapping; a new session serves natively again', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty, numQueues: 2 });
+    const [q0, q1] = r.drv as [BlkDriver, BlkDriver];
+    await write(q0, 0, fill(4096, 99)); // forwarded on both queues
+    await write(q1, 20 * SECTORS, fill(4096, 100));
+    await until('learned', () => r.exp.nativeMappedClusters === 2);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    await until('the session ending', () => r.be.closed);
+    await until('the forwarders released', () => fdCount() === r.fds0 && liveMappings() === r.maps0);
+    const qs = [new BlkDriver(r.ram, 0), new BlkDriver(r.ram, 1)]; // rings reset before the new session reads them
+    const { fe, be } = await connect(r.exp, r.exp.path);
+    const { kicks, calls } = await qemuStartup(fe, r.ram.fd, 2, { length: SIZE });
+    qs.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
+    expect(await read(qs[1]!, 0, 4096)).toEqual(fill(4096, 99));
+    expect(await read(qs[0]!, 20 * SECTORS, 4096)).toEqual(fill(4096, 100));
+    expect(r.exp.onFastPath).toBe(true);
   });
 
   it('grows with block_resize: the new clusters are allocated and then served natively', async () => {
