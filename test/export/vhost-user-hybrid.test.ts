@@ -233,6 +233,22 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     expect(r.exp.onFastPath).toBe(true);
   });
 
+  it('the front-end dies with forwarded writes in flight: they finish, then everything is released; the data is in the image', async () => {
+    const r = await exportRig('qcow2', { qcow2: empty });
+    const q = r.drv[0]!;
+    for (let i = 0; i < 4; i++) q.post(VIRTIO_BLK_T_OUT, (30 + i) * SECTORS, [{ len: 8192, data: fill(8192, 110 + i) }]);
+    q.kick();
+    const end = Date.now() + 3000;
+    while (q.availEvent !== 11 && Date.now() < end); // all four forwarded; none started here
+    expect(q.availEvent).toBe(11);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    await until('the session ending', () => r.be.closed);
+    await until('the forwarders released', () => fdCount() === r.fds0 && liveMappings() === r.maps0);
+    expect(r.node.stats.wrOps).toBe(4);
+    for (let i = 0; i < 4; i++) expect(qemuRead(r, (30 + i) * CLUSTER, 8192)).toEqual(Buffer.from(fill(8192, 110 + i)));
+    await closeAndCheck(r);
+  });
+
   it('grows with block_resize: the new clusters are allocated and then served natively', async () => {
     const r = await exportRig('qcow2', { qcow2: empty });
     const q = r.drv[0]!;
