@@ -3,7 +3,20 @@
 // EVENT_IDX, kicking the ring's kick eventfd and waiting on its call eventfd.
 import { eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
 import { VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE } from '../../hw/virtio/virtqueue.js';
+import { pattern } from '../helpers/tmp.js';
 import { type GuestRamFd, QSIZE, ramOffset, ringLayoutGpa } from './vhost-user-frontend.js';
+
+/** `len` bytes of a seeded pattern, as guest data. */
+export const fill = (len: number, seed: number): Uint8Array => new Uint8Array(pattern(len, seed));
+/** A discard / write-zeroes segment (struct virtio_blk_discard_write_zeroes). */
+export function dwz(sector: number, count: number, flags = 0): Uint8Array {
+  const b = new Uint8Array(16);
+  const v = new DataView(b.buffer);
+  v.setBigUint64(0, BigInt(sector), true);
+  v.setUint32(8, count, true);
+  v.setUint32(12, flags, true);
+  return b;
+}
 
 /** One buffer of a request: at `gpa` (allocated if absent), `len` bytes, device-readable data to put there. */
 export interface Seg {

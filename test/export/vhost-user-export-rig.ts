@@ -13,12 +13,12 @@ import { liveMappings } from '../../src/native/unix-fd.js';
 import { qemuImg } from '../cli/helpers.js';
 import { pattern, scratchDir } from '../helpers/tmp.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
+export { fill } from './vhost-user-blk-driver.js';
 import { connect, fdCount, frontEnds, guestRam, MiB, qemuStartup, releaseHeld } from './vhost-user-frontend.js';
 
 const dir = scratchDir('spindle-vhost-export-');
 let seq = 0;
 export const SIZE = 8 * MiB + 3 * 512;
-export const fill = (n: number, seed: number): Uint8Array => new Uint8Array(pattern(n, seed));
 export const uniq = (): number => seq++;
 
 const exportsOpen: VhostUserBlkExport[] = [];

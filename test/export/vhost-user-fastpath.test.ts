@@ -17,7 +17,7 @@ import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
 } from '../../hw/virtio/virtio-blk-abi.js';
-import { BlkDriver } from './vhost-user-blk-driver.js';
+import { BlkDriver, dwz } from './vhost-user-blk-driver.js';
 import { exportRig, fill, SIZE, uniq, useExportRig } from './vhost-user-export-rig.js';
 import {
   configReq, connect, fdCount, HIGH, killFrontEnd, LOW, memTable, MiB, qemuStartup,
@@ -44,10 +44,7 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const id = await q0.submit(VIRTIO_BLK_T_GET_ID, 0, [{ len: 20 }]);
     expect(Buffer.from(id.data[0]!).toString('latin1').replace(/\0+$/, '')).toBe('fast0');
     expect((await q0.submit(VIRTIO_BLK_T_FLUSH, 0)).status).toBe(VIRTIO_BLK_S_OK);
-    const seg = new Uint8Array(16);
-    new DataView(seg.buffer).setUint32(0, 200, true);
-    new DataView(seg.buffer).setUint32(8, 8, true);
-    expect((await q0.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: seg }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q0.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: dwz(200, 8) }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(readFileSync(r.img).subarray(200 * 512, 208 * 512).every((x) => x === 0)).toBe(true);
     // The TypeScript data plane never saw a request: the block layer's counters stay at zero.
     expect(r.exp.backend.node!.stats.rdOps + r.exp.backend.node!.stats.wrOps).toBe(0);
@@ -57,19 +54,11 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const r = await rig('raw', 1, { discard: 'ignore' });
     expect(r.exp.onFastPath).toBe(true);
     const q = r.drv[0]!;
-    const seg = (sector: number, count: number, flags = 0): Uint8Array => {
-      const b = new Uint8Array(16);
-      const v = new DataView(b.buffer);
-      v.setUint32(0, sector, true);
-      v.setUint32(8, count, true);
-      v.setUint32(12, flags, true);
-      return b;
-    };
     const before = readFileSync(r.img).subarray(300 * 512, 308 * 512);
-    expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: seg(300, 8) }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: dwz(300, 8) }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(readFileSync(r.img).subarray(300 * 512, 308 * 512)).toEqual(before);
     expect(before.some((x) => x !== 0)).toBe(true);
-    expect((await q.submit(VIRTIO_BLK_T_WRITE_ZEROES, 0, [{ len: 16, data: seg(300, 8, 1) }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_WRITE_ZEROES, 0, [{ len: 16, data: dwz(300, 8, 1) }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(readFileSync(r.img).subarray(300 * 512, 308 * 512).every((x) => x === 0)).toBe(true);
     expect(r.exp.backend.node!.stats.discardOps).toBe(0); // native, not the block layer
   });

@@ -15,7 +15,7 @@ import {
   VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
 import { ok, qemuImg } from '../cli/helpers.js';
-import { BlkDriver } from './vhost-user-blk-driver.js';
+import { BlkDriver, dwz } from './vhost-user-blk-driver.js';
 import { exportRig, fill, SIZE, uniq, useExportRig } from './vhost-user-export-rig.js';
 import { connect, fdCount, killFrontEnd, MiB, qemuStartup, until } from './vhost-user-frontend.js';
 import { liveMappings } from '../../src/native/unix-fd.js';
@@ -37,12 +37,6 @@ async function read(q: BlkDriver, sector: number, len: number): Promise<Uint8Arr
   const c = await q.submit(VIRTIO_BLK_T_IN, sector, [{ len }]);
   expect(c.status).toBe(VIRTIO_BLK_S_OK);
   return c.data[0]!;
-}
-function discardSeg(sector: number, count: number): Uint8Array {
-  const seg = new Uint8Array(16);
-  new DataView(seg.buffer).setUint32(0, sector, true);
-  new DataView(seg.buffer).setUint32(8, count, true);
-  return seg;
 }
 /** The image as QEMU reads it (the export may still hold it open: -U). */
 function qemuRead(r: Rig, offset: number, len: number, snapshot?: string): Buffer {
@@ -106,7 +100,7 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     await write(q, 1 * SECTORS, fill(CLUSTER, 50));
     await until('the cluster learned', () => r.exp.nativeMappedClusters === 1);
     await write(q, 1 * SECTORS, fill(CLUSTER, 51)); // native
-    expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: discardSeg(SECTORS, SECTORS) }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: dwz(SECTORS, SECTORS) }])).status).toBe(VIRTIO_BLK_S_OK);
     expect(r.exp.nativeMappedClusters).toBe(0);
     // New clusters: qcow2 may hand out the freed one again.
     for (let i = 0; i < 4; i++) await write(q, (10 + i) * SECTORS, fill(CLUSTER, 60 + i));

@@ -111,16 +111,7 @@ export async function session(exp: VhostUserBlkExport, path: string, ram: GuestR
 }
 
 export const fileNow = (r: Rig): Buffer => readFileSync(r.img);
-export const fill = (len: number, seed: number): Uint8Array => new Uint8Array(pattern(len, seed));
-/** A discard / write-zeroes segment (struct virtio_blk_discard_write_zeroes). */
-export function dwz(sector: number, count: number, flags = 0): Uint8Array {
-  const b = new Uint8Array(16);
-  const v = new DataView(b.buffer);
-  v.setBigUint64(0, BigInt(sector), true);
-  v.setUint32(8, count, true);
-  v.setUint32(12, flags, true);
-  return b;
-}
+export { dwz, fill } from './vhost-user-blk-driver.js';
 
 /** Throttle the export's backend to one operation a second on a virtual clock. */
 export function holdRequests(r: Rig): VirtualClock {

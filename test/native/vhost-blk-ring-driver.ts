@@ -310,3 +310,13 @@ export class Forwarder {
     if (signal) eventfdWrite(this.completeFd);
   }
 }
+
+/** A discard / write-zeroes segment (struct virtio_blk_discard_write_zeroes) in guest memory; its address. */
+export function dwzSegment(r: Rig, sector: number, count: number, flags = 0): number {
+  const s = r.mem.take(16);
+  const dv = new DataView(layout);
+  dv.setBigUint64(s, BigInt(sector), true);
+  dv.setUint32(s + 8, count, true);
+  dv.setUint32(s + 12, flags, true);
+  return s;
+}

@@ -11,10 +11,9 @@ import { eventfdRead } from '../../src/native/unix-fd.js';
 import { FWD_CONS, VhostBlkMap } from '../../src/native/vhost-blk-worker.js';
 import { pattern } from './helpers.js';
 import {
-  DISK_SECTORS, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, S_OK, S_IOERR, S_UNSUPP, until, layout,
-  u8, rig, fileBytes, guest, Forwarder, type Rig,
+  DISK_SECTORS, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, S_OK, S_IOERR, S_UNSUPP, until,
+  u8, rig, fileBytes, guest, Forwarder, dwzSegment, useWorkerRig, type Rig,
 } from './vhost-blk-ring-driver.js';
-import { useWorkerRig } from './vhost-blk-ring-driver.js';
 
 useWorkerRig();
 
@@ -37,14 +36,6 @@ function read(r: Rig, off: number, len: number): { head: number; status: number;
   return { ...r.request(T_IN, off / 512, [[buf, len, true]]), buf };
 }
 
-function segment(r: Rig, sector: number, count: number, flags = 0): number {
-  const s = r.mem.take(16);
-  const dv = new DataView(layout);
-  dv.setBigUint64(s, BigInt(sector), true);
-  dv.setUint32(s + 8, count, true);
-  dv.setUint32(s + 12, flags, true);
-  return s;
-}
 
 describe('VhostBlkWorker mapped queues', () => {
   it('a mapped read is served natively from the mapped host offset', async () => {
@@ -148,10 +139,10 @@ describe('VhostBlkWorker mapped queues', () => {
   it('flush, discard and write-zeroes are forwarded; GET_ID and unnegotiated types stay native', async () => {
     const { r, fwd } = mapped({ serial: 'fwd', queue: { writeZeroes: false } });
     const f = r.request(T_FLUSH, 0, []);
-    const d = r.request(T_DISCARD, 0, [[segment(r, 0, 8), 16, false]]);
+    const d = r.request(T_DISCARD, 0, [[dwzSegment(r, 0, 8), 16, false]]);
     const id = r.mem.take(20, 'A', 0);
     const g = r.request(T_GET_ID, 0, [[id, 20, true]]);
-    const z = r.request(T_WRITE_ZEROES, 0, [[segment(r, 8, 8), 16, false]]); // not negotiated
+    const z = r.request(T_WRITE_ZEROES, 0, [[dwzSegment(r, 8, 8), 16, false]]); // not negotiated
     const bad = r.request(T_IN, 0, [[r.mem.take(100), 100, true]]); // not a sector multiple
     r.submit();
     await until('the native ones', () => r.drv.usedIdx === 3);

@@ -8,7 +8,7 @@ import { pattern } from './helpers.js';
 import {
   SPAN_A, SPAN_B, HOLE, BEYOND, LAYOUT, DISK_SECTORS, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD,
   T_WRITE_ZEROES, S_OK, S_IOERR, S_UNSUPP, until, Driver, layout, u8, rig, fileBytes, guest, cleanups,
-  useWorkerRig,
+  dwzSegment, useWorkerRig,
 } from './vhost-blk-ring-driver.js';
 
 useWorkerRig();
@@ -95,14 +95,7 @@ describe('VhostBlkWorker', () => {
 
   it('DISCARD and WRITE_ZEROES (with and without UNMAP) zero the file; bad segments are refused', async () => {
     const r = rig({ writeCache: false });
-    const seg = (sector: number, count: number, flags: number): number => {
-      const s = r.mem.take(16);
-      const dv = new DataView(layout);
-      dv.setBigUint64(s, BigInt(sector), true);
-      dv.setUint32(s + 8, count, true);
-      dv.setUint32(s + 12, flags, true);
-      return s;
-    };
+    const seg = (sector: number, count: number, flags: number): number => dwzSegment(r, sector, count, flags);
     const d = r.request(T_DISCARD, 0, [[seg(16, 8, 0), 16, false]]);
     const z = r.request(T_WRITE_ZEROES, 0, [[seg(64, 16, 0), 16, false]]);
     const zu = r.request(T_WRITE_ZEROES, 0, [[seg(128, 8, 1), 16, false]]);

@@ -109,7 +109,7 @@ export class NativeRings {
   ) {
     this.ctx = o.context();
     this.worker = acquireWorker(this.ctx);
-    if (target.mapped) this.cache = new MappingCache(target.mapped.node, target.mapped.clusterBits, () => this.worker.barrier());
+    if (target.mapped) this.cache = this.mappingCache(target.mapped);
   }
 
   /** Whether this target is still the one served (same fd, mode and format node; and length unless resized). */
@@ -227,7 +227,7 @@ export class NativeRings {
       const rings = [...this.slots.keys()].map((i) => this.be.rings[i]!);
       for (const r of rings) void this.stop(r);
       c.close();
-      this.cache = new MappingCache(t.mapped.node, t.mapped.clusterBits, () => this.worker.barrier());
+      this.cache = this.mappingCache(t.mapped);
       for (const r of rings) if (this.be.ringReady(r)) this.start(r);
       return;
     }
@@ -312,6 +312,11 @@ export class NativeRings {
     this.release = null;
     this.memory = null;
     if (!this.anyForwarding) this.o.idle?.();
+  }
+
+  /** The worker's table for `mapped`; withdrawals wait for whichever worker serves the rings then. */
+  private mappingCache(mapped: NonNullable<FastPathTarget['mapped']>): MappingCache {
+    return new MappingCache(mapped.node, mapped.clusterBits, () => this.worker.barrier());
   }
 
   private forwarder(m: GuestMemoryTable): Forwarder {
