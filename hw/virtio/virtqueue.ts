@@ -19,6 +19,19 @@ export const VIRTQUEUE_MAX_SIZE = 1024;
 export const VIRTIO_NO_VECTOR = 0xffff;
 
 /**
+ * A record of the chains in flight that outlives the device's process (vhost-user's inflight
+ * I/O tracking): the queue reports each step in an order a restarted back-end can rely on.
+ */
+export interface VirtQueueLog {
+  /** Chain `head` was taken: in flight until a published used index covers it. */
+  taken(head: number): void;
+  /** `head`'s used element was written (not yet published). */
+  pushed(head: number): void;
+  /** The used index was stored as `usedIdx`: everything pushed before it is done. */
+  published(usedIdx: number): void;
+}
+
+/**
  * One popped descriptor chain: device-readable (`out`) then device-writable (`in`) buffers,
  * as guest-physical address and length pairs already checked to lie inside guest RAM (the
  * device makes views of them only where it needs one). Reused: the arrays keep their storage
@@ -66,6 +79,11 @@ export class VirtQueue {
   gen = 0;
   /** What went wrong with the ring, when pop returns -1. */
   error = '';
+  /** Where chains in flight are recorded (vhost-user inflight tracking), or null. */
+  log: VirtQueueLog | null = null;
+  /** Heads a previous back-end left in flight, popped before the avail ring (resume). */
+  private resubmit: readonly number[] = [];
+  private resubmitAt = 0;
   private lastAvail = 0;
   private usedIdx = 0;
   private publishedUsed = 0;
@@ -112,6 +130,8 @@ export class VirtQueue {
     this.inflight.fill(0);
     this.inflightCount = 0;
     this.error = '';
+    this.resubmit = [];
+    this.resubmitAt = 0;
     const n = this.num;
     this.valid = n > 0 && (n & (n - 1)) === 0 && this.desc % 16 === 0 && this.avail % 2 === 0 && this.used % 4 === 0 &&
       this.ram.contains(this.desc, 16 * n) && this.ram.contains(this.avail, 6 + 2 * n) && this.ram.contains(this.used, 6 + 8 * n);
@@ -147,11 +167,14 @@ export class VirtQueue {
 
   /**
    * Continue a ring another owner ran (vhost-user's SET_VRING_BASE): pop from `lastAvail`, push
-   * after `usedIdx` (read from the used ring). Call after ringsChanged().
+   * after `usedIdx` (read from the used ring). Call after ringsChanged(). `resubmit`: heads
+   * in flight when a previous owner died (in their original order), popped first.
    */
-  resume(lastAvail: number, usedIdx: number): void {
+  resume(lastAvail: number, usedIdx: number, resubmit: readonly number[] = []): void {
     this.lastAvail = lastAvail & 0xffff;
     this.usedIdx = this.publishedUsed = usedIdx & 0xffff;
+    this.resubmit = resubmit;
+    this.resubmitAt = 0;
   }
 
   /** The used index currently in guest memory (0 if the ring is not valid). */
@@ -165,6 +188,11 @@ export class VirtQueue {
    */
   pop(e: VirtQueueElement): number {
     if (!this.valid) return this.fail(`queue ${this.index}: rings are not inside guest RAM or are misaligned`);
+    if (this.resubmitAt < this.resubmit.length) {
+      const r = this.take(e, this.resubmit[this.resubmitAt]!);
+      if (r > 0) this.resubmitAt++;
+      return r;
+    }
     const dv = this.dv;
     const n = this.num;
     const availIdx = dv.getUint16(this.avail + 2, true);
@@ -187,6 +215,7 @@ export class VirtQueue {
     if (this.inflight[head]) return this.fail(`queue ${this.index}: head ${head} made available again while in flight`);
     this.inflight[head] = 1;
     this.inflightCount++;
+    this.log?.taken(head);
     e.clear();
     e.head = head;
     e.gen = this.gen;
@@ -271,6 +300,7 @@ export class VirtQueue {
     this.inflight[e.head] = 0;
     this.inflightCount--;
     this.pending++;
+    this.log?.pushed(e.head);
     return true;
   }
 
@@ -283,6 +313,7 @@ export class VirtQueue {
     const now = this.usedIdx;
     this.storeFenced(this.used + 2, now);
     this.publishedUsed = now;
+    this.log?.published(now);
     if (this.eventIdx) {
       const usedEvent = dv.getUint16(this.avail + 4 + 2 * this.num, true);
       return ((now - usedEvent - 1) & 0xffff) < ((now - old) & 0xffff);
@@ -298,6 +329,6 @@ export class VirtQueue {
 
   /** Whether the driver made more chains available than were popped. */
   hasAvail(): boolean {
-    return this.valid && this.dv.getUint16(this.avail + 2, true) !== this.lastAvail;
+    return this.valid && (this.resubmitAt < this.resubmit.length || this.dv.getUint16(this.avail + 2, true) !== this.lastAvail);
   }
 }

@@ -149,6 +149,12 @@ export interface NativeVhostBlkQueue {
    */
   map?: NativeVhostBlkMap;
   forward?: NativeVhostBlkForward;
+  /**
+   * vhost-user inflight tracking (src/export/vhost-user/inflight.ts): the queue's region (at
+   * least 16 + 16 * num bytes), the counter the next taken chain gets, and heads a previous
+   * back-end left in flight, served (in this order) before the avail ring.
+   */
+  inflight?: { region: Uint8Array; counter: number; resubmit: number[] };
 }
 
 export interface NativeVhostBlkStats {

@@ -294,11 +294,11 @@ describe('rings stopping, queues, sessions', () => {
     q.kick();
     await until('the throttle holding the write', () => r.exp.backend.throttle!.pending === 1);
     // QEMU is killed: the socket and its eventfds go.
-    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls], r.inflight);
     await until('the session ending', () => r.be.closed);
     expect(r.exp.session).toBeNull();
-    // The request still uses guest memory: the mapping is held until it completes.
-    expect(liveMappings()).toBe(r.maps0 + 1);
+    // The request still uses guest memory and its inflight record: both are held until it completes.
+    expect(liveMappings()).toBe(r.maps0 + 2);
     vclock.advance(2 * SEC);
     await until('the mapping released', () => liveMappings() === r.maps0);
     expect(fdCount()).toBe(r.fds0);
@@ -314,7 +314,7 @@ describe('rings stopping, queues, sessions', () => {
     expect(rd.status).toBe(VIRTIO_BLK_S_OK);
     expect(rd.data[0]).toEqual(data);
     // Everything closed: no fd or mapping left behind.
-    killFrontEnd(s.fe, [...s.kicks, ...s.calls]);
+    killFrontEnd(s.fe, [...s.kicks, ...s.calls], s.inflight);
     await until('the second session ending', () => s.be.closed);
     expect(liveMappings()).toBe(r.maps0);
     expect(fdCount()).toBe(r.fds0);

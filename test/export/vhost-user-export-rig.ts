@@ -65,7 +65,7 @@ export async function exportRig(format: 'raw' | 'qcow2' = 'raw', o: ExportRigOpt
   const maps0 = liveMappings();
   const drv = Array.from({ length: numQueues }, (_, i) => new BlkDriver(ram, i));
   const { fe, be } = await connect(exp, path);
-  const { kicks, calls } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE });
+  const { kicks, calls, inflight } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE });
   drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
-  return { img, file, node, exp, ram, fe, be, drv, kicks, calls, fds0, maps0 };
+  return { img, file, node, exp, ram, fe, be, drv, kicks, calls, inflight, fds0, maps0 };
 }

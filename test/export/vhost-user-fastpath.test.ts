@@ -189,7 +189,7 @@ describe('vhost-user-blk fast path (native worker)', () => {
     const r = await rig();
     expect((await r.drv[0]!.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
     // QEMU is killed: the socket and its eventfds go.
-    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls], r.inflight);
     await until('the session ending', () => r.be.closed);
     expect(liveMappings()).toBe(r.maps0);
     expect(fdCount()).toBe(r.fds0);

@@ -27,12 +27,15 @@ export interface Reply {
   request: number;
   flags: number;
   payload: Uint8Array;
+  /** fds that came with it (GET_INFLIGHT_FD); reply() closes them, replyFds() hands them over. */
+  fds: number[];
 }
 
 /** QEMU's side: sends requests, collects replies, notices EOF. */
 export class FrontEnd {
   private readonly buf = Buffer.alloc(65536);
   private data = Buffer.alloc(0);
+  private fds: number[] = [];
   replies: Reply[] = [];
   eof = false;
   constructor(readonly conn: UnixConnection) {
@@ -44,7 +47,8 @@ export class FrontEnd {
       for (;;) {
         const r = conn.recv(this.buf);
         if (r === null) return;
-        for (const fd of r.fds) closeFd(fd);
+        // fds arrive with a message's first bytes: they belong to the next reply completed.
+        this.fds.push(...r.fds);
         if (r.bytes === 0) {
           this.eof = true;
           return;
@@ -53,7 +57,8 @@ export class FrontEnd {
         while (this.data.length >= P.HEADER_SIZE) {
           const h = P.decodeHeader(this.data);
           if (this.data.length < P.HEADER_SIZE + h.size) break;
-          this.replies.push({ request: h.request, flags: h.flags, payload: new Uint8Array(this.data.subarray(P.HEADER_SIZE, P.HEADER_SIZE + h.size)) });
+          this.replies.push({ request: h.request, flags: h.flags, payload: new Uint8Array(this.data.subarray(P.HEADER_SIZE, P.HEADER_SIZE + h.size)), fds: this.fds });
+          this.fds = [];
           this.data = this.data.subarray(P.HEADER_SIZE + h.size);
         }
       }
@@ -70,12 +75,18 @@ export class FrontEnd {
     expect(this.conn.send(bytes, fds)).toBe(bytes.length);
   }
   async reply(request: number): Promise<Uint8Array> {
+    const r = await this.replyFds(request);
+    for (const fd of r.fds) closeFd(fd);
+    return r.payload;
+  }
+  /** The next reply with its fds (the caller owns them). */
+  async replyFds(request: number): Promise<Reply> {
     await until(`reply to ${P.requestName(request)}`, () => this.replies.length > 0 || this.eof);
     const r = this.replies.shift();
     if (!r) throw new Error(`connection closed instead of a reply to ${P.requestName(request)}`);
     expect(r.request).toBe(request);
     expect(r.flags).toBe(P.VHOST_USER_VERSION | P.VHOST_USER_REPLY_MASK);
-    return r.payload;
+    return r;
   }
   async call(request: number, payload?: Uint8Array, fds?: number[], needReply = false): Promise<Uint8Array> {
     this.send(request, payload, fds, needReply);
@@ -218,16 +229,67 @@ export interface StartupOptions {
   acked?: (offered: bigint) => bigint;
   /** SET_VRING_BASE of ring i; default 7 + i. */
   base?: (i: number) => number;
+  /**
+   * Inflight tracking, as QEMU does it: 'new' (default) asks for a buffer (GET_INFLIGHT_FD) and
+   * hands it back (SET_INFLIGHT_FD); an Inflight from an earlier session is handed back as a
+   * restarted QEMU keeps it; 'off' leaves the protocol feature unacked.
+   */
+  inflight?: 'new' | 'off' | Inflight;
+}
+
+/** The inflight buffer as the front-end keeps it: its fd (closed after the test) and a mapping. */
+export interface Inflight {
+  fd: number;
+  size: number;
+  numQueues: number;
+  queueSize: number;
+  buffer: ArrayBuffer;
+}
+
+function inflightPayload(size: number, numQueues: number, queueSize: number): Uint8Array {
+  const p = new Uint8Array(24);
+  const dv = P.dataView(p);
+  dv.setBigUint64(0, BigInt(size), true);
+  dv.setUint16(16, numQueues, true);
+  dv.setUint16(18, queueSize, true);
+  return p;
+}
+
+/** GET_INFLIGHT_FD for `numQueues` queues of QSIZE: the buffer the back-end made, mapped here too. */
+export async function getInflight(fe: FrontEnd, numQueues: number, queueSize = QSIZE): Promise<Inflight> {
+  fe.send(P.VHOST_USER_GET_INFLIGHT_FD, inflightPayload(0, numQueues, queueSize));
+  const r = await fe.replyFds(P.VHOST_USER_GET_INFLIGHT_FD);
+  expect(r.payload.length).toBe(24);
+  expect(r.fds.length).toBe(1);
+  const dv = P.dataView(r.payload);
+  const size = Number(dv.getBigUint64(0, true));
+  expect(dv.getBigUint64(8, true)).toBe(0n);
+  expect([dv.getUint16(16, true), dv.getUint16(18, true)]).toEqual([numQueues, queueSize]);
+  const fd = r.fds[0]!;
+  toClose.push(fd);
+  const buffer = mmapFd(fd, size);
+  toUnmap.push(buffer);
+  return { fd, size, numQueues, queueSize, buffer };
+}
+
+/** SET_INFLIGHT_FD with a buffer the front-end kept. */
+export async function setInflight(fe: FrontEnd, inf: Inflight): Promise<void> {
+  expect(await fe.ack(P.VHOST_USER_SET_INFLIGHT_FD, inflightPayload(inf.size, inf.numQueues, inf.queueSize), [inf.fd])).toBe(0n);
 }
 
 /** The vhost-user-blk start-up sequence as QEMU performs it. Returns the eventfds it sent. */
-export async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number, o: StartupOptions = {}): Promise<{ kicks: number[]; calls: number[] }> {
+export async function qemuStartup(
+  fe: FrontEnd, ramFd: number, numQueues: number, o: StartupOptions = {},
+): Promise<{ kicks: number[]; calls: number[]; inflight: Inflight | null }> {
   const length = o.length ?? EXPORT_LEN;
   const features = await fe.u64(P.VHOST_USER_GET_FEATURES);
   expect(features & P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)).not.toBe(0n);
-  const proto = await fe.u64(P.VHOST_USER_GET_PROTOCOL_FEATURES);
-  expect(proto).toBe(P.bit(P.VHOST_USER_PROTOCOL_F_MQ) | P.bit(P.VHOST_USER_PROTOCOL_F_REPLY_ACK) | P.bit(P.VHOST_USER_PROTOCOL_F_CONFIG) |
-    P.bit(P.VHOST_USER_PROTOCOL_F_SLAVE_REQ));
+  const offered = await fe.u64(P.VHOST_USER_GET_PROTOCOL_FEATURES);
+  const inflightBit = P.bit(P.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD);
+  expect(offered).toBe(P.bit(P.VHOST_USER_PROTOCOL_F_MQ) | P.bit(P.VHOST_USER_PROTOCOL_F_REPLY_ACK) | P.bit(P.VHOST_USER_PROTOCOL_F_CONFIG) |
+    P.bit(P.VHOST_USER_PROTOCOL_F_SLAVE_REQ) | inflightBit);
+  const mode = o.inflight ?? 'new';
+  const proto = mode === 'off' ? offered & ~inflightBit : offered;
   fe.send(P.VHOST_USER_SET_PROTOCOL_FEATURES, P.u64Payload(proto));
   expect(await fe.u64(P.VHOST_USER_GET_QUEUE_NUM)).toBe(BigInt(numQueues));
   // From here QEMU asks for acks (REPLY_ACK negotiated).
@@ -238,6 +300,9 @@ export async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number
   expect(cdv.getBigUint64(0, true)).toBe(BigInt(Math.floor(length / 512)));
   expect(cdv.getUint32(20, true)).toBe(512); // blk_size
   expect(cdv.getUint16(34, true)).toBe(numQueues); // num_queues
+  // vhost_user_blk_start: the inflight buffer before the device starts.
+  const inflight = mode === 'off' ? null : mode === 'new' ? await getInflight(fe, numQueues) : mode;
+  if (inflight) await setInflight(fe, inflight);
   const acked = o.acked ? o.acked(features) : features & ~P.bit(VIRTIO_BLK_F_FLUSH);
   expect(await fe.ack(P.VHOST_USER_SET_FEATURES, P.u64Payload(acked))).toBe(0n);
   expect(await fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH]), [ramFd, ramFd])).toBe(0n);
@@ -257,17 +322,24 @@ export async function qemuStartup(fe: FrontEnd, ramFd: number, numQueues: number
     expect(await fe.ack(P.VHOST_USER_SET_VRING_CALL, P.u64Payload(i), [call])).toBe(0n);
     expect(await fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(i, 1))).toBe(0n);
   }
-  return { kicks, calls };
+  return { kicks, calls, inflight };
 }
 
-/** QEMU killed: its socket and the ring eventfds it held go (the test stops tracking them). */
-export function killFrontEnd(fe: FrontEnd, fds: readonly number[]): void {
+/**
+ * QEMU killed: its socket, the ring eventfds and the inflight buffer it held go (the test
+ * stops tracking them).
+ */
+export function killFrontEnd(fe: FrontEnd, fds: readonly number[], inflight: Inflight | null = null): void {
   fe.close();
   const i = frontEnds.indexOf(fe);
   if (i >= 0) frontEnds.splice(i, 1);
-  for (const fd of fds) {
+  for (const fd of inflight ? [...fds, inflight.fd] : fds) {
     forget(fd);
     closeFd(fd);
+  }
+  if (inflight) {
+    toUnmap.splice(toUnmap.indexOf(inflight.buffer), 1);
+    unmapFd(inflight.buffer);
   }
 }
 

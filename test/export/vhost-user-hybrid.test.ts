@@ -215,7 +215,7 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     await write(q0, 0, fill(4096, 99)); // forwarded on both queues
     await write(q1, 20 * SECTORS, fill(4096, 100));
     await until('learned', () => r.exp.nativeMappedClusters === 2);
-    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls], r.inflight);
     await until('the session ending', () => r.be.closed);
     await until('the forwarders released', () => fdCount() === r.fds0 && liveMappings() === r.maps0);
     const qs = [new BlkDriver(r.ram, 0), new BlkDriver(r.ram, 1)]; // rings reset before the new session reads them
@@ -235,7 +235,7 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     const end = Date.now() + 3000;
     while (q.availEvent !== 11 && Date.now() < end); // all four forwarded; none started here
     expect(q.availEvent).toBe(11);
-    killFrontEnd(r.fe, [...r.kicks, ...r.calls]);
+    killFrontEnd(r.fe, [...r.kicks, ...r.calls], r.inflight);
     await until('the session ending', () => r.be.closed);
     await until('the forwarders released', () => fdCount() === r.fds0 && liveMappings() === r.maps0);
     expect(r.node.stats.wrOps).toBe(4);

@@ -24,6 +24,7 @@ import { pattern, scratchDir } from '../helpers/tmp.js';
 import { BlkDriver } from './vhost-user-blk-driver.js';
 import {
   connect, fdCount, type FrontEnd, frontEnds, guestRam, type GuestRamFd, MiB, qemuStartup, releaseHeld,
+  type Inflight,
 } from './vhost-user-frontend.js';
 import { VirtualClock } from '../helpers/virtual-clock.js';
 
@@ -69,6 +70,8 @@ export interface Rig {
   drv: BlkDriver[];
   kicks: number[];
   calls: number[];
+  /** The front-end's inflight buffer (null: tracking off). */
+  inflight: Inflight | null;
   /** fds and mappings before the front-end connected (guest RAM and the listener included). */
   fds0: number;
   maps0: number;
@@ -105,9 +108,9 @@ export async function rig(o: RigOptions = {}): Promise<Rig> {
 export async function session(exp: VhostUserBlkExport, path: string, ram: GuestRamFd, nq: number, acked?: (f: bigint) => bigint) {
   const drv = Array.from({ length: nq }, (_, i) => new BlkDriver(ram, i));
   const { fe, be } = await connect(exp, path);
-  const { kicks, calls } = await qemuStartup(fe, ram.fd, nq, { length: SIZE, acked: acked ?? ((f) => f) });
+  const { kicks, calls, inflight } = await qemuStartup(fe, ram.fd, nq, { length: SIZE, acked: acked ?? ((f) => f) });
   drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
-  return { fe, be, drv, kicks, calls };
+  return { fe, be, drv, kicks, calls, inflight };
 }
 
 export const fileNow = (r: Rig): Buffer => readFileSync(r.img);

@@ -146,6 +146,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     // held by the Queue's shared_ptr).
     qmem_[q->index] = Napi::Persistent(refs.memory.IsEmpty() ? memory_.Value() : refs.memory);
     if (!refs.ring.IsEmpty()) qring_[q->index] = Napi::Persistent(refs.ring);
+    if (!refs.inflight.IsEmpty()) qlog_[q->index] = Napi::Persistent(refs.inflight);
     attached_++;
     return env.Undefined();
   }
@@ -183,6 +184,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     queues_[q->index] = nullptr;
     qmem_[q->index].Reset();
     qring_[q->index].Reset();
+    qlog_[q->index].Reset();
     attached_--;
     delete q;
     return o;
@@ -271,6 +273,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     memory_.Reset();
     for (auto& r : qmem_) r.Reset();
     for (auto& r : qring_) r.Reset();
+    for (auto& r : qlog_) r.Reset();
     def_ = DefaultMemory();
     return info.Env().Undefined();
   }
@@ -282,6 +285,7 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
   DefaultMemory def_;  // with memory_: the default memory of new queues
   std::vector<Napi::ObjectReference> qmem_ = std::vector<Napi::ObjectReference>(kMaxQueues);
   std::vector<Napi::ObjectReference> qring_ = std::vector<Napi::ObjectReference>(kMaxQueues);
+  std::vector<Napi::ObjectReference> qlog_ = std::vector<Napi::ObjectReference>(kMaxQueues);
   napi_env env_ = nullptr;
   bool hook_ = false;
 };

@@ -47,6 +47,42 @@ bool ParseForward(Napi::Env env, Napi::Object o, Queue* q, double* notify, doubl
   refs->ring = ring;
   return true;
 }
+// The inflight option (vhost-user inflight tracking) into q: false with an
+// exception pending.
+bool ParseInflight(Napi::Env env, Napi::Object o, Queue* q, QueueRefs* refs) {
+  Napi::Value v = o.Get("inflight");
+  if (v.IsUndefined() || v.IsNull()) return true;
+  if (!v.IsObject()) return Throw(env, "addQueue: inflight must be {region, counter, resubmit}", Err::kType), false;
+  Napi::Object f = v.As<Napi::Object>();
+  Napi::Value rv = f.Get("region");
+  if (!rv.IsTypedArray() || rv.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    return Throw(env, "addQueue: inflight.region must be a Uint8Array", Err::kType), false;
+  Napi::Uint8Array region = rv.As<Napi::Uint8Array>();
+  size_t need = kLogHeader + kLogDesc * (size_t)q->num;
+  if (region.ByteLength() < need || region.Data() == nullptr || (uintptr_t)region.Data() % 8 != 0)
+    return Throw(env, "addQueue: inflight.region must be 8-byte aligned and hold 16 + 16 * num = " +
+                 std::to_string(need) + " bytes", Err::kRange), false;
+  double counter;
+  if (!Int(f.Get("counter"), 0, kMaxSafe, &counter))
+    return Throw(env, "addQueue: inflight.counter must be a non-negative integer", Err::kRange), false;
+  Napi::Value lv = f.Get("resubmit");
+  if (!lv.IsArray()) return Throw(env, "addQueue: inflight.resubmit must be an array of heads", Err::kType), false;
+  Napi::Array list = lv.As<Napi::Array>();
+  if (list.Length() > q->num) return Throw(env, "addQueue: inflight.resubmit is longer than the queue", Err::kRange), false;
+  std::vector<uint8_t> seen(q->num, 0);
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    double h;
+    if (!Int(list[i], 0, q->num - 1, &h) || seen[(uint32_t)h]++)
+      return Throw(env, "addQueue: inflight.resubmit[" + std::to_string(i) + "] is not a distinct head below num",
+                   Err::kRange), false;
+    q->resubmit.push_back((uint16_t)h);
+  }
+  q->ilog = region.Data();
+  q->icounter = (uint64_t)counter;
+  q->ibatch.reserve(q->num);
+  refs->inflight = region;
+  return true;
+}
 }  // namespace
 
 Napi::Value Throw(Napi::Env env, const std::string& msg, Err kind) {
@@ -92,7 +128,8 @@ void CloseFds(Queue* q) {
 
 // addQueue(index, {memory?, spans?, num, desc, avail, used, lastAvail, usedIdx,
 //   eventIdx, kickFd, callFd, fd, capacitySectors, readOnly, serial, writeCache,
-//   discard?, writeZeroes?, unmap?, map?, forward?: {ring, notifyFd, completeFd}})
+//   discard?, writeZeroes?, unmap?, map?, forward?: {ring, notifyFd, completeFd},
+//   inflight?: {region, counter, resubmit}})
 Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemory& def, QueueRefs* refs) {
   // The queue's own memory ({memory, spans}), or the worker's (setMemory).
   Napi::Value mv = o.Get("memory");
@@ -127,7 +164,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
 
   Queue* q = new Queue();
   q->num = (uint32_t)num;
-  if (!ParseForward(env, o, q, &notify, &complete, refs)) {
+  if (!ParseForward(env, o, q, &notify, &complete, refs) || !ParseInflight(env, o, q, refs)) {
     delete q;
     return nullptr;
   }

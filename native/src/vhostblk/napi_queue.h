@@ -34,6 +34,7 @@ struct DefaultMemory {
 struct QueueRefs {
   Napi::Object memory;  // the queue's own layout ArrayBuffer, or empty (the default)
   Napi::Object ring;    // forward.ring, or empty
+  Napi::Object inflight;  // inflight.region, or empty
 };
 
 // A new Queue from addQueue(index, options) with its fds dup'd, or nullptr

@@ -133,6 +133,7 @@ void Worker::Publish(Queue* q) {
     Store16(q->used + 2, now, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);  // 2.7.7: the flag/event read must not pass the store
     q->published = now;
+    if (q->ilog) LogPublished(q, now);
     bool notify;
     if (q->event_idx) {
       uint16_t ev = Load16(q->avail + 4 + 2 * (uint64_t)q->num, __ATOMIC_RELAXED);
@@ -158,20 +159,49 @@ void Worker::PushUsed(Queue* q, uint32_t head, uint32_t len) {
   memcpy(slot, &head, 4);
   memcpy(slot + 4, &len, 4);
   q->used_idx++;
+  if (q->ilog) {  // link it into the batch the next used index publishes
+    uint8_t* d = q->ilog + kLogHeader + kLogDesc * (uint64_t)head;
+    uint16_t last = __atomic_load_n((uint16_t*)(q->ilog + kLogLastBatch), __ATOMIC_RELAXED);
+    __atomic_store_n((uint16_t*)(d + kLogNext), last, __ATOMIC_RELAXED);
+    __atomic_store_n((uint16_t*)(q->ilog + kLogLastBatch), (uint16_t)head, __ATOMIC_RELEASE);
+    q->ibatch.push_back((uint16_t)head);
+  }
+}
+
+// Inflight record: stamp the order, then flag the head (a death in between
+// leaves it unflagged: it was never started, and its avail entry is read again).
+void Worker::LogTaken(Queue* q, uint16_t head) {
+  uint8_t* d = q->ilog + kLogHeader + kLogDesc * (uint64_t)head;
+  __atomic_store_n((uint64_t*)(d + kLogCounter), q->icounter++, __ATOMIC_RELAXED);
+  __atomic_store_n(d + kLogInflight, (uint8_t)1, __ATOMIC_RELEASE);
+}
+
+// The used index covering the batch is stored: unflag it, then record the index.
+void Worker::LogPublished(Queue* q, uint16_t used_idx) {
+  for (uint16_t h : q->ibatch)
+    __atomic_store_n(q->ilog + kLogHeader + kLogDesc * (uint64_t)h + kLogInflight, (uint8_t)0, __ATOMIC_RELEASE);
+  q->ibatch.clear();
+  __atomic_store_n((uint16_t*)(q->ilog + kLogUsedIdx), used_idx, __ATOMIC_RELEASE);
 }
 
 // 1: a chain was popped and completed or forwarded; 0: ring empty; -1: the
 // queue broke.
 int Worker::PopAndRun(Queue* q) {
   uint32_t n = q->num;
-  uint16_t avail_idx = Load16(q->avail + 2, __ATOMIC_ACQUIRE);
-  uint16_t count = (uint16_t)(avail_idx - q->last_avail);
-  if (count == 0) return 0;
-  if (count > n) {
-    Break(q, "avail index moved by " + std::to_string(count) + ", more than the queue size " + std::to_string(n));
-    return -1;
+  uint16_t head;
+  bool resubmit = q->resubmit_at < q->resubmit.size();
+  if (resubmit) {
+    head = q->resubmit[q->resubmit_at];
+  } else {
+    uint16_t avail_idx = Load16(q->avail + 2, __ATOMIC_ACQUIRE);
+    uint16_t count = (uint16_t)(avail_idx - q->last_avail);
+    if (count == 0) return 0;
+    if (count > n) {
+      Break(q, "avail index moved by " + std::to_string(count) + ", more than the queue size " + std::to_string(n));
+      return -1;
+    }
+    head = Load16(q->avail + 4 + 2 * (uint64_t)(q->last_avail % n), __ATOMIC_RELAXED);
   }
-  uint16_t head = Load16(q->avail + 4 + 2 * (uint64_t)(q->last_avail % n), __ATOMIC_RELAXED);
   if (head >= n) {
     Break(q, "head " + std::to_string(head) + " is beyond the queue size " + std::to_string(n));
     return -1;
@@ -189,7 +219,11 @@ int Worker::PopAndRun(Queue* q) {
     return -1;
   }
   q->stamp[head] = q->batch;
-  q->last_avail++;
+  if (resubmit)
+    q->resubmit_at++;
+  else
+    q->last_avail++;
+  if (q->ilog) LogTaken(q, head);
   uint8_t status = Run(q, head);
   if (status == kForward) return Forward(q, head) ? 1 : -1;
   if (status == kAsync) return 1;  // ReapAio pushes it

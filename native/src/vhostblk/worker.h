@@ -83,6 +83,14 @@
 // IO_DRAIN is ring-wide, so it is kept to that rare case: it would hold
 // back later SQEs of every queue of this worker.
 //
+// Inflight tracking (vhost-user INFLIGHT_SHMFD): with a record (Queue::ilog,
+// the queue's region of the buffer the front-end keeps), a popped head is
+// stamped and flagged before it runs, a pushed one linked into the batch the
+// next Publish stores, and the batch unflagged after the used index store
+// (src/export/vhost-user/inflight.ts has the layout and the recovery).  Heads
+// a dead back-end left in flight (Queue::resubmit) are served before the
+// avail ring.
+//
 // Not done here (the TS path must serve the device instead): dirty-page
 // logging (VHOST_F_LOG_ALL, migration), packed rings.
 //
@@ -131,6 +139,12 @@ constexpr uint64_t kAioKey = ~(uint64_t)1;
 
 // Forward ring slots (Int32Array indices; see the header comment).
 enum : uint32_t { kFwdProd = 0, kFwdCons = 1, kCplProd = 2, kCplCons = 3, kFwdEntries = 16 };
+
+// The inflight record's layout (one queue's region; see Queue::ilog).
+enum : uint32_t {
+  kLogLastBatch = 12, kLogUsedIdx = 14, kLogHeader = 16, kLogDesc = 16,  // header; entry size
+  kLogInflight = 0, kLogNext = 6, kLogCounter = 8,                       // within an entry
+};
 
 struct Span {
   uint64_t start, end;
@@ -193,6 +207,14 @@ struct Queue {
   uint32_t fwd_prod = 0, cpl_cons = 0;  // worker-owned counters (also stored in fring)
   bool fwd_batch = false;  // forwarded something in the batch in progress
   std::vector<uint8_t> inflight;  // per head: kInFwd (forwarded), kInAio (on the ring), or 0
+
+  // vhost-user inflight tracking (src/export/vhost-user/inflight.ts has the
+  // layout and the order of the steps), or null.  JS memory, kept alive by napi.cc.
+  uint8_t* ilog = nullptr;
+  uint64_t icounter = 0;                // the next taken chain's counter
+  std::vector<uint16_t> resubmit;       // left in flight by a previous back-end: popped first
+  size_t resubmit_at = 0;
+  std::vector<uint16_t> ibatch;         // heads pushed since the last Publish
 
   // Requests on the io_uring (worker-owned; aio.cc).
   std::vector<AioSlot> aio;  // per head, sized at attach when the worker has a ring
@@ -270,6 +292,8 @@ class Worker {
   bool Poll(Queue* q);
   void Publish(Queue* q);
   void PushUsed(Queue* q, uint32_t head, uint32_t len);
+  static void LogTaken(Queue* q, uint16_t head);
+  static void LogPublished(Queue* q, uint16_t used_idx);
   int PopAndRun(Queue* q);
   bool Walk(Queue* q, uint16_t head, std::string* why);
 

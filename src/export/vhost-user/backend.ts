@@ -13,13 +13,14 @@
  * Message framing and payload readers are in messages.ts, the config space in blk-config.ts,
  * the options and hooks in backend-options.ts.
  */
-import { closeFd, EventFdWatcher, UnixConnection } from '../../native/unix-fd.js';
+import { closeFd, UnixConnection } from '../../native/unix-fd.js';
 import { VIRTIO_BLK_F_CONFIG_WCE } from '../../../hw/virtio/virtio-blk-abi.js';
 import { BLK_CFG_CAPACITY, BLK_CFG_WCE, blkFeatures, MAX_QUEUE_SIZE, PROTOCOL_FEATURES, SECTOR } from './blk-features.js';
 import { BackendChannel, VHOST_USER_SET_SLAVE_REQ_FD } from './backend-channel.js';
 import { blkConfigSpace, getConfig, setConfig } from './blk-config.js';
 import { translateRing, Vring } from './vring.js';
 import { GuestMemoryTable } from './memory.js';
+import { InflightMemory, type InflightQueue } from './inflight.js';
 import type { VhostUserBlkHooks, VhostUserBlkOptions } from './backend-options.js';
 import {
   closeFdQuietly, memTableRegions, MessageReader, noPayload, refuse, sendReply, u64, vringAddr, vringFd, vringState,
@@ -27,9 +28,10 @@ import {
 } from './messages.js';
 import {
   bit, dataView, MAX_MEM_REGIONS, requestName, u64Payload, VHOST_USER_F_PROTOCOL_FEATURES,
-  VHOST_USER_GET_CONFIG, VHOST_USER_GET_FEATURES, VHOST_USER_GET_MAX_MEM_SLOTS, VHOST_USER_GET_PROTOCOL_FEATURES,
+  VHOST_USER_GET_CONFIG, VHOST_USER_GET_FEATURES, VHOST_USER_GET_INFLIGHT_FD, VHOST_USER_GET_MAX_MEM_SLOTS, VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM, VHOST_USER_GET_VRING_BASE, VHOST_USER_NEED_REPLY_MASK, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_SLAVE_REQ,
-  VHOST_USER_PROTOCOL_F_REPLY_ACK, VHOST_USER_RESET_OWNER, VHOST_USER_SET_CONFIG,
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, VHOST_USER_PROTOCOL_F_REPLY_ACK, VHOST_USER_RESET_OWNER, VHOST_USER_SET_CONFIG,
+  VHOST_USER_SET_INFLIGHT_FD,
   VHOST_USER_SET_FEATURES, VHOST_USER_SET_MEM_TABLE, VHOST_USER_SET_OWNER, VHOST_USER_SET_PROTOCOL_FEATURES,
   VHOST_USER_SET_VRING_ADDR, VHOST_USER_SET_VRING_BASE, VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_ENABLE,
   VHOST_USER_SET_VRING_ERR, VHOST_USER_SET_VRING_KICK, VHOST_USER_SET_VRING_NUM,
@@ -50,6 +52,8 @@ export class VhostUserBlkBackend {
   ackedProtocolFeatures = 0n;
   owned = false;
   memory: GuestMemoryTable = GuestMemoryTable.empty();
+  /** The inflight buffer (GET/SET_INFLIGHT_FD), or null: nothing is recorded. */
+  inflight: InflightMemory | null = null;
   readonly rings: readonly Vring[];
   /** The virtio-blk config space as served by GET_CONFIG. */
   readonly config: Uint8Array;
@@ -63,6 +67,8 @@ export class VhostUserBlkBackend {
   private reason: Error | null = null;
   /** A deferred reply is pending: no further message is read until it is sent. */
   private paused = false;
+  /** An fd the reply being built carries (GET_INFLIGHT_FD); closed once sent. */
+  private replyFd = -1;
 
   constructor(readonly conn: UnixConnection, o: VhostUserBlkOptions) {
     if (!Number.isSafeInteger(o.length) || o.length < 0) throw new RangeError(`length must be a non-negative safe integer, got ${o.length}`);
@@ -113,6 +119,12 @@ export class VhostUserBlkBackend {
     return ring.started && this.ringEnabled(ring) && ring.num > 0 && ring.addr !== null && !this.closedFlag;
   }
 
+  /** Ring `ring`'s inflight record, or null (not negotiated, no buffer, or one too small for the ring). */
+  inflightFor(ring: Vring): InflightQueue | null {
+    const q = this.inflight?.queue(ring.index) ?? null;
+    return q && ring.num <= q.capacity ? q : null;
+  }
+
   /** Translate a guest-physical range (descriptor buffers) through the current table. */
   translate(gpa: number, len: number): Uint8Array | null {
     return this.memory.gpa(gpa, len)?.bytes ?? null;
@@ -148,21 +160,11 @@ export class VhostUserBlkBackend {
     attempt(() => this.conn.close());
     if (this.channel) attempt(() => this.channel!.close());
     this.channel = null;
-    for (const r of this.rings) {
-      r.started = false;
-      r.enabled = false;
-      r.addr = null;
-      if (r.kick) attempt(() => r.kick!.close());
-      r.kick = null;
-      r.kickFd = -1;
-      for (const k of ['kickFd', 'callFd', 'errFd'] as const) {
-        const fd = r[k];
-        r[k] = -1;
-        if (fd >= 0) attempt(() => closeFd(fd));
-      }
-    }
+    for (const r of this.rings) r.close((e) => errs.push(e));
     attempt(() => this.memory.close());
     this.memory = GuestMemoryTable.empty();
+    if (this.inflight) attempt(() => this.inflight!.close());
+    this.inflight = null;
     for (const fd of this.reader.discard()) attempt(() => closeFd(fd));
     if (this.hooks.closed) attempt(() => this.hooks.closed!(this, reason));
     if (errs.length > 0 && !this.reason) this.reason = errs[0] instanceof Error ? errs[0] : new Error(String(errs[0]));
@@ -235,8 +237,15 @@ export class VhostUserBlkBackend {
       // Whatever a handler did not adopt is not ours to keep.
       for (const fd of msg.fds) closeFdQuietly(fd);
     }
-    if (reply) this.send(msg.request, reply);
-    else if (ackWanted) this.send(msg.request, u64Payload(0));
+    if (reply) {
+      const fd = this.replyFd;
+      this.replyFd = -1;
+      try {
+        sendReply(this.conn, msg.request, reply, fd >= 0 ? [fd] : []);
+      } finally {
+        if (fd >= 0) closeFdQuietly(fd);
+      }
+    } else if (ackWanted) this.send(msg.request, u64Payload(0));
   }
 
   /** Handle one message: an explicit reply payload, or null (success, acked if asked). */
@@ -319,6 +328,17 @@ export class VhostUserBlkBackend {
         this.channel = new BackendChannel(conn, (why) => this.errors.push(why));
         return null;
       }
+      case VHOST_USER_GET_INFLIGHT_FD: {
+        if (!this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)) refuse('INFLIGHT_SHMFD protocol feature not negotiated');
+        const a = InflightMemory.allocate(m, this.numQueues);
+        this.setInflight(a.memory);
+        this.replyFd = a.fd;
+        return a.reply;
+      }
+      case VHOST_USER_SET_INFLIGHT_FD:
+        if (!this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)) refuse('INFLIGHT_SHMFD protocol feature not negotiated');
+        this.setInflight(InflightMemory.adopt(m, this.numQueues));
+        return null;
       case VHOST_USER_GET_CONFIG:
         return getConfig(this.config, m, this.hasProtocolFeature(VHOST_USER_PROTOCOL_F_CONFIG), this.errors);
       case VHOST_USER_SET_CONFIG:
@@ -334,10 +354,7 @@ export class VhostUserBlkBackend {
   /** GET_VRING_BASE once the data plane let go of the ring: stop it and report its base. */
   private stopRing(ring: Vring): Uint8Array {
     ring.started = false;
-    // The front-end may reuse or close the kick eventfd; we stop watching it now.
-    ring.kick?.close();
-    ring.kick = null;
-    ring.kickFd = -1;
+    ring.stopKick();
     return vringStatePayload(ring.index, ring.lastAvailIdx & 0xffff);
   }
 
@@ -355,6 +372,12 @@ export class VhostUserBlkBackend {
   }
 
   // --- handlers ---
+
+  /** A new inflight buffer; the old one is unmapped once the queues writing it let go. */
+  private setInflight(mem: InflightMemory): void {
+    this.inflight?.close();
+    this.inflight = mem;
+  }
 
   private setMemTable(m: Message): void {
     const descs = memTableRegions(m);
@@ -389,40 +412,18 @@ export class VhostUserBlkBackend {
     const v = vringFd(m);
     const ring = this.ring(v.index);
     const fd = v.noFd ? -1 : m.fds.pop()!;
-    if (m.request === VHOST_USER_SET_VRING_KICK) {
-      ring.kick?.close();
-      ring.kick = null;
-      ring.kickFd = fd;
-      if (fd >= 0) ring.kick = this.watchKick(ring, fd);
-    } else {
-      const key = m.request === VHOST_USER_SET_VRING_CALL ? 'callFd' : 'errFd';
-      const old = ring[key];
-      ring[key] = fd;
-      if (key === 'callFd') this.hooks.callChanged?.(this, ring);
-      if (old >= 0) closeFd(old);
+    if (m.request !== VHOST_USER_SET_VRING_KICK) {
+      const call = m.request === VHOST_USER_SET_VRING_CALL;
+      ring.setFd(call ? 'callFd' : 'errFd', fd);
+      if (call) this.hooks.callChanged?.(this, ring);
+      return;
     }
-    if (m.request === VHOST_USER_SET_VRING_KICK) {
-      // "The back-end must start ring upon receiving a kick"; like other back-ends we treat the
-      // kick fd's arrival as the start (a no-fd kick means the ring is polled).
-      ring.started = true;
-      this.hooks.ringChanged?.(this, ring);
-    }
-  }
-
-  private watchKick(ring: Vring, fd: number): EventFdWatcher {
-    const w = new EventFdWatcher(fd, (err) => {
-      if (err) {
-        // Not an eventfd, or it broke: the ring can only be driven by a new kick fd now.
-        this.errors.push(`ring ${ring.index}: kick fd: ${err.message}`);
-        if (ring.kick === w) {
-          ring.kick = null;
-          ring.kickFd = -1;
-        }
-        w.close();
-        return;
-      }
+    ring.setKick(fd, () => {
       if (ring.started && !this.closedFlag) this.hooks.ringKicked?.(this, ring);
-    });
-    return w;
+    }, (why) => this.errors.push(why));
+    // "The back-end must start ring upon receiving a kick"; like other back-ends we treat the
+    // kick fd's arrival as the start (a no-fd kick means the ring is polled).
+    ring.started = true;
+    this.hooks.ringChanged?.(this, ring);
   }
 }

@@ -5,7 +5,7 @@ import {
 } from '../../../hw/virtio/virtio-blk-abi.js';
 import {
   bit, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK,
-  VHOST_USER_PROTOCOL_F_SLAVE_REQ,
+  VHOST_USER_PROTOCOL_F_SLAVE_REQ, VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
 } from './protocol.js';
 
 // virtio 1.x transport feature bits (virtio spec 6, "Reserved Feature Bits").
@@ -46,7 +46,7 @@ export const SIZE_MAX_BYTES = 4 << 20;
  * (and ro for read-only exports); the ring layout the data plane must honour (VERSION_1,
  * INDIRECT_DESC, EVENT_IDX); discard and write-zeroes for writable exports; and vhost-user
  * protocol-feature negotiation. Not offered: LOG_ALL (no migration logging), IOMMU_PLATFORM,
- * packed rings, inflight tracking.
+ * packed rings.
  */
 export function blkFeatures(readOnly: boolean): bigint {
   let f = bit(VIRTIO_BLK_F_SIZE_MAX) | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) |
@@ -58,8 +58,11 @@ export function blkFeatures(readOnly: boolean): bigint {
   return f;
 }
 
-/** Protocol features offered: MQ, REPLY_ACK, CONFIG, and the back-end channel (config changes). */
+/**
+ * Protocol features offered: MQ, REPLY_ACK, CONFIG, the back-end channel (config changes) and
+ * inflight tracking (inflight.ts: a restarted back-end resubmits what was in flight).
+ */
 export const PROTOCOL_FEATURES = bit(VHOST_USER_PROTOCOL_F_MQ) | bit(VHOST_USER_PROTOCOL_F_REPLY_ACK) |
-  bit(VHOST_USER_PROTOCOL_F_CONFIG) | bit(VHOST_USER_PROTOCOL_F_SLAVE_REQ);
+  bit(VHOST_USER_PROTOCOL_F_CONFIG) | bit(VHOST_USER_PROTOCOL_F_SLAVE_REQ) | bit(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD);
 
 /** A ring's addresses from SET_VRING_ADDR, translated through the current memory table. */

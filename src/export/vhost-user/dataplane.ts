@@ -25,6 +25,7 @@ import { MAX_QUEUE_SIZE } from './blk-features.js';
 import { NativeRings, type FastPathTarget } from './fast-path.js';
 import type { AioContext } from '../../block/context.js';
 import type { GuestMemoryTable } from './memory.js';
+import type { InflightMemory } from './inflight.js';
 import type { Vring } from './vring.js';
 
 export interface DataPlaneOptions {
@@ -47,6 +48,8 @@ interface Active {
   configured: boolean[];
   /** Per queue: popping allowed (started, enabled and not stopping). */
   running: boolean[];
+  /** Inflight buffers its queues write, held until the device goes. */
+  logs: Map<InflightMemory, () => void>;
 }
 
 export class VhostUserBlkDataPlane {
@@ -264,7 +267,14 @@ export class VhostUserBlkDataPlane {
     if (!memory.ram || this.retiring.size > 0 || this.handingOver) return null;
     const n = this.be.numQueues;
     const dev = new VirtioBlk(memory.ram, this.io, { numQueues: n, queueSize: MAX_QUEUE_SIZE, serial: this.o.serial });
-    const a: Active = { dev, memory, release: memory.hold(), configured: new Array<boolean>(n).fill(false), running: new Array<boolean>(n).fill(false) };
+    const holdMemory = memory.hold();
+    const logs = new Map<InflightMemory, () => void>();
+    const release = (): void => {
+      holdMemory();
+      for (const r of logs.values()) r();
+      logs.clear();
+    };
+    const a: Active = { dev, memory, release, configured: new Array<boolean>(n).fill(false), running: new Array<boolean>(n).fill(false), logs };
     dev.transport = {
       notifyQueue: (vq) => this.call(vq.index),
       // No back-end request channel is offered: config changes cannot reach the front-end.
@@ -296,8 +306,19 @@ export class VhostUserBlkDataPlane {
     q.used = used;
     q.enabled = true;
     q.ringsChanged();
-    // Pop from the base the front-end set; push after what the used ring already holds.
-    q.resume(ring.lastAvailIdx, q.usedIdxInRam());
+    // Pop from the base the front-end set (after what the inflight record says a previous
+    // back-end took), resubmitting what that one left in flight; push after what the used
+    // ring already holds.
+    const usedIdx = q.usedIdxInRam();
+    const log = this.be.inflightFor(ring);
+    q.log = log;
+    if (log) {
+      const r = log.recover(ring.num, ring.lastAvailIdx, usedIdx);
+      for (const p of r.problems) this.be.errors.push(`ring ${ring.index}: inflight record: ${p}`);
+      const mem = this.be.inflight!;
+      if (!a.logs.has(mem)) a.logs.set(mem, mem.hold());
+      q.resume(r.lastAvail, usedIdx, r.resubmit);
+    } else q.resume(ring.lastAvailIdx, usedIdx);
     a.configured[ring.index] = true;
     return true;
   }

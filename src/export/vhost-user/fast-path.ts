@@ -30,6 +30,7 @@ import type { GuestMemoryTable } from './memory.js';
 import type { Vring } from './vring.js';
 import { Forwarder } from './forwarding.js';
 import { MappingCache } from './mapping.js';
+import type { InflightMemory, InflightQueue } from './inflight.js';
 
 /** What the worker serves: a file descriptor and the disk's shape. */
 export interface FastPathTarget {
@@ -92,6 +93,9 @@ export class NativeRings {
   private readonly deferred = new Set<number>();
   /** GET_VRING_BASE replies waiting for a ring's forwarded requests. */
   private readonly waiters = new Map<number, (() => void)[]>();
+  /** Per ring: the inflight record the worker writes; the buffers are held until close. */
+  private readonly logs = new Map<number, InflightQueue>();
+  private readonly logHolds = new Map<InflightMemory, () => void>();
   private closed = false;
 
   constructor(
@@ -152,14 +156,25 @@ export class NativeRings {
     const avail = m.uvaToGpa(a.availUser);
     const used = m.uvaToGpa(a.usedUser);
     if (desc === null || avail === null || used === null || !m.ram.contains(used, 4)) return false;
+    const usedIdx = m.ram.bytes[used + 2]! | (m.ram.bytes[used + 3]! << 8);
+    const log = this.be.inflightFor(ring);
+    let lastAvail = ring.lastAvailIdx;
+    let inflight: { region: Uint8Array; counter: number; resubmit: number[] } | undefined;
+    if (log) {
+      const r = log.recover(ring.num, lastAvail, usedIdx);
+      for (const p of r.problems) this.be.errors.push(`ring ${i}: inflight record: ${p}`);
+      lastAvail = r.lastAvail;
+      inflight = { region: log.bytes, counter: log.nextCounter, resubmit: r.resubmit };
+      const mem = this.be.inflight!;
+      if (!this.logHolds.has(mem)) this.logHolds.set(mem, mem.hold());
+    }
     const slot = this.worker.allocIndex();
     ring.kick.setWatching(false);
     try {
       this.worker.addQueue(slot, {
         memory: layout, spans: m.regions.map((r) => [r.guestPhysAddr, r.guestPhysAddr + r.size] as [number, number]),
         num: ring.num, desc, avail, used,
-        lastAvail: ring.lastAvailIdx,
-        usedIdx: m.ram.bytes[used + 2]! | (m.ram.bytes[used + 3]! << 8),
+        lastAvail, usedIdx, inflight,
         eventIdx: this.be.hasFeature(VIRTIO_RING_F_EVENT_IDX),
         kickFd: ring.kickFd, callFd: ring.callFd, fd: this.target.fd,
         capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
@@ -174,6 +189,8 @@ export class NativeRings {
       throw e;
     }
     this.slots.set(i, slot);
+    if (log) this.logs.set(i, log);
+    else this.logs.delete(i);
     return true;
   }
 
@@ -193,7 +210,7 @@ export class NativeRings {
       this.worker.freeIndex(slot);
       ring.lastAvailIdx = pos.lastAvail;
       ring.kick?.setWatching(true);
-      this.fwd?.queue(i).detach(pos.lastAvail, pos.usedIdx);
+      this.fwd?.queue(i).detach(pos.lastAvail, pos.usedIdx, this.logs.get(i) ?? null);
     }
     if (!this.forwarding(i)) return;
     return new Promise<void>((resolve) => {
@@ -311,7 +328,14 @@ export class NativeRings {
     this.release?.();
     this.release = null;
     this.memory = null;
-    if (!this.anyForwarding) this.o.idle?.();
+    if (!this.anyForwarding) this.finished();
+  }
+
+  /** Closed, and nothing forwarded is left: the inflight records are no longer written from here. */
+  private finished(): void {
+    for (const r of this.logHolds.values()) r();
+    this.logHolds.clear();
+    this.o.idle?.();
   }
 
   /** The worker's table for `mapped`; withdrawals wait for whichever worker serves the rings then. */
@@ -349,7 +373,7 @@ export class NativeRings {
       for (const f of w) f();
     }
     if (this.closed) {
-      if (!this.anyForwarding) this.o.idle?.();
+      if (!this.anyForwarding) this.finished();
       return;
     }
     if (this.deferred.has(i)) {

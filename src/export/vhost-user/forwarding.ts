@@ -24,7 +24,7 @@
  */
 import type { BackendIO } from '../../backend/io.js';
 import { VirtioBlk } from '../../../hw/block/virtio-blk.js';
-import { VirtQueue, VirtQueueElement } from '../../../hw/virtio/virtqueue.js';
+import { VirtQueue, VirtQueueElement, type VirtQueueLog } from '../../../hw/virtio/virtqueue.js';
 import type { GuestRam } from '../../../hw/core/memory.js';
 import { closeFd, eventfd, eventfdWrite, EventFdWatcher } from '../../native/unix-fd.js';
 import { MAX_QUEUE_SIZE } from './blk-features.js';
@@ -78,14 +78,19 @@ export class ForwardQueue extends VirtQueue {
     this.ring.fill(0);
     this.consumed = this.produced = this.toWorker = 0;
     this.attached = true;
+    this.log = null; // the worker records what it takes and completes
     return { ring: this.ring, notifyFd: this.notifyFd, completeFd: this.completeFd };
   }
 
-  /** The worker let go at (lastAvail, usedIdx): what is still forwarded completes into the used ring. */
-  detach(lastAvail: number, usedIdx: number): void {
+  /**
+   * The worker let go at (lastAvail, usedIdx): what is still forwarded completes into the used
+   * ring, recorded in `log` (the ring's inflight record) as the worker would have.
+   */
+  detach(lastAvail: number, usedIdx: number, log: VirtQueueLog | null = null): void {
     if (!this.attached) return;
     this.attached = false;
     this.resume(lastAvail, usedIdx);
+    this.log = log;
   }
 
   /** Forwarded requests not yet completed (in flight here, or not yet popped). */

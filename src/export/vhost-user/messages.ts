@@ -88,9 +88,9 @@ export class MessageReader {
   }
 }
 
-export function sendReply(conn: UnixConnection, request: number, payload: Uint8Array): void {
+export function sendReply(conn: UnixConnection, request: number, payload: Uint8Array, fds: readonly number[] = []): void {
   const m = encodeReply(request, payload);
-  const n = conn.send(m);
+  const n = conn.send(m, fds);
   // Replies are small and the front-end waits for each one; a short write means it is not reading.
   if (n !== m.length) throw new Error(`vhost-user: short write of ${requestName(request)} reply (${n} of ${m.length})`);
 }

@@ -29,6 +29,8 @@ export const VHOST_USER_GET_QUEUE_NUM = 17;
 export const VHOST_USER_SET_VRING_ENABLE = 18;
 export const VHOST_USER_GET_CONFIG = 24;
 export const VHOST_USER_SET_CONFIG = 25;
+export const VHOST_USER_GET_INFLIGHT_FD = 31;
+export const VHOST_USER_SET_INFLIGHT_FD = 32;
 export const VHOST_USER_RESET_DEVICE = 34;
 export const VHOST_USER_GET_MAX_MEM_SLOTS = 36;
 

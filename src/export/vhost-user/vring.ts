@@ -1,5 +1,5 @@
 /** One vring as the front-end set it up: size, base, addresses in guest memory, eventfds. */
-import type { EventFdWatcher } from '../../native/unix-fd.js';
+import { closeFd, EventFdWatcher } from '../../native/unix-fd.js';
 import type { GuestMemoryTable, GuestView } from './memory.js';
 
 export interface VringAddresses {
@@ -40,6 +40,55 @@ export class Vring {
   /** SET_VRING_ENABLE; see VhostUserBlkBackend.ringEnabled() for the effective state. */
   enabled = false;
   constructor(readonly index: number) {}
+
+  /**
+   * SET_VRING_KICK: watch `fd` (-1: none, the ring is polled), calling `kicked` on each kick;
+   * a fd that breaks is reported through `broke` and dropped.
+   */
+  setKick(fd: number, kicked: () => void, broke: (why: string) => void): void {
+    this.stopKick();
+    this.kickFd = fd;
+    if (fd < 0) return;
+    const w = new EventFdWatcher(fd, (err) => {
+      if (!err) return kicked();
+      // Not an eventfd, or it broke: the ring can only be driven by a new kick fd now.
+      broke(`ring ${this.index}: kick fd: ${err.message}`);
+      if (this.kick === w) {
+        this.kick = null;
+        this.kickFd = -1;
+      }
+      w.close();
+    });
+    this.kick = w;
+  }
+
+  /** Stop watching (and close) the kick fd: the front-end may reuse it once the ring stops. */
+  stopKick(): void {
+    this.kick?.close();
+    this.kick = null;
+    this.kickFd = -1;
+  }
+
+  /** SET_VRING_CALL / SET_VRING_ERR: adopt `fd` (-1: none), closing the one it replaces. */
+  setFd(key: 'callFd' | 'errFd', fd: number): void {
+    const old = this[key];
+    this[key] = fd;
+    if (old >= 0) closeFd(old);
+  }
+
+  /** The session ended: every fd closed, the ring forgotten. Errors go to `failed`. */
+  close(failed: (e: unknown) => void): void {
+    this.started = false;
+    this.enabled = false;
+    this.addr = null;
+    for (const f of [() => this.stopKick(), () => this.setFd('callFd', -1), () => this.setFd('errFd', -1)]) {
+      try {
+        f();
+      } catch (e) {
+        failed(e);
+      }
+    }
+  }
 }
 
 
