@@ -250,6 +250,19 @@ export class BlkDriver {
 
   /** Takes every new used entry: status byte, data copies, descriptors back on the free list. */
   collect(): void {
+    for (;;) {
+      this.collectOnce();
+      if (!this.eventIdx || this.holdUsedEvent) return;
+      // Linux's virtqueue_enable_cb with EVENT_IDX: interrupt me at the next used entry; then
+      // look again (after a full fence, as virtio_mb): an entry published before used_event was
+      // stored gets no interrupt of its own.
+      const o = ramOffset(this.usedEventAddr, 2);
+      Atomics.store(new Uint16Array(this.ram.view.buffer, this.ram.view.byteOffset + o, 1), 0, this.lastUsed);
+      if (this.usedIdx === this.lastUsed) return;
+    }
+  }
+
+  private collectOnce(): void {
     const idx = this.usedIdx;
     while (this.lastUsed !== idx) {
       const e = this.usedElem(this.lastUsed);
@@ -264,8 +277,6 @@ export class BlkDriver {
       }
       this.lastUsed = u16(this.lastUsed + 1);
     }
-    // Linux's virtqueue_enable_cb with EVENT_IDX: interrupt me at the next used entry.
-    if (this.eventIdx && !this.holdUsedEvent) this.w16(this.usedEventAddr, this.lastUsed);
   }
 
   /** Skips used entries the driver did not make (a test put raw chains on the ring). */
