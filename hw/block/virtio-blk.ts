@@ -161,7 +161,7 @@ export class VirtioBlk extends VirtioDevice {
         const r = vq.pop(req.elem);
         if (r <= 0) {
           this.pool.push(req);
-          if (r < 0) return this.markBroken(vq.error);
+          if (r < 0) return this.markBroken(vq.error, vq);
           break;
         }
         req.vq = vq;

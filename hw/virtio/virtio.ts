@@ -36,6 +36,8 @@ export interface VirtioTransport {
   notifyConfig(): void;
   /** The ISR went to zero (reset): lower INTx. */
   isrCleared(): void;
+  /** Queue `vq`'s ring broke the protocol (a vhost-user back-end signals its err eventfd). */
+  queueBroken?(vq: VirtQueue): void;
 }
 
 export abstract class VirtioDevice {
@@ -145,7 +147,7 @@ export abstract class VirtioDevice {
     try {
       this.handleQueue(q);
     } catch (e) {
-      this.markBroken(`queue ${index}: ${(e as Error).message}`);
+      this.markBroken(`queue ${index}: ${(e as Error).message}`, q);
     }
   }
 
@@ -153,11 +155,12 @@ export abstract class VirtioDevice {
     for (let i = 0; i < this.queues.length; i++) this.kick(i);
   }
 
-  /** The driver broke the protocol: stop, and tell it (virtio 1.0 2.1.2). */
-  markBroken(why: string): void {
+  /** The driver broke the protocol (on queue `vq`, if one): stop, and tell it (virtio 1.0 2.1.2). */
+  markBroken(why: string, vq?: VirtQueue): void {
     if (this.broken) return;
     this.broken = true;
     this.brokenReason = why;
+    if (vq) this.transport?.queueBroken?.(vq);
     if (this.has(VIRTIO_F_VERSION_1)) {
       this.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
       if (this.status & VIRTIO_CONFIG_S_DRIVER_OK) this.notifyConfig();

@@ -133,6 +133,8 @@ export interface NativeVhostBlkQueue {
   kickFd: number;
   /** -1: no call fd. */
   callFd: number;
+  /** Written when the worker finds the ring broken (vhost-user's err eventfd); -1 or absent: none. */
+  errFd?: number;
   fd: number;
   capacitySectors: number;
   readOnly: boolean;

@@ -6,7 +6,7 @@ process.env.SPINDLE_VHOST_FASTPATH = '0'; // the TypeScript path: see vhost-user
 
 import { describe, expect, it } from 'vitest';
 import * as P from '../../src/export/vhost-user/protocol.js';
-import { eventfdRead, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
+import { eventfd, eventfdRead, liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 } from '../../hw/virtio/virtio-blk-abi.js';
@@ -111,12 +111,17 @@ describe('guest memory bounds', () => {
   it('a broken ring (head beyond the queue) stops being served; the session and the process stay up', async () => {
     const r = await rig({ numQueues: 2 });
     const q = r.drv[0]!;
+    const err = eventfd();
+    toClose.push(err);
+    expect(await r.fe.ack(P.VHOST_USER_SET_VRING_ERR, P.u64Payload(0), [err])).toBe(0n);
     expect((await q.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
     const used0 = q.usedIdx;
     q.publishHead(500); // not a descriptor of a 128-entry table
     q.kick();
+    // The front-end hears of it on the ring's err eventfd (QEMU logs it).
+    await until('the err eventfd', () => eventfdRead(err) === 1);
+    expect(r.be.errors.at(-1)).toMatch(/ring 0 broke: queue 0: head 500 is beyond the queue size 128/);
     await turns(10);
-    await sleep(20);
     expect(q.usedIdx).toBe(used0);
     // A good request after it is not served either: the device is broken until reset.
     const p = q.post(VIRTIO_BLK_T_IN, 0, [{ len: 512 }]);

@@ -43,6 +43,8 @@ export interface ExportRigOptions {
   qcow2?: (rawImage: string, qcow2Image: string) => void;
   /** Extra options of the format node. */
   node?: Record<string, unknown>;
+  /** Give the rings err eventfds (`errs`). */
+  err?: boolean;
 }
 
 /** An export of a fresh image (raw: a pattern; qcow2: converted from it unless o.qcow2 says otherwise). */
@@ -65,7 +67,7 @@ export async function exportRig(format: 'raw' | 'qcow2' = 'raw', o: ExportRigOpt
   const maps0 = liveMappings();
   const drv = Array.from({ length: numQueues }, (_, i) => new BlkDriver(ram, i));
   const { fe, be } = await connect(exp, path);
-  const { kicks, calls, inflight } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE });
+  const { kicks, calls, errs, inflight } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE, err: o.err });
   drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
-  return { img, file, node, exp, ram, fe, be, drv, kicks, calls, inflight, fds0, maps0 };
+  return { img, file, node, exp, ram, fe, be, drv, kicks, calls, errs, inflight, fds0, maps0 };
 }

@@ -11,7 +11,7 @@ import { withDrained } from '../../src/block/drain.js';
 import { createIoThread, deleteIoThread, setNodeIoThread } from '../../src/block/iothread.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
-import { liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
+import { eventfdRead, liveMappings, memfdCreate, mmapFd, UnixConnection } from '../../src/native/unix-fd.js';
 import { VHOST_USER_SET_SLAVE_REQ_FD, VHOST_USER_SLAVE_CONFIG_CHANGE_MSG } from '../../src/export/vhost-user/backend-channel.js';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -183,6 +183,20 @@ describe('vhost-user-blk fast path (native worker)', () => {
     expect((await q.submit(VIRTIO_BLK_T_OUT, cap + 5, [{ len: 512, data: d }])).status).toBe(VIRTIO_BLK_S_OK);
     expect((await q.submit(VIRTIO_BLK_T_IN, cap + 5, [{ len: 512 }])).data[0]).toEqual(d);
     expect(r.exp.onFastPath).toBe(true);
+  });
+
+  it('a ring the worker finds broken signals its err eventfd and is served no more; the session stays up', async () => {
+    const r = await exportRig('raw', { numQueues: 2, err: true });
+    expect(r.exp.onFastPath).toBe(true);
+    const [q0, q1] = r.drv as [BlkDriver, BlkDriver];
+    q0.publishHead(500); // not a descriptor of a 128-entry table
+    q0.kick();
+    await until('the err eventfd', () => eventfdRead(r.errs[0]!) === 1);
+    expect(eventfdRead(r.errs[1]!)).toBe(0);
+    // The other ring goes on; the control plane still answers.
+    expect((await q1.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+    expect(await r.fe.u64(P.VHOST_USER_GET_QUEUE_NUM)).toBe(2n);
+    expect(r.be.closed).toBe(false);
   });
 
   it('the front-end going away joins the worker and leaks no fd or mapping; a new session is native again', async () => {

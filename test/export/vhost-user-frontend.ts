@@ -235,6 +235,8 @@ export interface StartupOptions {
    * restarted QEMU keeps it; 'off' leaves the protocol feature unacked.
    */
   inflight?: 'new' | 'off' | Inflight;
+  /** Also give each ring an err eventfd (QEMU does, at device init); returned in `errs`. */
+  err?: boolean;
 }
 
 /** The inflight buffer as the front-end keeps it: its fd (closed after the test) and a mapping. */
@@ -280,7 +282,7 @@ export async function setInflight(fe: FrontEnd, inf: Inflight): Promise<void> {
 /** The vhost-user-blk start-up sequence as QEMU performs it. Returns the eventfds it sent. */
 export async function qemuStartup(
   fe: FrontEnd, ramFd: number, numQueues: number, o: StartupOptions = {},
-): Promise<{ kicks: number[]; calls: number[]; inflight: Inflight | null }> {
+): Promise<{ kicks: number[]; calls: number[]; errs: number[]; inflight: Inflight | null }> {
   const length = o.length ?? EXPORT_LEN;
   const features = await fe.u64(P.VHOST_USER_GET_FEATURES);
   expect(features & P.bit(P.VHOST_USER_F_PROTOCOL_FEATURES)).not.toBe(0n);
@@ -308,8 +310,15 @@ export async function qemuStartup(
   expect(await fe.ack(P.VHOST_USER_SET_MEM_TABLE, memTable([LOW, HIGH]), [ramFd, ramFd])).toBe(0n);
   const kicks: number[] = [];
   const calls: number[] = [];
+  const errs: number[] = [];
   for (let i = 0; i < numQueues; i++) {
     const l = ringLayout(i);
+    if (o.err) {
+      const err = eventfd();
+      errs.push(err);
+      toClose.push(err);
+      expect(await fe.ack(P.VHOST_USER_SET_VRING_ERR, P.u64Payload(i), [err])).toBe(0n);
+    }
     expect(await fe.ack(P.VHOST_USER_SET_VRING_NUM, P.vringStatePayload(i, QSIZE))).toBe(0n);
     expect(await fe.ack(P.VHOST_USER_SET_VRING_BASE, P.vringStatePayload(i, o.base ? o.base(i) : 7 + i))).toBe(0n);
     expect(await fe.ack(P.VHOST_USER_SET_VRING_ADDR, vringAddr(i, l.desc, l.used, l.avail))).toBe(0n);
@@ -322,7 +331,7 @@ export async function qemuStartup(
     expect(await fe.ack(P.VHOST_USER_SET_VRING_CALL, P.u64Payload(i), [call])).toBe(0n);
     expect(await fe.ack(P.VHOST_USER_SET_VRING_ENABLE, P.vringStatePayload(i, 1))).toBe(0n);
   }
-  return { kicks, calls, inflight };
+  return { kicks, calls, errs, inflight };
 }
 
 /**

@@ -120,14 +120,14 @@ bool ParseSpans(Napi::Env env, const Napi::Value& v, double size, std::vector<Sp
 }
 
 void CloseFds(Queue* q) {
-  for (int* f : {&q->kick_fd, &q->fd, &q->call_fd, &q->notify_fd, &q->complete_fd}) {
+  for (int* f : {&q->kick_fd, &q->fd, &q->call_fd, &q->err_fd, &q->notify_fd, &q->complete_fd}) {
     if (*f >= 0) close(*f);
     *f = -1;
   }
 }
 
 // addQueue(index, {memory?, spans?, num, desc, avail, used, lastAvail, usedIdx,
-//   eventIdx, kickFd, callFd, fd, capacitySectors, readOnly, serial, writeCache,
+//   eventIdx, kickFd, callFd, errFd?, fd, capacitySectors, readOnly, serial, writeCache,
 //   discard?, writeZeroes?, unmap?, map?, forward?: {ring, notifyFd, completeFd},
 //   inflight?: {region, counter, resubmit}})
 Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemory& def, QueueRefs* refs) {
@@ -146,7 +146,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
     qspans = def.spans;
     qmem = def.mem;
   }
-  double num, desc, avail, used, last, uidx, kick, call, fd, cap, notify = -1, complete = -1;
+  double num, desc, avail, used, last, uidx, kick, call, err = -1, fd, cap, notify = -1, complete = -1;
   if (!Int(o.Get("num"), 1, kMaxQueueSize, &num) || ((uint32_t)num & ((uint32_t)num - 1)))
     return Throw(env, "num must be a power of 2 in [1, 32768]", Err::kRange), nullptr;
   if (!Int(o.Get("desc"), 0, kMaxSafe, &desc) || !Int(o.Get("avail"), 0, kMaxSafe, &avail) ||
@@ -157,6 +157,8 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
   if (!Int(o.Get("kickFd"), 0, INT_MAX, &kick) || !Int(o.Get("callFd"), -1, INT_MAX, &call) ||
       !Int(o.Get("fd"), 0, INT_MAX, &fd))
     return Throw(env, "kickFd/fd must be fds, callFd an fd or -1", Err::kRange), nullptr;
+  if (!o.Get("errFd").IsUndefined() && !Int(o.Get("errFd"), -1, INT_MAX, &err))
+    return Throw(env, "errFd must be an fd or -1", Err::kRange), nullptr;
   if (!Int(o.Get("capacitySectors"), 0, kMaxSafe / kSector, &cap))
     return Throw(env, "capacitySectors out of range", Err::kRange), nullptr;
   std::string serial = o.Get("serial").IsString() ? o.Get("serial").As<Napi::String>().Utf8Value() : "";
@@ -188,7 +190,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
   q->stamp.assign(q->num, 0);
   q->inflight.assign(q->num, 0);
   bool ok = (q->kick_fd = DupFd((int)kick)) >= 0 && (q->fd = DupFd((int)fd)) >= 0 &&
-            (call < 0 || (q->call_fd = DupFd((int)call)) >= 0) &&
+            (call < 0 || (q->call_fd = DupFd((int)call)) >= 0) && (err < 0 || (q->err_fd = DupFd((int)err)) >= 0) &&
             (notify < 0 || (q->notify_fd = DupFd((int)notify)) >= 0) &&
             (complete < 0 || (q->complete_fd = DupFd((int)complete)) >= 0);
   if (!ok) {

@@ -248,7 +248,7 @@ void Worker::ServeRescheduled() {
 // index; the position stays in q->pos; the dup'd fds are closed.
 void Worker::Detach(Queue* q) {
   q->pos.store((uint32_t)q->last_avail | ((uint32_t)q->published << 16));
-  for (int* f : {&q->kick_fd, &q->call_fd, &q->fd, &q->notify_fd, &q->complete_fd}) {
+  for (int* f : {&q->kick_fd, &q->call_fd, &q->err_fd, &q->fd, &q->notify_fd, &q->complete_fd}) {
     if (*f >= 0) close(*f);
     *f = -1;
   }
@@ -261,6 +261,12 @@ void Worker::Break(Queue* q, const std::string& why) {
     q->why = "queue " + std::to_string(q->index) + ": " + why;
   }
   q->broken.store(true);
+  if (q->err_fd >= 0) {  // the front-end logs it (vhost-user's err eventfd)
+    uint64_t one = 1;
+    ssize_t w;
+    do w = write(q->err_fd, &one, sizeof one);
+    while (w < 0 && errno == EINTR);
+  }
 }
 
 uint64_t Worker::PollNsFromEnv() {

@@ -184,7 +184,7 @@ struct Queue {
   uint64_t desc = 0, avail = 0, used = 0;
   uint16_t last_avail = 0, used_idx = 0, published = 0;
   bool event_idx = false;
-  int kick_fd = -1, call_fd = -1, fd = -1;
+  int kick_fd = -1, call_fd = -1, err_fd = -1, fd = -1;
   uint64_t capacity = 0;  // sectors
   bool read_only = false;
   // Negotiated VIRTIO_BLK_F_DISCARD / WRITE_ZEROES: without them the request is UNSUPP.

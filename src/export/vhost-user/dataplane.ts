@@ -277,9 +277,10 @@ export class VhostUserBlkDataPlane {
     const a: Active = { dev, memory, release, configured: new Array<boolean>(n).fill(false), running: new Array<boolean>(n).fill(false), logs };
     dev.transport = {
       notifyQueue: (vq) => this.call(vq.index),
-      // No back-end request channel is offered: config changes cannot reach the front-end.
+      // Capacity changes reach the front-end on the back-end channel (backend.setCapacity).
       notifyConfig: () => {},
       isrCleared: () => {},
+      queueBroken: (vq) => this.signal(vq.index, 'errFd', `ring ${vq.index} broke: ${dev.brokenReason}`),
     };
     dev.onFinish = (vq) => this.finished(a, vq);
     dev.pollOnCompletion = (vq) => {
@@ -360,13 +361,19 @@ export class VhostUserBlkDataPlane {
   }
 
   private call(index: number): void {
-    const fd = this.be.rings[index]?.callFd ?? -1;
+    this.signal(index, 'callFd');
+  }
+
+  /** Writes ring `index`'s call or err eventfd (`why` goes to the session's errors first). */
+  private signal(index: number, key: 'callFd' | 'errFd', why?: string): void {
+    if (why) this.be.errors.push(why);
+    const fd = this.be.rings[index]?.[key] ?? -1;
     if (fd < 0) return;
     try {
       eventfdWrite(fd);
     } catch (e) {
       // A full counter (EAGAIN) still wakes the front-end; anything else is worth recording.
-      if ((e as { code?: string }).code !== 'EAGAIN') this.be.errors.push(`ring ${index}: call fd: ${(e as Error).message}`);
+      if ((e as { code?: string }).code !== 'EAGAIN') this.be.errors.push(`ring ${index}: ${key === 'callFd' ? 'call' : 'err'} fd: ${(e as Error).message}`);
     }
   }
 }

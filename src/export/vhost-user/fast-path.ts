@@ -176,7 +176,7 @@ export class NativeRings {
         num: ring.num, desc, avail, used,
         lastAvail, usedIdx, inflight,
         eventIdx: this.be.hasFeature(VIRTIO_RING_F_EVENT_IDX),
-        kickFd: ring.kickFd, callFd: ring.callFd, fd: this.target.fd,
+        kickFd: ring.kickFd, callFd: ring.callFd, errFd: ring.errFd, fd: this.target.fd,
         capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
         serial: this.o.serial, writeCache: this.o.writeCache(),
         discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
