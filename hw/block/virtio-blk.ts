@@ -185,13 +185,13 @@ export class VirtioBlk extends VirtioDevice {
     req.statusAt = e.inAddr[nIn - 1]! + e.inLen[nIn - 1]! - 1;
     if (e.fault || e.outBytes < 16) return this.finish(req, VIRTIO_BLK_S_IOERR);
     // The header (16 bytes), possibly spread over buffers: copied byte by byte (no view).
-    const mem = this.ram.bytes;
+    const mem = this.ram.dv;
     const hdr = this.hdr;
     let got = 0;
     for (let i = 0; got < 16; i++) {
       const a = e.outAddr[i]!;
       const n = Math.min(16 - got, e.outLen[i]!);
-      for (let k = 0; k < n; k++) hdr[got + k] = mem[a + k]!;
+      for (let k = 0; k < n; k++) hdr[got + k] = mem.getUint8(a + k);
       got += n;
     }
     const type = this.hdv.getUint32(0, true);
@@ -242,7 +242,7 @@ export class VirtioBlk extends VirtioDevice {
   private gather(req: BlkReq, write: boolean): number {
     const e = req.elem;
     const iov = req.iov;
-    const mem = this.ram.bytes;
+    const ram = this.ram;
     let k = 0;
     let bytes = 0;
     if (write) {
@@ -254,7 +254,7 @@ export class VirtioBlk extends VirtioDevice {
           continue;
         }
         const a = e.outAddr[i]!;
-        iov[k++] = mem.subarray(a + skip, a + len);
+        iov[k++] = ram.viewAt(a + skip, len - skip);
         bytes += len - skip;
         skip = 0;
       }
@@ -264,7 +264,7 @@ export class VirtioBlk extends VirtioDevice {
         const len = i === n - 1 ? e.inLen[i]! - 1 : e.inLen[i]!;
         if (len === 0) continue;
         const a = e.inAddr[i]!;
-        iov[k++] = mem.subarray(a, a + len);
+        iov[k++] = ram.viewAt(a, len);
         bytes += len;
       }
     }
@@ -303,7 +303,7 @@ export class VirtioBlk extends VirtioDevice {
   finish(req: BlkReq, status: number): void {
     const e = req.elem;
     const vq = req.vq;
-    if (e.gen === vq.gen && req.statusAt >= 0) this.ram.bytes[req.statusAt] = status;
+    if (e.gen === vq.gen && req.statusAt >= 0) this.ram.dv.setUint8(req.statusAt, status);
     const dirty = this.ram.onDmaWrite;
     if (dirty) for (let i = 0; i < e.inNum; i++) dirty(e.inAddr[i]!, e.inLen[i]!);
     this.complete(vq, e, e.inBytes);

@@ -92,23 +92,25 @@ export class VirtQueue {
   private valid = false;
   private readonly inflight = new Uint8Array(VIRTQUEUE_MAX_SIZE);
   private readonly dv: DataView;
-  /** For stores that must be fenced (Atomics.store is sequentially consistent: xchg on x86). */
-  private readonly u16: Uint16Array | null;
+  /**
+   * The used ring as 16-bit words, for stores that must be fenced (Atomics.store is
+   * sequentially consistent: xchg on x86); null while the rings are not valid.
+   */
+  private usedWords: Uint16Array | null = null;
 
   constructor(private readonly ram: GuestRam, readonly index: number, readonly maxNum: number) {
     this.num = maxNum;
-    this.dv = new DataView(ram.bytes.buffer, ram.bytes.byteOffset, ram.bytes.byteLength);
-    const b = ram.bytes;
-    this.u16 = b.byteOffset % 2 === 0 ? new Uint16Array(b.buffer, b.byteOffset, b.byteLength >>> 1) : null;
+    this.dv = ram.dv;
   }
 
   /**
-   * A 16-bit index store followed by a full fence: when the driver runs on another CPU (a
-   * vhost-user front-end's guest), the load that follows must not pass the store, or a kick or
-   * an interrupt can be lost (virtio 1.x 2.7.7 / 2.7.10). The rings are 2-byte aligned.
+   * A 16-bit store into the used ring (its index or avail_event) followed by a full fence: when
+   * the driver runs on another CPU (a vhost-user front-end's guest), the load that follows must
+   * not pass the store, or a kick or an interrupt can be lost (virtio 1.x 2.7.7 / 2.7.10).
    */
   private storeFenced(addr: number, v: number): void {
-    if (this.u16 && addr % 2 === 0) Atomics.store(this.u16, addr >>> 1, v);
+    const w = this.usedWords;
+    if (w) Atomics.store(w, (addr - this.used) >>> 1, v);
     else this.dv.setUint16(addr, v, true);
   }
 
@@ -135,6 +137,8 @@ export class VirtQueue {
     const n = this.num;
     this.valid = n > 0 && (n & (n - 1)) === 0 && this.desc % 16 === 0 && this.avail % 2 === 0 && this.used % 4 === 0 &&
       this.ram.contains(this.desc, 16 * n) && this.ram.contains(this.avail, 6 + 2 * n) && this.ram.contains(this.used, 6 + 8 * n);
+    const at = this.ram.byteOffset + this.used;
+    this.usedWords = this.valid && at % 2 === 0 ? new Uint16Array(this.ram.buffer, at, 3 + 4 * n) : null;
   }
 
   /** Legacy layout from a page frame number: desc, avail after it, used on the next 4 KiB. */

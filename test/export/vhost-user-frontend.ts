@@ -152,10 +152,12 @@ export function configReq(offset: number, size: number, flags = 0, data?: Uint8A
 export const MiB = 1 << 20;
 export const EXPORT_LEN = 64 * MiB + 512 * 3;
 // Guest RAM: one memfd of 4 MiB described as two regions, the second after a hole and at an mmap
-// offset, like QEMU's split of RAM around the PCI hole (kept below 4 GiB: see memory.ts).
+// offset, like QEMU's split of RAM around the PCI hole; the second sits above 6 GiB, as a large
+// guest's does (beyond what one typed array can span: rings there are reached through DataViews
+// and views made per buffer).
 export const RAM = 4 * MiB;
 export const LOW = { gpa: 0, size: 2 * MiB, uva: 0x7f0000000000, off: 0 };
-export const HIGH = { gpa: 0x10000000, size: 2 * MiB, uva: 0x7f0000400000, off: 2 * MiB };
+export const HIGH = { gpa: 0x180000000, size: 2 * MiB, uva: 0x7f0000400000, off: 2 * MiB };
 export const QSIZE = 128;
 
 /** What the tests hold and afterEach releases (see releaseHeld). */

@@ -466,7 +466,7 @@ describe('GuestMemoryTable', () => {
     expect(bad([r(Number.MAX_SAFE_INTEGER, 4096, 0)], [fd])).toBeInstanceOf(MemoryTableError);
     expect(bad([r(0, 4096, 0)], [])).toBeInstanceOf(MemoryTableError);
     expect(bad([r(2048, 4096, 0)], [fd])).toBeInstanceOf(MemoryTableError); // not page-aligned
-    expect(String(bad([r(2 ** 32, 4096, 0)], [fd]))).toMatch(/above 4 GiB .* not supported/);
+    expect(String(bad([r(2 ** 40, 4096, 0)], [fd]))).toMatch(/above 1 TiB .* not supported/);
     // Second region's mmap fails (bad fd): the first is unmapped again.
     expect(bad([r(0, 4096, 0), r(8192, 4096, 8192)], [fd, 99999])).toMatchObject({ code: 'EBADF' });
     expect(liveMappings()).toBe(maps0);

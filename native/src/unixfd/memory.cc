@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <v8.h>
+
 #include "args.h"
 
 namespace spindle {
@@ -45,6 +47,22 @@ void FinalizeMapping(napi_env, void*, void* hint) {
     g_maps.erase(it);
   }
   munmap(m.base, m.len);
+}
+
+void FinalizeMappingAnyThread(void*, size_t, void* hint) { FinalizeMapping(nullptr, nullptr, hint); }
+
+// An external ArrayBuffer over [data, +len) whose collection unmaps mapping
+// `id`, at any size: napi_create_external_arraybuffer goes through a Buffer,
+// which Node 20 caps at 4 GiB, and a large guest's layout spans more.  V8 may
+// run the deleter on any thread: FinalizeMapping only takes the map's lock and
+// munmaps.  A Local's slot is what napi_value points at (Node's own
+// JsValueFromV8LocalValue); the callback's handle scope keeps it alive.
+napi_value LargeExternalArrayBuffer(uint8_t* data, size_t len, uintptr_t id) {
+  v8::Isolate* isolate = v8::Isolate::GetCurrent();
+  std::unique_ptr<v8::BackingStore> store =
+      v8::ArrayBuffer::NewBackingStore(data, len, FinalizeMappingAnyThread, (void*)id);
+  v8::Local<v8::ArrayBuffer> ab = v8::ArrayBuffer::New(isolate, std::move(store));
+  return reinterpret_cast<napi_value>(*ab);
 }
 
 // mmapFd(fd, length, offset, writable) -> ArrayBuffer | -errno.  MAP_SHARED;
@@ -139,17 +157,7 @@ Napi::Value MmapLayout(const Napi::CallbackInfo& info) {
     id = g_next_map++;
     g_maps[id] = m;
   }
-  napi_value ab;
-  if (napi_create_external_arraybuffer(env, m.user, m.ulen, FinalizeMapping, (void*)id, &ab) != napi_ok) {
-    {
-      std::lock_guard<std::mutex> g(g_maps_mu);
-      g_maps.erase(id);
-    }
-    munmap(m.base, m.len);
-    if (!env.IsExceptionPending()) Napi::Error::New(env, "mmapLayout: cannot create an external ArrayBuffer").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  return Napi::Value(env, ab);
+  return Napi::Value(env, LargeExternalArrayBuffer(m.user, m.ulen, id));
 }
 
 // unmap(arrayBuffer) -> 0 | -EINVAL.  Detaches the ArrayBuffer (every view

@@ -156,7 +156,7 @@ export class NativeRings {
     const avail = m.uvaToGpa(a.availUser);
     const used = m.uvaToGpa(a.usedUser);
     if (desc === null || avail === null || used === null || !m.ram.contains(used, 4)) return false;
-    const usedIdx = m.ram.bytes[used + 2]! | (m.ram.bytes[used + 3]! << 8);
+    const usedIdx = m.ram.dv.getUint16(used + 2, true);
     const log = this.be.inflightFor(ring);
     let lastAvail = ring.lastAvailIdx;
     let inflight: { region: Uint8Array; counter: number; resubmit: number[] } | undefined;

@@ -56,11 +56,11 @@ export class ForwardQueue extends VirtQueue {
   /** Per head: the guest range of a forwarded read or write (bytes < 0: none). */
   private readonly rangeOffset = new Float64Array(MAX_QUEUE_SIZE);
   private readonly rangeBytes = new Float64Array(MAX_QUEUE_SIZE).fill(-1);
-  private readonly ramBytes: Uint8Array;
+  private readonly mem: DataView;
 
   constructor(ram: GuestRam, index: number, private readonly onDone: (offset: number, bytes: number) => void) {
     super(ram, index, MAX_QUEUE_SIZE);
-    this.ramBytes = ram.bytes;
+    this.mem = ram.dv;
     this.ring = new Int32Array(HDR + 3 * MAX_QUEUE_SIZE);
     this.notifyFd = eventfd();
     this.completeFd = eventfd();
@@ -114,12 +114,12 @@ export class ForwardQueue extends VirtQueue {
     const h = e.head;
     this.rangeBytes[h] = -1;
     if (e.fault || e.outNum === 0 || e.outLen[0]! < HDR) return;
-    const b = this.ramBytes;
+    const m = this.mem;
     const a = e.outAddr[0]!;
-    const type = b[a]! | (b[a + 1]! << 8) | (b[a + 2]! << 16) | (b[a + 3]! << 24);
+    const type = m.getUint32(a, true);
     if (type !== T_IN && type !== T_OUT) return;
-    const lo = (b[a + 8]! | (b[a + 9]! << 8) | (b[a + 10]! << 16) | (b[a + 11]! << 24)) >>> 0;
-    const hi = (b[a + 12]! | (b[a + 13]! << 8) | (b[a + 14]! << 16) | (b[a + 15]! << 24)) >>> 0;
+    const lo = m.getUint32(a + 8, true);
+    const hi = m.getUint32(a + 12, true);
     this.rangeOffset[h] = (hi * 2 ** 32 + lo) * 512;
     this.rangeBytes[h] = type === T_IN ? e.inBytes - 1 : e.outBytes - HDR;
   }

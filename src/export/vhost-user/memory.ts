@@ -12,8 +12,12 @@ import { GuestRam } from '../../../hw/core/memory.js';
 import { mmapLayout, unmapFd } from '../../native/unix-fd.js';
 
 const PAGE = 4096;
-/** A Uint8Array cannot be longer (Node 20), and the layout is indexed by guest-physical address. */
-const MAX_GPA = 2 ** 32;
+/**
+ * The layout is indexed by guest-physical address, so its reservation spans the highest one (the
+ * holes cost address space, not memory): 1 TiB of guest-physical space is plenty for a guest's
+ * RAM and leaves most of the process's address space alone.
+ */
+const MAX_GPA = 2 ** 40;
 
 /** One region as SET_MEM_TABLE describes it (all safe integers). */
 export interface MemoryRegionDesc {
@@ -24,19 +28,20 @@ export interface MemoryRegionDesc {
   mmapOffset: number;
 }
 
-/** A mapped region: its bytes are `ram.bytes[guestPhysAddr, guestPhysAddr + size)`. */
+/** A mapped region: its bytes are `ram.viewAt(guestPhysAddr, size)`. */
 export type MappedRegion = Readonly<MemoryRegionDesc>;
 
 /**
- * Guest RAM as the regions of one table: `bytes` is indexed by guest-physical address, and a
- * range is inside RAM only if every byte of it is in some region (adjacent regions join).
+ * Guest RAM as the regions of one table: the layout is indexed by guest-physical address, and a
+ * range is inside RAM only if every byte of it is in some region (adjacent regions join). RAM
+ * above 4 GiB is reached through `dv` and `viewAt` (a typed array cannot span it).
  */
 export class RegionRam extends GuestRam {
   /** Sorted, merged [start, end) guest-physical spans. */
   private readonly spans: Float64Array;
 
-  constructor(bytes: Uint8Array, regions: readonly MappedRegion[]) {
-    super(bytes.length, bytes);
+  constructor(layout: ArrayBuffer, regions: readonly MappedRegion[]) {
+    super(layout.byteLength, layout);
     const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
     const out: number[] = [];
     for (const r of sorted) {
@@ -103,7 +108,7 @@ export class GuestMemoryTable {
   readonly ram: RegionRam | null;
 
   private constructor(readonly regions: readonly MappedRegion[], private readonly buffer: ArrayBuffer | null) {
-    this.ram = buffer ? new RegionRam(new Uint8Array(buffer), regions) : null;
+    this.ram = buffer ? new RegionRam(buffer, regions) : null;
   }
 
   /** The mapping itself (guest-physical address = offset), for native code; null if empty or unmapped. */
@@ -130,7 +135,7 @@ export class GuestMemoryTable {
         throw new MemoryTableError(`region ${i}: guest address, size and mmap offset must be multiples of ${PAGE}`);
       }
       if (d.guestPhysAddr + d.size > MAX_GPA) {
-        throw new MemoryTableError(`region ${i}: guest memory above 4 GiB (up to 0x${(d.guestPhysAddr + d.size).toString(16)}) is not supported`);
+        throw new MemoryTableError(`region ${i}: guest memory above 1 TiB (up to 0x${(d.guestPhysAddr + d.size).toString(16)}) is not supported`);
       }
       // A mapping past the end of a file is accepted by mmap but touching it raises SIGBUS,
       // which would kill the process: the fd must cover the region (memfd, hugetlbfs, shm).
