@@ -75,6 +75,8 @@ export interface QemuGuestOptions {
   accel?: Accel;
   /** vCPUs, default 1. */
   smp?: number;
+  /** Guest RAM in MiB (default 512). Above ~2.75 GiB, q35 puts part of it above 4 GiB. */
+  memMiB?: number;
   /** The whole run, boot to exit: past it QEMU is killed. */
   timeoutMs: number;
 }
@@ -123,9 +125,9 @@ export function qemuArgs(o: QemuGuestOptions): string[] {
     // advertises MSR 0x10a but refuses QEMU's write to it, and QEMU aborts. Under TCG, all TCG has.
     '-cpu', accel === 'kvm' ? 'host,-arch-capabilities' : 'max',
     '-smp', String(o.smp ?? 1),
-    '-m', '512',
+    '-m', `${o.memMiB ?? 512}M`,
     // vhost-user: the daemon maps guest RAM from the fds QEMU sends, so RAM must be a shared memfd.
-    '-object', 'memory-backend-memfd,id=mem,size=512M,share=on',
+    '-object', `memory-backend-memfd,id=mem,size=${o.memMiB ?? 512}M,share=on`,
     '-nodefaults', '-nographic', '-no-reboot', '-serial', 'stdio',
     '-kernel', o.kernel, ...(o.initrd ? ['-initrd', o.initrd] : []),
     // panic=-1: a panic reboots, which -no-reboot turns into an exit instead of a hang.
