@@ -15,7 +15,7 @@ import { ok, qemuImg } from '../cli/helpers.js';
 import { BlkDriver, type Pending } from './vhost-user-blk-driver.js';
 import { exportRig, fill, SIZE, useExportRig } from './vhost-user-export-rig.js';
 import {
-  connect, getInflight, type Inflight, killFrontEnd, QSIZE, qemuStartup, setInflight, toClose, toUnmap, until,
+  connect, getInflight, type Inflight, killFrontEnd, QSIZE, qemuStartup, restartRing, setInflight, toClose, toUnmap, until,
 } from './vhost-user-frontend.js';
 
 useExportRig();
@@ -142,6 +142,29 @@ describe('GET_INFLIGHT_FD / SET_INFLIGHT_FD', () => {
     await until('the record published', () => reg.usedIdx === q.usedIdx);
     expect(reg.flagged()).toEqual([]);
   });
+
+  for (const ts of [false, true]) {
+    it(`a device reset's new buffer: once the ring restarts on it, the old one is unmapped (${ts ? 'TypeScript data plane' : 'native worker'})`, async () => {
+      if (ts) process.env.SPINDLE_VHOST_FASTPATH = '0';
+      const r = await exportRig('raw');
+      expect(r.exp.onFastPath).toBe(!ts);
+      const q = r.drv[0]!;
+      expect((await q.submit(VIRTIO_BLK_T_IN, 0, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+      // QEMU's reset: the ring stops, a new buffer is asked for and handed back, the ring restarts.
+      const vb = await r.fe.call(P.VHOST_USER_GET_VRING_BASE, P.vringStatePayload(0, 0));
+      const base = P.dataView(vb).getUint32(4, true);
+      const maps = liveMappings();
+      const next = await getInflight(r.fe, 1);
+      await setInflight(r.fe, next);
+      expect(liveMappings()).toBe(maps + 2); // ours, the back-end's; its old one is still held
+      q.kickFd = await restartRing(r.fe, 0, base);
+      expect(liveMappings()).toBe(maps + 1); // the old one went
+      expect((await q.submit(VIRTIO_BLK_T_IN, 1, [{ len: 512 }])).status).toBe(VIRTIO_BLK_S_OK);
+      const reg = new Region(next.buffer);
+      await until('the new record published', () => reg.usedIdx === q.usedIdx);
+      expect(reg.version).toBe(1);
+    });
+  }
 
   it('is refused when not negotiated, and for a bad description; a replaced buffer is unmapped', async () => {
     const r = await exportRig('raw');

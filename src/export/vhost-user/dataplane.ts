@@ -25,7 +25,7 @@ import { MAX_QUEUE_SIZE } from './blk-features.js';
 import { NativeRings, type FastPathTarget } from './fast-path.js';
 import type { AioContext } from '../../block/context.js';
 import type { GuestMemoryTable } from './memory.js';
-import type { InflightMemory } from './inflight.js';
+import type { InflightMemory, InflightQueue } from './inflight.js';
 import type { Vring } from './vring.js';
 
 export interface DataPlaneOptions {
@@ -316,11 +316,16 @@ export class VhostUserBlkDataPlane {
     if (log) {
       const r = log.recover(ring.num, ring.lastAvailIdx, usedIdx);
       for (const p of r.problems) this.be.errors.push(`ring ${ring.index}: inflight record: ${p}`);
-      const mem = this.be.inflight!;
-      if (!a.logs.has(mem)) a.logs.set(mem, mem.hold());
+      if (log.memory && !a.logs.has(log.memory)) a.logs.set(log.memory, log.memory.hold());
       q.resume(r.lastAvail, usedIdx, r.resubmit);
     } else q.resume(ring.lastAvailIdx, usedIdx);
     a.configured[ring.index] = true;
+    // A buffer no running queue writes any more (the front-end got a new one at a device reset) goes now.
+    for (const [mem, release] of a.logs) {
+      if (a.dev.queues.some((vq, i) => a.configured[i] && (vq.log as InflightQueue | null)?.memory === mem)) continue;
+      release();
+      a.logs.delete(mem);
+    }
     return true;
   }
 

@@ -165,8 +165,7 @@ export class NativeRings {
       for (const p of r.problems) this.be.errors.push(`ring ${i}: inflight record: ${p}`);
       lastAvail = r.lastAvail;
       inflight = { region: log.bytes, counter: log.nextCounter, resubmit: r.resubmit };
-      const mem = this.be.inflight!;
-      if (!this.logHolds.has(mem)) this.logHolds.set(mem, mem.hold());
+      if (log.memory && !this.logHolds.has(log.memory)) this.logHolds.set(log.memory, log.memory.hold());
     }
     const slot = this.worker.allocIndex();
     ring.kick.setWatching(false);
@@ -191,7 +190,19 @@ export class NativeRings {
     this.slots.set(i, slot);
     if (log) this.logs.set(i, log);
     else this.logs.delete(i);
+    this.dropUnusedLogs();
     return true;
+  }
+
+  /** Let go of inflight buffers no attached ring writes (a device reset brought a new one). */
+  private dropUnusedLogs(): void {
+    if (this.anyForwarding) return; // a detached forward queue may still complete into an old one
+    const used = new Set([...this.slots.keys()].map((i) => this.logs.get(i)?.memory));
+    for (const [mem, release] of this.logHolds) {
+      if (used.has(mem)) continue;
+      release();
+      this.logHolds.delete(mem);
+    }
   }
 
   /**

@@ -67,7 +67,8 @@ export class InflightQueue implements VirtQueueLog {
   /** Heads pushed since the last publication (the batch being linked). */
   private readonly batch: number[] = [];
 
-  constructor(buffer: ArrayBuffer, offset: number, readonly capacity: number) {
+  /** `memory`: the buffer's owner (held while a queue writes the region), or null for a bare region. */
+  constructor(buffer: ArrayBuffer, offset: number, readonly capacity: number, readonly memory: InflightMemory | null = null) {
     this.bytes = new Uint8Array(buffer, offset, inflightRegionSize(capacity));
     this.dv = new DataView(buffer, offset, this.bytes.length);
     this.u16 = new Uint16Array(buffer, offset, this.bytes.length >>> 1);
@@ -165,7 +166,7 @@ export class InflightMemory {
 
   private constructor(private readonly buffer: ArrayBuffer, readonly numQueues: number, readonly queueSize: number) {
     const size = inflightRegionSize(queueSize);
-    this.queues = Array.from({ length: numQueues }, (_, i) => new InflightQueue(buffer, i * size, queueSize));
+    this.queues = Array.from({ length: numQueues }, (_, i) => new InflightQueue(buffer, i * size, queueSize, this));
   }
 
   /** Region of ring `index`, or null if the buffer has none for it. */
