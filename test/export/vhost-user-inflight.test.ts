@@ -181,6 +181,12 @@ describe('GET_INFLIGHT_FD / SET_INFLIGHT_FD', () => {
     P.dataView(small).setUint16(18, QSIZE, true);
     expect(await r.fe.ack(P.VHOST_USER_SET_INFLIGHT_FD, small, [r.inflight!.fd])).toBe(1n);
     expect(r.be.errors.at(-1)).toMatch(/mmap size 64 is less than/);
+    // A file shorter than it claims (a store past its end would raise SIGBUS).
+    const short = memfdCreate('short-inflight', 64);
+    toClose.push(short);
+    P.dataView(small).setBigUint64(0, BigInt(REGION), true);
+    expect(await r.fe.ack(P.VHOST_USER_SET_INFLIGHT_FD, small, [short])).toBe(1n);
+    expect(r.be.errors.at(-1)).toMatch(/the fd holds 64 bytes, less than \[0, \+2112\)/);
     // A new buffer replaces the old one, which goes once the ring stops writing it.
     const maps = liveMappings();
     const next = await getInflight(r.fe, 1);

@@ -21,10 +21,11 @@
  *
  * Context: main loop (the worker writes a queue's region only while it has that queue).
  */
+import { fstatSync } from 'node:fs';
 import { closeFd, memfdCreate, mmapFd, unmapFd } from '../../native/unix-fd.js';
 import type { VirtQueueLog } from '../../../hw/virtio/virtqueue.js';
 import { MAX_QUEUE_SIZE } from './blk-features.js';
-import { refuse, type Message } from './messages.js';
+import { refuse, VhostUserRefused, type Message } from './messages.js';
 import { dataView } from './protocol.js';
 
 const HEADER = 16;
@@ -224,8 +225,12 @@ export class InflightMemory {
     if (mmapSize < need) refuse(`mmap size ${mmapSize} is less than the ${need} bytes ${numQueues} queues of ${queueSize} need`);
     const fd = m.fds.pop()!;
     try {
+      // Past the end of a file mmap succeeds but a store raises SIGBUS: the fd must cover it.
+      const st = fstatSync(fd);
+      if (st.isFile() && st.size < mmapOffset + need) refuse(`the fd holds ${st.size} bytes, less than [${mmapOffset}, +${need})`);
       return new InflightMemory(mmapFd(fd, need, mmapOffset), numQueues, queueSize);
     } catch (e) {
+      if (e instanceof VhostUserRefused) throw e;
       refuse(`cannot map the inflight buffer: ${e instanceof Error ? e.message : String(e)}`);
     } finally {
       closeFd(fd);
