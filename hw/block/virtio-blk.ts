@@ -55,6 +55,11 @@ export interface VirtioBlkConfigOptions {
   numQueues: number;
   queueSize: number;
   serial: string;
+  /**
+   * The logical block size the guest sees (config blk_size; QEMU's logical_block_size), a power
+   * of 2 from 512: requests must start and end on it. Default 512.
+   */
+  blockSize?: number;
 }
 
 /** The virtio-blk device proper (transport-independent). */
@@ -70,6 +75,8 @@ export class VirtioBlk extends VirtioDevice {
   /** The backend's write-cache setting before the driver changed it (restored on reset). */
   private readonly wceDefault: boolean;
   private capacity = 0;
+  /** Logical block size in sectors, less one: a request's start and length must clear these bits. */
+  private readonly blockMask: number;
   private readonly ram: GuestRam;
   /** Called after each request completes (a vhost-user back-end waits for a ring to go idle). */
   onFinish: ((vq: VirtQueue) => void) | null = null;
@@ -83,17 +90,22 @@ export class VirtioBlk extends VirtioDevice {
     this.ram = ram;
     this.serial = new TextEncoder().encode(o.serial);
     this.wceDefault = io.isWriteCacheEnabled();
+    const bs = o.blockSize ?? SECTOR;
+    if (!Number.isInteger(bs) || bs < SECTOR || bs > 2 ** 21 || (bs & (bs - 1)) !== 0) {
+      throw new RangeError(`logical block size ${bs} is not a power of 2 from 512 to 2 MiB`);
+    }
+    this.blockMask = bs / SECTOR - 1;
     const c = this.cdv;
     c.setUint32(8, VIRTIO_BLK_SIZE_MAX, true);
     c.setUint32(12, o.queueSize - 2, true);
     c.setUint8(18, 16); // geometry: cylinders (le16 at 16, from capacity), heads, sectors
     c.setUint8(19, 63);
-    c.setUint32(20, SECTOR, true);
+    c.setUint32(20, bs, true);
     // topology: physical_block_exp 0, alignment_offset 0, min_io_size 0, opt_io_size 0
     c.setUint16(34, o.numQueues, true);
     c.setUint32(36, VIRTIO_BLK_MAX_DISCARD_SECTORS, true);
     c.setUint32(40, 1, true);
-    c.setUint32(44, 1, true);
+    c.setUint32(44, bs / SECTOR, true); // discard_sector_alignment
     c.setUint32(48, VIRTIO_BLK_MAX_DISCARD_SECTORS, true);
     c.setUint32(52, 1, true);
     c.setUint8(56, 1);
@@ -230,8 +242,10 @@ export class VirtioBlk extends VirtioDevice {
     }
   }
 
+  /** Inside the disk, and starting and ending on a logical block (QEMU's virtio_blk_sect_range_ok). */
   private inRange(sector: number, count: number): boolean {
-    return Number.isSafeInteger(sector * SECTOR) && sector + count <= this.capacity;
+    const m = this.blockMask;
+    return Number.isSafeInteger(sector * SECTOR) && sector + count <= this.capacity && (m === 0 || (sector % (m + 1) === 0 && count % (m + 1) === 0));
   }
 
   /**

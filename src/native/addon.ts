@@ -137,6 +137,8 @@ export interface NativeVhostBlkQueue {
   errFd?: number;
   fd: number;
   capacitySectors: number;
+  /** Logical block size (power of 2 from 512; default 512): requests must start and end on it. */
+  blockSize?: number;
   readOnly: boolean;
   serial: string;
   writeCache: boolean;

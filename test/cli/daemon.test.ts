@@ -143,9 +143,11 @@ describe('spindle daemon', () => {
       expect(await q.err('block-export-add', vu({ id: 'v0' }))).toEqual({ class: 'GenericError', desc: "Block export id 'v0' is already in use" });
       expect(await q.err('block-export-add', vu({ addr: { type: 'inet', host: '127.0.0.1', port: '1' } }))).toEqual({ class: 'GenericError', desc: "vhost-user-blk needs addr.type=unix, not 'inet'" });
       expect(await q.err('block-export-add', vu({ iothread: 'nope' }))).toEqual({ class: 'GenericError', desc: 'iothread "nope" not found' });
-      expect(await q.err('block-export-add', vu({ 'logical-block-size': 4096 }))).toEqual({ class: 'GenericError', desc: 'logical-block-size 4096 is not supported (512)' });
+      expect(await q.err('block-export-add', vu({ 'logical-block-size': 1000 }))).toEqual({
+        class: 'GenericError', desc: "Parameter 'logical-block-size' must be a power of 2 between 512 and 2097152, not 1000",
+      });
       expect(await q.err('block-export-add', vu({ type: 'nbd' }))).toEqual({ class: 'GenericError', desc: "Parameter 'addr' is unexpected" });
-      expect(await q.run('block-export-add', vu({}))).toEqual({ return: {} });
+      expect(await q.run('block-export-add', vu({ 'logical-block-size': 4096 }))).toEqual({ return: {} });
       expect(existsSync(vu1)).toBe(true);
       expect((await q.ok('query-block-exports') as unknown[]).length).toBe(2);
       expect(await q.run('block-export-del', { id: 'v1' })).toEqual({ return: {} });

@@ -45,6 +45,8 @@ export interface ExportRigOptions {
   node?: Record<string, unknown>;
   /** Give the rings err eventfds (`errs`). */
   err?: boolean;
+  /** The export's logical block size (default 512). */
+  logicalBlockSize?: number;
 }
 
 /** An export of a fresh image (raw: a pattern; qcow2: converted from it unless o.qcow2 says otherwise). */
@@ -60,14 +62,14 @@ export async function exportRig(format: 'raw' | 'qcow2' = 'raw', o: ExportRigOpt
   const node = await openNode({ driver: format, discard: 'unmap', ...o.node, file: { driver: 'file', filename: file, discard: 'unmap' } });
   nodes.push(node);
   const path = join(dir, `${seq++}.sock`);
-  const exp = new VhostUserBlkExport({ id: 'fast0', path, node, writable: true, numQueues });
+  const exp = new VhostUserBlkExport({ id: 'fast0', path, node, writable: true, numQueues, logicalBlockSize: o.logicalBlockSize });
   exportsOpen.push(exp);
   const ram = guestRam();
   const fds0 = fdCount();
   const maps0 = liveMappings();
   const drv = Array.from({ length: numQueues }, (_, i) => new BlkDriver(ram, i));
   const { fe, be } = await connect(exp, path);
-  const { kicks, calls, errs, inflight } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE, err: o.err });
+  const { kicks, calls, errs, inflight } = await qemuStartup(fe, ram.fd, numQueues, { length: SIZE, err: o.err, blockSize: o.logicalBlockSize });
   drv.forEach((d, i) => d.attach(kicks[i]!, calls[i]!, be.hasFeature(VIRTIO_RING_F_EVENT_IDX)));
   return { img, file, node, exp, ram, fe, be, drv, kicks, calls, errs, inflight, fds0, maps0 };
 }

@@ -239,6 +239,8 @@ export interface StartupOptions {
   inflight?: 'new' | 'off' | Inflight;
   /** Also give each ring an err eventfd (QEMU does, at device init); returned in `errs`. */
   err?: boolean;
+  /** The config's blk_size expected (the export's logical block size); default 512. */
+  blockSize?: number;
 }
 
 /** The inflight buffer as the front-end keeps it: its fd (closed after the test) and a mapping. */
@@ -302,7 +304,7 @@ export async function qemuStartup(
   expect(cfg.length).toBe(P.CONFIG_HEADER + 60);
   const cdv = P.dataView(cfg.subarray(P.CONFIG_HEADER));
   expect(cdv.getBigUint64(0, true)).toBe(BigInt(Math.floor(length / 512)));
-  expect(cdv.getUint32(20, true)).toBe(512); // blk_size
+  expect(cdv.getUint32(20, true)).toBe(o.blockSize ?? 512); // blk_size
   expect(cdv.getUint16(34, true)).toBe(numQueues); // num_queues
   // vhost_user_blk_start: the inflight buffer before the device starts.
   const inflight = mode === 'off' ? null : mode === 'new' ? await getInflight(fe, numQueues) : mode;

@@ -33,12 +33,12 @@ afterAll(killAll);
  * An ext2 filesystem holding `files`, converted to qcow2 (the daemon's qcow2 driver and the
  * TypeScript data plane serve it) or left raw (served by the native worker, the fast path).
  */
-function ext2Image(name: string, files: Record<string, Uint8Array | string>, format: 'qcow2' | 'raw' = 'qcow2'): string {
+function ext2Image(name: string, files: Record<string, Uint8Array | string>, format: 'qcow2' | 'raw' = 'qcow2', blockSize?: number): string {
   const src = join(dir, `${name}-src`);
   mkdirSync(src);
   for (const [f, data] of Object.entries(files)) writeFileSync(join(src, f), data);
   const raw = join(dir, `${name}.raw`);
-  execFileSync('mke2fs', ['-q', '-F', '-t', 'ext2', '-d', src, raw, '64M']);
+  execFileSync('mke2fs', ['-q', '-F', '-t', 'ext2', ...(blockSize ? ['-b', String(blockSize)] : []), '-d', src, raw, '64M']);
   if (format === 'raw') return raw;
   const img = join(dir, `${name}.qcow2`);
   ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, img));
@@ -50,12 +50,12 @@ function ext2Image(name: string, files: Record<string, Uint8Array | string>, for
  * more); `qmp`: a QMP monitor's socket; `writethrough`: no volatile write cache (a completed
  * write survives the daemon's death).
  */
-function daemon(img: string, sock: string, pidfile: string, numQueues = 1, qmp?: string, writethrough = false): Promise<StorageDaemon> {
+function daemon(img: string, sock: string, pidfile: string, numQueues = 1, qmp?: string, writethrough = false, extra = ''): Promise<StorageDaemon> {
   return startStorageDaemon(DAEMON, [
     ...(qmp ? ['--chardev', `socket,id=m0,path=${qmp},server=on,wait=off`, '--monitor', 'chardev=m0'] : []),
     '--blockdev', `driver=file,node-name=file0,filename=${img}`,
     '--blockdev', `driver=${img.endsWith('.qcow2') ? 'qcow2' : 'raw'},node-name=disk0,file=file0`,
-    '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on${numQueues > 1 ? `,num-queues=${numQueues}` : ''}${writethrough ? ',writethrough=on' : ''}`,
+    '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on${numQueues > 1 ? `,num-queues=${numQueues}` : ''}${writethrough ? ',writethrough=on' : ''}${extra}`,
   ], pidfile);
 }
 
@@ -157,12 +157,13 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     }
   }, BOOT_MS * 3);
 
-  it('raw, on the native fast path: a second QEMU reconnects to the running daemon after the first is SIGKILLed, and sees what it synced', async () => {
-    const img = ext2Image('b', { 'seed.txt': 'seed\n' }, 'raw');
+  it('raw, on the native fast path, 4 KiB logical blocks: a second QEMU reconnects to the running daemon after the first is SIGKILLed, and sees what it synced', async () => {
+    const img = ext2Image('b', { 'seed.txt': 'seed\n' }, 'raw', 4096);
     const sock = join(dir, 'b.sock');
-    const d = await daemon(img, sock, join(dir, 'b.pid'));
+    const d = await daemon(img, sock, join(dir, 'b.pid'), 1, undefined, false, ',logical-block-size=4096');
     const first = [
       'mkdir -p /mnt/d',
+      'echo "guest: logical block $(cat /sys/block/vda/queue/logical_block_size)"',
       'mount -t ext2 /dev/vda /mnt/d && echo "guest: mounted"',
       'echo "from the first guest" > /mnt/d/first.txt',
       'dd if=/dev/urandom of=/mnt/d/first.bin bs=1M count=4 2>/dev/null',
@@ -188,6 +189,7 @@ describe(`Linux on QEMU over vhost-user-blk from ${DAEMON.length === 1 ? DAEMON[
     try {
       await g1.waitFor(GUEST_READY, BOOT_MS);
       console.log(`qemu-vhost-user: ${accel} boot to ${GUEST_READY} in ${Date.now() - t0} ms (1 vCPU)`);
+      expect(await g1.waitFor(/guest: logical block \d+/, BOOT_MS)).toContain('guest: logical block 4096');
       const line = await g1.waitFor(/guest: first\.bin [0-9a-f]{32}/, BOOT_MS);
       await g1.waitFor('guest: synced');
       const firstMd5 = /[0-9a-f]{32}/.exec(line)![0];

@@ -127,7 +127,7 @@ void CloseFds(Queue* q) {
 }
 
 // addQueue(index, {memory?, spans?, num, desc, avail, used, lastAvail, usedIdx,
-//   eventIdx, kickFd, callFd, errFd?, fd, capacitySectors, readOnly, serial, writeCache,
+//   eventIdx, kickFd, callFd, errFd?, fd, blockSize?, capacitySectors, readOnly, serial, writeCache,
 //   discard?, writeZeroes?, unmap?, map?, forward?: {ring, notifyFd, completeFd},
 //   inflight?: {region, counter, resubmit}})
 Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemory& def, QueueRefs* refs) {
@@ -161,6 +161,10 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
     return Throw(env, "errFd must be an fd or -1", Err::kRange), nullptr;
   if (!Int(o.Get("capacitySectors"), 0, kMaxSafe / kSector, &cap))
     return Throw(env, "capacitySectors out of range", Err::kRange), nullptr;
+  double bs = kSector;
+  if (!o.Get("blockSize").IsUndefined() &&
+      (!Int(o.Get("blockSize"), kSector, 1 << 21, &bs) || ((uint32_t)bs & ((uint32_t)bs - 1))))
+    return Throw(env, "blockSize must be a power of 2 from 512 to 2 MiB", Err::kRange), nullptr;
   std::string serial = o.Get("serial").IsString() ? o.Get("serial").As<Napi::String>().Utf8Value() : "";
   if (serial.size() > kIdBytes) return Throw(env, "serial is longer than 20 bytes", Err::kRange), nullptr;
 
@@ -186,6 +190,7 @@ Queue* NewQueue(Napi::Env env, uint32_t index, Napi::Object o, const DefaultMemo
   q->unmap = o.Get("unmap").IsUndefined() || o.Get("unmap").ToBoolean().Value();
   q->write_cache.store(o.Get("writeCache").IsUndefined() ? true : o.Get("writeCache").ToBoolean().Value());
   q->capacity = (uint64_t)cap;
+  q->block_mask = (uint64_t)bs / kSector - 1;
   memcpy(q->serial, serial.data(), serial.size());
   q->stamp.assign(q->num, 0);
   q->inflight.assign(q->num, 0);

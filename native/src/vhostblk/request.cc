@@ -161,8 +161,9 @@ uint64_t Worker::Gather(bool write) {
   return bytes;
 }
 
+// Inside the disk, and starting and ending on a logical block.
 bool Worker::InRange(const Queue* q, uint64_t sector, uint64_t count) {
-  return sector <= q->capacity && count <= q->capacity - sector;
+  return sector <= q->capacity && count <= q->capacity - sector && ((sector | count) & q->block_mask) == 0;
 }
 
 // The status byte: the last byte of the last device-writable buffer (e_.in

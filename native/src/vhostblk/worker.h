@@ -186,6 +186,7 @@ struct Queue {
   bool event_idx = false;
   int kick_fd = -1, call_fd = -1, err_fd = -1, fd = -1;
   uint64_t capacity = 0;  // sectors
+  uint64_t block_mask = 0;  // logical block size in sectors, less one: requests start and end on it
   bool read_only = false;
   // Negotiated VIRTIO_BLK_F_DISCARD / WRITE_ZEROES: without them the request is UNSUPP.
   bool discard = true;

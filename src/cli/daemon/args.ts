@@ -41,7 +41,7 @@ Spindle's storage daemon, with qemu-storage-daemon's options:
   --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on][,description=<text>][,allocation-depth=on]
                         export a node over NBD
   --export type=vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<path>
-           [,writable=on][,num-queues=<n>][,writethrough=on][,logical-block-size=512][,iothread=<id>]
+           [,writable=on][,num-queues=<n>][,writethrough=on][,logical-block-size=<512..2M>][,iothread=<id>]
                         serve a node to a vhost-user front-end (QEMU's vhost-user-blk-pci)
   --pidfile <path>      write the process id there (removed at exit)
   -h, --help            this text

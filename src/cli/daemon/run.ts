@@ -61,11 +61,12 @@ async function startExports(st: ExportState, server: Record<string, unknown> | n
       if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
       if (typeof node !== 'string') throw new CliError("--export: Parameter 'node-name' is missing");
       if (nq !== undefined && typeof nq !== 'number') throw new CliError("--export: Parameter 'num-queues' expects a number");
-      if (lbs !== undefined && lbs !== 512) throw new CliError(`--export: logical-block-size ${String(lbs)} is not supported (512)`);
+      if (lbs !== undefined && typeof lbs !== 'number') throw new CliError("--export: Parameter 'logical-block-size' expects a number");
       if (iothread !== undefined && typeof iothread !== 'string') throw new CliError("--export: Parameter 'iothread' expects a string");
       await asCli('--export', () => st.addVhostUserBlk(id, node, {
         path: vhostAddress(addr), writable: writable === true, writethrough: writethrough === true, fixedIothread: fixed === true,
         ...(typeof nq === 'number' ? { numQueues: nq } : {}),
+        ...(typeof lbs === 'number' ? { logicalBlockSize: lbs } : {}),
         ...(typeof iothread === 'string' ? { iothread } : {}),
       }));
       continue;

@@ -33,5 +33,7 @@ export interface VhostUserBlkOptions {
   writeCache?: boolean;
   /** seg_max in the config; default 126 (a 128-entry queue less header and status). */
   segMax?: number;
+  /** Logical block size (config blk_size; QEMU's logical-block-size): power of 2, 512 to 2 MiB; default 512. */
+  blockSize?: number;
   hooks?: VhostUserBlkHooks;
 }

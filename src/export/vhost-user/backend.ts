@@ -45,6 +45,8 @@ export type { VhostUserBlkHooks, VhostUserBlkOptions };
 export class VhostUserBlkBackend {
   readonly numQueues: number;
   readonly readOnly: boolean;
+  /** Logical block size (bytes). */
+  readonly blockSize: number;
   readonly offeredFeatures: bigint;
   /** SET_FEATURES (0n until then). */
   ackedFeatures = 0n;
@@ -76,12 +78,15 @@ export class VhostUserBlkBackend {
     if (!Number.isInteger(nq) || nq < 1 || nq > 256) throw new RangeError(`numQueues must be 1..256, got ${nq}`);
     const segMax = o.segMax ?? 126;
     if (!Number.isInteger(segMax) || segMax < 1 || segMax > 0xffffffff) throw new RangeError(`segMax must be a positive u32, got ${segMax}`);
+    const bs = o.blockSize ?? SECTOR;
+    if (!Number.isInteger(bs) || bs < SECTOR || bs > 2 ** 21 || (bs & (bs - 1)) !== 0) throw new RangeError(`blockSize must be a power of 2 from 512 to 2 MiB, got ${bs}`);
     this.numQueues = nq;
+    this.blockSize = bs;
     this.readOnly = o.readOnly ?? false;
     this.offeredFeatures = blkFeatures(this.readOnly);
     this.hooks = o.hooks ?? {};
     this.rings = Array.from({ length: nq }, (_, i) => new Vring(i));
-    this.config = blkConfigSpace({ length: o.length, numQueues: nq, segMax, readOnly: this.readOnly, writeCache: o.writeCache ?? true });
+    this.config = blkConfigSpace({ length: o.length, numQueues: nq, segMax, readOnly: this.readOnly, writeCache: o.writeCache ?? true, blockSize: bs });
     conn.onReadable((err) => {
       if (err) this.close(err);
       else this.readable();

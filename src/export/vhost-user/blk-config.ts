@@ -17,6 +17,8 @@ export interface BlkConfigShape {
   segMax: number;
   readOnly: boolean;
   writeCache: boolean;
+  /** Logical block size in bytes. */
+  blockSize: number;
 }
 
 export function blkConfigSpace(o: BlkConfigShape): Uint8Array {
@@ -25,13 +27,13 @@ export function blkConfigSpace(o: BlkConfigShape): Uint8Array {
   c.setBigUint64(BLK_CFG_CAPACITY, BigInt(Math.floor(o.length / SECTOR)), true);
   c.setUint32(BLK_CFG_SIZE_MAX, SIZE_MAX_BYTES, true);
   c.setUint32(BLK_CFG_SEG_MAX, o.segMax, true);
-  c.setUint32(BLK_CFG_BLK_SIZE, SECTOR, true);
+  c.setUint32(BLK_CFG_BLK_SIZE, o.blockSize, true);
   config[BLK_CFG_WCE] = o.writeCache ? 1 : 0;
   c.setUint16(BLK_CFG_NUM_QUEUES, o.numQueues, true);
   if (!o.readOnly) {
     c.setUint32(BLK_CFG_MAX_DISCARD_SECTORS, MAX_DISCARD_SECTORS, true);
     c.setUint32(BLK_CFG_MAX_DISCARD_SEG, 1, true);
-    c.setUint32(BLK_CFG_DISCARD_ALIGNMENT, 1, true);
+    c.setUint32(BLK_CFG_DISCARD_ALIGNMENT, o.blockSize / SECTOR, true);
     c.setUint32(BLK_CFG_MAX_WRITE_ZEROES_SECTORS, MAX_DISCARD_SECTORS, true);
     c.setUint32(BLK_CFG_MAX_WRITE_ZEROES_SEG, 1, true);
     config[BLK_CFG_WRITE_ZEROES_MAY_UNMAP] = 1;

@@ -266,7 +266,7 @@ export class VhostUserBlkDataPlane {
     const memory = this.be.memory;
     if (!memory.ram || this.retiring.size > 0 || this.handingOver) return null;
     const n = this.be.numQueues;
-    const dev = new VirtioBlk(memory.ram, this.io, { numQueues: n, queueSize: MAX_QUEUE_SIZE, serial: this.o.serial });
+    const dev = new VirtioBlk(memory.ram, this.io, { numQueues: n, queueSize: MAX_QUEUE_SIZE, serial: this.o.serial, blockSize: this.be.blockSize });
     const holdMemory = memory.hold();
     const logs = new Map<InflightMemory, () => void>();
     const release = (): void => {

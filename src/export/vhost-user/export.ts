@@ -33,6 +33,8 @@ export interface VhostUserBlkExportOptions {
   writable: boolean;
   /** Virtqueues offered (QEMU's num-queues; default 1). */
   numQueues?: number;
+  /** The block size the guest sees (QEMU's logical-block-size): a power of 2 from 512 to 2 MiB; default 512. */
+  logicalBlockSize?: number;
   /** Write-through: the front-end sees no volatile write cache (QEMU's writethrough). */
   writethrough?: boolean;
 }
@@ -42,6 +44,7 @@ export class VhostUserBlkExport {
   readonly path: string;
   readonly writable: boolean;
   readonly numQueues: number;
+  readonly logicalBlockSize: number;
   readonly backend: BlockBackend;
   readonly io: BackendIO;
   readonly server: VhostUserBlkServer;
@@ -59,6 +62,11 @@ export class VhostUserBlkExport {
     this.numQueues = o.numQueues ?? 1;
     if (!Number.isInteger(this.numQueues) || this.numQueues < 1 || this.numQueues > 256) {
       throw new BlockError('EINVAL', `Parameter 'num-queues' must be 1..256, not ${this.numQueues}`);
+    }
+    this.logicalBlockSize = o.logicalBlockSize ?? 512;
+    const bs = this.logicalBlockSize;
+    if (!Number.isInteger(bs) || bs < 512 || bs > 2 ** 21 || (bs & (bs - 1)) !== 0) {
+      throw new BlockError('EINVAL', `Parameter 'logical-block-size' must be a power of 2 between 512 and 2097152, not ${bs}`);
     }
     if (o.node && o.backend) throw new BlockError('EINVAL', `Export '${o.id}' takes a node or a backend, not both`);
     const node = o.node ?? o.backend?.node ?? null;
@@ -86,6 +94,7 @@ export class VhostUserBlkExport {
       this.server = new VhostUserBlkServer(o.path, {
         length: this.io.getLength(),
         numQueues: this.numQueues,
+        blockSize: this.logicalBlockSize,
         readOnly: !o.writable,
         writeCache: this.io.isWriteCacheEnabled(),
         hooks: {

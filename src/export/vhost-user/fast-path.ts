@@ -176,7 +176,7 @@ export class NativeRings {
         lastAvail, usedIdx, inflight,
         eventIdx: this.be.hasFeature(VIRTIO_RING_F_EVENT_IDX),
         kickFd: ring.kickFd, callFd: ring.callFd, errFd: ring.errFd, fd: this.target.fd,
-        capacitySectors: Math.floor(this.target.length / 512), readOnly: this.target.readOnly,
+        capacitySectors: Math.floor(this.target.length / 512), blockSize: this.be.blockSize, readOnly: this.target.readOnly,
         serial: this.o.serial, writeCache: this.o.writeCache(),
         discard: this.be.hasFeature(VIRTIO_BLK_F_DISCARD), writeZeroes: this.be.hasFeature(VIRTIO_BLK_F_WRITE_ZEROES),
         unmap: this.target.unmap,
@@ -358,6 +358,7 @@ export class NativeRings {
     return new Forwarder(m, this.o.io, {
       numQueues: this.be.numQueues,
       serial: this.o.serial,
+      blockSize: this.be.blockSize,
       features: this.be.ackedFeatures,
       call: this.o.call,
       idle: (f, i) => this.idle(f, i),

@@ -182,6 +182,7 @@ export class Forwarder {
     io: BackendIO,
     private readonly o: {
       numQueues: number;
+      blockSize: number;
       serial: string;
       features: bigint;
       /** The used ring of `index` got entries (detached queues): signal the call fd. */
@@ -194,7 +195,7 @@ export class Forwarder {
   ) {
     const ram = memory.ram!;
     this.release = memory.hold();
-    const dev = new VirtioBlk(ram, io, { numQueues: o.numQueues, queueSize: MAX_QUEUE_SIZE, serial: o.serial });
+    const dev = new VirtioBlk(ram, io, { numQueues: o.numQueues, queueSize: MAX_QUEUE_SIZE, serial: o.serial, blockSize: o.blockSize });
     dev.activate(o.features);
     const ev = dev.queues[0]!.eventIdx;
     for (let i = 0; i < o.numQueues; i++) {

@@ -55,7 +55,7 @@ export class ExportState {
   }
 
   async addVhostUserBlk(id: string, nodeName: string, o: {
-    path: string; writable?: boolean; numQueues?: number; writethrough?: boolean; iothread?: string; fixedIothread?: boolean;
+    path: string; writable?: boolean; numQueues?: number; logicalBlockSize?: number; writethrough?: boolean; iothread?: string; fixedIothread?: boolean;
   }): Promise<void> {
     if (this.exports.has(id) || this.vhost.has(id)) throw new QmpError('GenericError', `Block export id '${id}' is already in use`);
     const be = findBackend(nodeName);
@@ -76,6 +76,7 @@ export class ExportState {
       this.vhost.set(id, new VhostUserBlkExport({
         id, path: o.path, writable: o.writable ?? false, writethrough: o.writethrough ?? false,
         ...(o.numQueues !== undefined ? { numQueues: o.numQueues } : {}),
+        ...(o.logicalBlockSize !== undefined ? { logicalBlockSize: o.logicalBlockSize } : {}),
         ...(be ? { backend: be } : { node: node! }),
       }));
     } catch (e) {
@@ -210,12 +211,10 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
     },
     run: async (a) => {
       if (a.type === 'vhost-user-blk') {
-        if (a['logical-block-size'] !== undefined && a['logical-block-size'] !== 512) {
-          throw new QmpError('GenericError', `logical-block-size ${a['logical-block-size']} is not supported (512)`);
-        }
         await st.addVhostUserBlk(a.id, a['node-name'], {
           path: vhostAddress(a.addr), writable: a.writable ?? false, writethrough: a.writethrough ?? false,
           ...(a['num-queues'] !== undefined ? { numQueues: a['num-queues'] } : {}),
+          ...(a['logical-block-size'] !== undefined ? { logicalBlockSize: a['logical-block-size'] } : {}),
           ...(a.iothread !== undefined ? { iothread: a.iothread } : {}),
           ...(a['fixed-iothread'] !== undefined ? { fixedIothread: a['fixed-iothread'] } : {}),
         });
