@@ -37,3 +37,17 @@ export interface VhostUserBlkOptions {
   blockSize?: number;
   hooks?: VhostUserBlkHooks;
 }
+
+/** The options' numbers, defaulted and checked (RangeError names the one that is wrong). */
+export function checkedOptions(o: VhostUserBlkOptions): { numQueues: number; segMax: number; blockSize: number } {
+  if (!Number.isSafeInteger(o.length) || o.length < 0) throw new RangeError(`length must be a non-negative safe integer, got ${o.length}`);
+  const numQueues = o.numQueues ?? 1;
+  if (!Number.isInteger(numQueues) || numQueues < 1 || numQueues > 256) throw new RangeError(`numQueues must be 1..256, got ${numQueues}`);
+  const segMax = o.segMax ?? 126;
+  if (!Number.isInteger(segMax) || segMax < 1 || segMax > 0xffffffff) throw new RangeError(`segMax must be a positive u32, got ${segMax}`);
+  const blockSize = o.blockSize ?? 512;
+  if (!Number.isInteger(blockSize) || blockSize < 512 || blockSize > 2 ** 21 || (blockSize & (blockSize - 1)) !== 0) {
+    throw new RangeError(`blockSize must be a power of 2 from 512 to 2 MiB, got ${blockSize}`);
+  }
+  return { numQueues, segMax, blockSize };
+}

@@ -21,7 +21,7 @@ import { blkConfigSpace, getConfig, setConfig } from './blk-config.js';
 import { translateRing, Vring } from './vring.js';
 import { GuestMemoryTable } from './memory.js';
 import { InflightMemory, type InflightQueue } from './inflight.js';
-import type { VhostUserBlkHooks, VhostUserBlkOptions } from './backend-options.js';
+import { checkedOptions, type VhostUserBlkHooks, type VhostUserBlkOptions } from './backend-options.js';
 import {
   closeFdQuietly, memTableRegions, MessageReader, noPayload, refuse, sendReply, u64, vringAddr, vringFd, vringState,
   VhostUserRefused, type Message,
@@ -73,13 +73,7 @@ export class VhostUserBlkBackend {
   private replyFd = -1;
 
   constructor(readonly conn: UnixConnection, o: VhostUserBlkOptions) {
-    if (!Number.isSafeInteger(o.length) || o.length < 0) throw new RangeError(`length must be a non-negative safe integer, got ${o.length}`);
-    const nq = o.numQueues ?? 1;
-    if (!Number.isInteger(nq) || nq < 1 || nq > 256) throw new RangeError(`numQueues must be 1..256, got ${nq}`);
-    const segMax = o.segMax ?? 126;
-    if (!Number.isInteger(segMax) || segMax < 1 || segMax > 0xffffffff) throw new RangeError(`segMax must be a positive u32, got ${segMax}`);
-    const bs = o.blockSize ?? SECTOR;
-    if (!Number.isInteger(bs) || bs < SECTOR || bs > 2 ** 21 || (bs & (bs - 1)) !== 0) throw new RangeError(`blockSize must be a power of 2 from 512 to 2 MiB, got ${bs}`);
+    const { numQueues: nq, segMax, blockSize: bs } = checkedOptions(o);
     this.numQueues = nq;
     this.blockSize = bs;
     this.readOnly = o.readOnly ?? false;
