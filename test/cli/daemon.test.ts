@@ -90,7 +90,8 @@ describe('spindle daemon', () => {
     const pidfile = join(dir, 'n.pid');
     const p = await startDaemon([
       '--blockdev', `driver=file,node-name=nf,filename=${img}`, '--blockdev', 'driver=raw,node-name=nr,file=nf',
-      '--nbd-server', `addr.type=unix,addr.path=${nbd}`, '--export', 'type=nbd,id=e0,node-name=nr,name=disk,writable=on',
+      '--object', 'iothread,id=io0',
+      '--nbd-server', `addr.type=unix,addr.path=${nbd}`, '--export', 'type=nbd,id=e0,node-name=nr,name=disk,writable=on,iothread=io0',
       '--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'chardev=m',
     ], pidfile);
     const exited = new Promise<number | null>((r) => p.on('exit', (c) => r(c)));
@@ -103,6 +104,9 @@ describe('spindle daemon', () => {
       expect(readFileSync(img).subarray(4096, 8192).every((x) => x === 0xab)).toBe(true);
       expect(await q.ok('query-block-exports')).toEqual([{ type: 'nbd', id: 'e0', 'node-name': 'nr', 'shutting-down': false }]);
       expect(await q.err('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'nf' })).toEqual({ class: 'GenericError', desc: "Block export id 'e0' is already in use" });
+      // iothread=io0 moved the exported node into the iothread, as QEMU's export does.
+      expect((await q.err('object-del', { id: 'io0' })).desc).toMatch(/^iothread 'io0' is in use by node 'n[rf]'$/);
+      expect(await q.err('block-export-add', { type: 'nbd', id: 'e9', 'node-name': 'nf', iothread: 'nope' })).toEqual({ class: 'GenericError', desc: 'iothread "nope" not found' });
       expect(await q.run('block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'nf', name: 'file' })).toEqual({ return: {} });
       // A read-only export: QEMU's client is refused a write.
       const ro = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write 0 512', `nbd+unix:///file?socket=${nbd}`], { encoding: 'utf8' });

@@ -39,7 +39,8 @@ Spindle's storage daemon, with qemu-storage-daemon's options:
   --nbd-server addr.type=unix,addr.path=<path> | addr.type=inet,addr.host=<host>,addr.port=<port>
                         start the NBD server (loopback when no host is given)
   --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,writable=on][,description=<text>][,allocation-depth=on]
-                        export a node over NBD
+           [,iothread=<id>[,fixed-iothread=on]]
+                        export a node over NBD (iothread: the node moves there; NBD runs on the main loop)
   --export type=vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<path>
            [,writable=on][,num-queues=<n>][,writethrough=on][,logical-block-size=<512..2M>][,iothread=<id>]
                         serve a node to a vhost-user front-end (QEMU's vhost-user-blk-pci)

@@ -71,13 +71,15 @@ async function startExports(st: ExportState, server: Record<string, unknown> | n
       }));
       continue;
     }
-    const { type: _t, id, 'node-name': node, name, description, writable, 'allocation-depth': depth, ...rest } = e;
+    const { type: _t, id, 'node-name': node, name, description, writable, 'allocation-depth': depth, iothread, 'fixed-iothread': fixed, ...rest } = e;
     if (Object.keys(rest).length) throw new CliError(`--export: Parameter '${Object.keys(rest)[0]}' is unexpected`);
     if (typeof id !== 'string') throw new CliError("--export: Parameter 'id' is missing");
     if (typeof node !== 'string') throw new CliError("--export: Parameter 'node-name' is missing");
+    if (iothread !== undefined && typeof iothread !== 'string') throw new CliError("--export: Parameter 'iothread' expects a string");
     await asCli('--export', () => st.add(id, node, {
       ...(typeof name === 'string' ? { name } : {}), ...(typeof description === 'string' ? { description } : {}),
-      writable: writable === true, allocationDepth: depth === true,
+      writable: writable === true, allocationDepth: depth === true, fixedIothread: fixed === true,
+      ...(typeof iothread === 'string' ? { iothread } : {}),
     }));
   }
 }

@@ -6,6 +6,7 @@
 import { findBackend } from '../../backend/backend.js';
 import { BlockError } from '../../block/error.js';
 import { findNode } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
 import { findIoThread, setNodeIoThread } from '../../block/iothread.js';
 import { NbdServer, type NbdListenAddress } from '../../export/nbd/server.js';
 import { VhostUserBlkExport } from '../../export/vhost-user/export.js';
@@ -35,12 +36,16 @@ export class ExportState {
     this.server = s;
   }
 
-  add(id: string, nodeName: string, o: { name?: string; description?: string; writable?: boolean; allocationDepth?: boolean }): void {
+  async add(id: string, nodeName: string, o: {
+    name?: string; description?: string; writable?: boolean; allocationDepth?: boolean; iothread?: string; fixedIothread?: boolean;
+  }): Promise<void> {
     if (!this.server) throw new QmpError('GenericError', 'NBD server not running');
-    if (this.exports.has(id)) throw new QmpError('GenericError', `Block export id '${id}' is already in use`);
+    if (this.exports.has(id) || this.vhost.has(id)) throw new QmpError('GenericError', `Block export id '${id}' is already in use`);
     const be = findBackend(nodeName);
     const node = be ? null : findNode(nodeName);
     if (!be?.node && !node) throw new QmpError('GenericError', `Cannot find device=${nodeName} nor node-name=${nodeName}`);
+    // The node moves into the iothread as QEMU's does; NBD's own I/O still runs on the main loop.
+    if (o.iothread !== undefined) await moveToIothread((be?.node ?? node)!, o.iothread, o.fixedIothread ?? false);
     const name = o.name ?? nodeName;
     try {
       this.server.addExport({
@@ -61,17 +66,7 @@ export class ExportState {
     const be = findBackend(nodeName);
     const node = be ? null : findNode(nodeName);
     if (!be?.node && !node) throw new QmpError('GenericError', `Cannot find device=${nodeName} nor node-name=${nodeName}`);
-    if (o.iothread !== undefined) {
-      // As QEMU: the export runs where its node does, so the node moves (drained) into the
-      // iothread; if it cannot, that is an error only with fixed-iothread.
-      const t = findIoThread(o.iothread);
-      if (!t) throw new QmpError('GenericError', `iothread "${o.iothread}" not found`);
-      try {
-        await setNodeIoThread((be?.node ?? node)!, t, true);
-      } catch (e) {
-        if (o.fixedIothread) throw new QmpError('GenericError', `Cannot change iothread of active block backend: ${(e as Error).message}`);
-      }
-    }
+    if (o.iothread !== undefined) await moveToIothread((be?.node ?? node)!, o.iothread, o.fixedIothread ?? false);
     try {
       this.vhost.set(id, new VhostUserBlkExport({
         id, path: o.path, writable: o.writable ?? false, writethrough: o.writethrough ?? false,
@@ -125,6 +120,20 @@ export class ExportState {
   }
 }
 
+/**
+ * As QEMU: an export runs where its node does, so the node moves (drained) into the iothread;
+ * if it cannot, that is an error only with fixed-iothread.
+ */
+async function moveToIothread(node: BlockNode, iothread: string, fixed: boolean): Promise<void> {
+  const t = findIoThread(iothread);
+  if (!t) throw new QmpError('GenericError', `iothread "${iothread}" not found`);
+  try {
+    await setNodeIoThread(node, t, true);
+  } catch (e) {
+    if (fixed) throw new QmpError('GenericError', `Cannot change iothread of active block backend: ${(e as Error).message}`);
+  }
+}
+
 /** QEMU's SocketAddressLegacy ({type, data}) or SocketAddress ({type, path | host, port}). */
 export function nbdAddress(addr: Record<string, unknown>): NbdListenAddress {
   const d = (addr['data'] && typeof addr['data'] === 'object' ? addr['data'] : addr) as Record<string, unknown>;
@@ -166,8 +175,8 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
     name: 'nbd-server-add',
     doc: 'Exports a block device or node over NBD (named after it unless `name` is given)',
     args: { device: { type: 'str' }, name: { type: 'str', optional: true }, description: { type: 'str', optional: true }, writable: { type: 'bool', optional: true } },
-    run: (a) => {
-      st.add(a.name ?? a.device, a.device, { name: a.name ?? a.device, ...(a.description !== undefined ? { description: a.description } : {}), writable: a.writable ?? false });
+    run: async (a) => {
+      await st.add(a.name ?? a.device, a.device, { name: a.name ?? a.device, ...(a.description !== undefined ? { description: a.description } : {}), writable: a.writable ?? false });
       return {};
     },
   }));
@@ -220,10 +229,12 @@ export function registerExportCommands(monitor: QmpMonitor, st: ExportState): vo
         });
         return {};
       }
-      for (const k of ['addr', 'num-queues', 'logical-block-size', 'iothread', 'fixed-iothread'] as const) {
+      for (const k of ['addr', 'num-queues', 'logical-block-size'] as const) {
         if (a[k] !== undefined) throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
       }
-      st.add(a.id, a['node-name'], {
+      await st.add(a.id, a['node-name'], {
+        ...(a.iothread !== undefined ? { iothread: a.iothread } : {}),
+        ...(a['fixed-iothread'] !== undefined ? { fixedIothread: a['fixed-iothread'] } : {}),
         ...(a.name !== undefined ? { name: a.name } : {}),
         ...(a.description !== undefined ? { description: a.description } : {}),
         writable: a.writable ?? false,
