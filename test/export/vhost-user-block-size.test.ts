@@ -2,33 +2,22 @@
 // that many bytes, and a request that does not start and end on a logical block fails with
 // IOERR on every path (QEMU's virtio_blk_sect_range_ok), before it touches the image.
 import { readFileSync } from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 } from '../../hw/virtio/virtio-blk-abi.js';
 import * as P from '../../src/export/vhost-user/protocol.js';
 import { VhostUserBlkExport } from '../../src/export/vhost-user/export.js';
 import { dwz } from './vhost-user-blk-driver.js';
-import { exportRig, fill, useExportRig } from './vhost-user-export-rig.js';
+import { DATA_PATHS, exportRig, fill, onPath, useExportRig } from './vhost-user-export-rig.js';
 import { configReq } from './vhost-user-frontend.js';
 
 useExportRig();
-const fastPathEnv = process.env.SPINDLE_VHOST_FASTPATH;
-afterEach(() => {
-  if (fastPathEnv === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
-  else process.env.SPINDLE_VHOST_FASTPATH = fastPathEnv;
-});
 
 describe('logical-block-size=4096', () => {
-  const cases = [
-    { name: 'TypeScript data plane', format: 'raw' as const, env: '0', native: false },
-    { name: 'native worker, raw', format: 'raw' as const, env: undefined, native: true },
-    { name: 'native worker and forwarding, qcow2', format: 'qcow2' as const, env: undefined, native: true },
-  ];
-  for (const c of cases) {
+  for (const c of DATA_PATHS) {
     it(`${c.name}: blk_size and discard alignment in the config; misaligned requests fail, aligned ones work`, async () => {
-      if (c.env === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
-      else process.env.SPINDLE_VHOST_FASTPATH = c.env;
+      onPath(c);
       const r = await exportRig(c.format, { logicalBlockSize: 4096 });
       expect(r.exp.onFastPath).toBe(c.native);
       const cfg = P.dataView((await r.fe.call(P.VHOST_USER_GET_CONFIG, configReq(0, 60))).subarray(P.CONFIG_HEADER));

@@ -24,8 +24,24 @@ export const uniq = (): number => seq++;
 const exportsOpen: VhostUserBlkExport[] = [];
 const nodes: BlockNode[] = [];
 
+const fastPathEnv = process.env.SPINDLE_VHOST_FASTPATH;
+
+/** The ways a session is served: each test that must hold everywhere runs on all three. */
+export const DATA_PATHS = [
+  { name: 'TypeScript data plane', format: 'raw', fastPath: '0', native: false },
+  { name: 'native worker, raw', format: 'raw', fastPath: undefined, native: true },
+  { name: 'native worker and forwarding, qcow2', format: 'qcow2', fastPath: undefined, native: true },
+] as const;
+
+/** Sessions from now on take path `p` ($SPINDLE_VHOST_FASTPATH; useExportRig restores it after the test). */
+export function onPath(p: { fastPath: string | undefined }): void {
+  if (p.fastPath === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
+  else process.env.SPINDLE_VHOST_FASTPATH = p.fastPath;
+}
+
 export function useExportRig(): void {
   afterEach(async () => {
+    onPath({ fastPath: fastPathEnv });
     for (const f of frontEnds.splice(0)) f.close();
     for (const e of exportsOpen.splice(0)) {
       await ioLimitsDisable(e.backend);

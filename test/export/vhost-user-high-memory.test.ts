@@ -3,31 +3,20 @@
 // at 6 GiB) and request buffers there go through DataViews and per-buffer views on the
 // TypeScript path, and through raw pointers in the native worker.
 import { readFileSync } from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from '../../hw/virtio/virtio-blk-abi.js';
 import { ok, qemuImg } from '../cli/helpers.js';
-import { exportRig, fill, useExportRig } from './vhost-user-export-rig.js';
+import { DATA_PATHS, exportRig, fill, onPath, useExportRig } from './vhost-user-export-rig.js';
 import { HIGH } from './vhost-user-frontend.js';
 
 useExportRig();
-const fastPathEnv = process.env.SPINDLE_VHOST_FASTPATH;
-afterEach(() => {
-  if (fastPathEnv === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
-  else process.env.SPINDLE_VHOST_FASTPATH = fastPathEnv;
-});
 
 const FREE = HIGH.gpa + 0x100000; // past the rings, inside the region at 6 GiB
 
 describe('guest memory above 4 GiB', () => {
-  const cases = [
-    { name: 'TypeScript data plane', format: 'raw' as const, env: '0', native: false },
-    { name: 'native worker, raw', format: 'raw' as const, env: undefined, native: true },
-    { name: 'native worker and forwarding, qcow2', format: 'qcow2' as const, env: undefined, native: true },
-  ];
-  for (const c of cases) {
+  for (const c of DATA_PATHS) {
     it(`${c.name}: requests whose header, data and status live at 6 GiB`, async () => {
-      if (c.env === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
-      else process.env.SPINDLE_VHOST_FASTPATH = c.env;
+      onPath(c);
       const r = await exportRig(c.format);
       expect(r.exp.onFastPath).toBe(c.native);
       expect(HIGH.gpa).toBeGreaterThan(2 ** 32);

@@ -5,7 +5,7 @@
 // avail entries before them. The record's layout is written and read here independently of
 // the back-end's code, so both must agree with the spec's.
 import { readFileSync } from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT } from '../../hw/virtio/virtio-blk-abi.js';
 import { VIRTIO_RING_F_EVENT_IDX } from '../../src/export/vhost-user/blk-features.js';
 import { InflightQueue, inflightRegionSize } from '../../src/export/vhost-user/inflight.js';
@@ -13,17 +13,12 @@ import * as P from '../../src/export/vhost-user/protocol.js';
 import { liveMappings, memfdCreate, mmapFd } from '../../src/native/unix-fd.js';
 import { ok, qemuImg } from '../cli/helpers.js';
 import { BlkDriver, type Pending } from './vhost-user-blk-driver.js';
-import { exportRig, fill, SIZE, useExportRig } from './vhost-user-export-rig.js';
+import { exportRig, fill, onPath, SIZE, useExportRig } from './vhost-user-export-rig.js';
 import {
   connect, getInflight, type Inflight, killFrontEnd, QSIZE, qemuStartup, restartRing, setInflight, toClose, toUnmap, until,
 } from './vhost-user-frontend.js';
 
 useExportRig();
-const fastPathEnv = process.env.SPINDLE_VHOST_FASTPATH;
-afterEach(() => {
-  if (fastPathEnv === undefined) delete process.env.SPINDLE_VHOST_FASTPATH;
-  else process.env.SPINDLE_VHOST_FASTPATH = fastPathEnv;
-});
 
 // The spec's split-ring region: header (u64 features, u16 version, u16 desc_num,
 // u16 last_batch_head, u16 used_idx), then per head 16 bytes (u8 inflight, 5 pad, u16 next, u64 counter).
@@ -145,7 +140,7 @@ describe('GET_INFLIGHT_FD / SET_INFLIGHT_FD', () => {
 
   for (const ts of [false, true]) {
     it(`a device reset's new buffer: once the ring restarts on it, the old one is unmapped (${ts ? 'TypeScript data plane' : 'native worker'})`, async () => {
-      if (ts) process.env.SPINDLE_VHOST_FASTPATH = '0';
+      if (ts) onPath({ fastPath: '0' });
       const r = await exportRig('raw');
       expect(r.exp.onFastPath).toBe(!ts);
       const q = r.drv[0]!;
@@ -271,7 +266,7 @@ describe('a back-end restarted under a running guest resubmits what the dead one
   for (const torn of [false, true]) {
     const how = torn ? ' (it died between publishing a batch and clearing it)' : '';
     it(`TypeScript data plane${how}`, async () => {
-      process.env.SPINDLE_VHOST_FASTPATH = '0';
+      onPath({ fastPath: '0' });
       const s = await afterCrash('raw', torn);
       expect(s.r.exp.onFastPath).toBe(false);
       await checkRecovered(s);
