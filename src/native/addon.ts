@@ -81,7 +81,7 @@ export interface NativeAddon {
   /** Starts one native iothread serving split virtqueues (raw files, or mapped images). */
   VhostBlkWorker: new () => NativeVhostBlkWorker;
   /** Guest cluster -> host offset table of mapped queues; clusterBits 9..21, lengthBytes = disk length. */
-  VhostBlkMap: new (clusterBits: number, lengthBytes: number) => NativeVhostBlkMap;
+  VhostBlkMap: new (clusterBits: number, lengthBytes: number, maxBytes?: number) => NativeVhostBlkMap;
 }
 
 /**
@@ -95,8 +95,12 @@ export interface NativeVhostBlkMap {
   /** Returns how many of the clusters were mapped. */
   invalidate(guestOffset: number, bytes: number): number | undefined;
   clear(): void;
+  /** Frees evicted chunks (after the worker's barrier). */
+  reclaim(): void;
   /** Mapped clusters. */
   readonly size: number;
+  /** Evicted chunks not yet freed. */
+  readonly retired: number;
 }
 
 /**

@@ -16,14 +16,19 @@ export class VhostBlkMap {
   readonly handle: NativeVhostBlkMap;
   readonly clusterSize: number;
 
-  /** A table of ceil(lengthBytes / 2^clusterBits) clusters, all unmapped. clusterBits: 9..21. */
-  constructor(readonly clusterBits: number, readonly lengthBytes: number) {
+  /**
+   * A table of ceil(lengthBytes / 2^clusterBits) clusters, all unmapped. clusterBits: 9..21.
+   * `maxBytes` bounds the entries' memory (8 bytes a cluster, in chunks of 4096): beyond it the
+   * oldest chunk is evicted (retired until reclaim()); absent or 0: no bound.
+   */
+  constructor(readonly clusterBits: number, readonly lengthBytes: number, maxBytes = 0) {
     if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
       throw new RangeError(`VhostBlkMap: clusterBits must be an integer in [9, 21], got ${clusterBits}`);
     }
     checkInt('lengthBytes', lengthBytes);
+    checkInt('maxBytes', maxBytes);
     this.clusterSize = 2 ** clusterBits;
-    this.handle = new native.VhostBlkMap(clusterBits, lengthBytes);
+    this.handle = new native.VhostBlkMap(clusterBits, lengthBytes, maxBytes);
   }
 
   private aligned(what: string, v: number): void {
@@ -64,5 +69,15 @@ export class VhostBlkMap {
   /** Mapped clusters. */
   get size(): number {
     return this.handle.size;
+  }
+
+  /** Evicted chunks a worker may still be reading: free them with reclaim() after its barrier(). */
+  get retired(): number {
+    return this.handle.retired;
+  }
+
+  /** Frees the retired chunks. Only after barrier() (or with no queue using the table). */
+  reclaim(): void {
+    this.handle.reclaim();
   }
 }

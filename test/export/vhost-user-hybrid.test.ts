@@ -132,6 +132,36 @@ describe('vhost-user-blk hybrid fast path (qcow2)', () => {
     await closeAndCheck(r);
   });
 
+  it('a bounded table: with 512-byte clusters the disk spans four chunks of entries and the table holds two; evicted clusters are forwarded again and data stays right', async () => {
+    process.env.SPINDLE_VHOST_MAP_BYTES = String(2 * 4096 * 8);
+    try {
+      const r = await exportRig('qcow2', { qcow2: (raw, q) => void ok(qemuImg('convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=512', raw, q)) });
+      const q = r.drv[0]!;
+      const base = fill(SIZE, 3);
+      // One read per MiB, twice over: each learns its 4 MiB window, evicting older chunks.
+      for (let pass = 0; pass < 2; pass++) {
+        for (let mib = 0; mib < 8; mib++) {
+          expect(await read(q, mib * 2048 + 7, 4096)).toEqual(base.subarray(mib * MiB + 7 * 512, mib * MiB + 7 * 512 + 4096));
+          await until('learned', () => r.exp.nativeMappedClusters > 0);
+          expect(r.exp.nativeMappedClusters).toBeLessThanOrEqual(2 * 4096);
+        }
+      }
+      // Writes and a discard across every chunk, then everything read back through QEMU.
+      for (let mib = 0; mib < 8; mib++) await write(q, mib * 2048 + 100, fill(2048, 50 + mib));
+      expect((await q.submit(VIRTIO_BLK_T_DISCARD, 0, [{ len: 16, data: dwz(1, 8) }])).status).toBe(VIRTIO_BLK_S_OK);
+      const want = Buffer.from(base);
+      for (let mib = 0; mib < 8; mib++) want.set(fill(2048, 50 + mib), mib * MiB + 100 * 512);
+      const got = qemuRead(r, 0, SIZE);
+      const discarded = got.subarray(512, 512 + 8 * 512);
+      expect(discarded.every((b) => b === 0) || discarded.equals(want.subarray(512, 512 + 8 * 512))).toBe(true); // discard is advisory
+      want.set(discarded, 512);
+      expect(got.equals(want)).toBe(true);
+      await closeAndCheck(r);
+    } finally {
+      delete process.env.SPINDLE_VHOST_MAP_BYTES;
+    }
+  });
+
   it('a backing file: unallocated clusters read through it, a partial write copies the rest up', async () => {
     const r = await exportRig('qcow2', {
       qcow2: (raw, q) => void ok(qemuImg('create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', q)),

@@ -339,7 +339,7 @@ describe('VhostBlkWorker mapped queues', () => {
     };
     expect(() => r.w.addQueue(0, { ...base, map })).toThrow(TypeError);
     expect(() => r.w.addQueue(0, { ...base, map })).toThrow(/needs forward/);
-    const notAMap = { set() {}, invalidate: () => 0, clear() {}, size: 0 };
+    const notAMap = { set() {}, invalidate: () => 0, clear() {}, reclaim() {}, size: 0, retired: 0 };
     expect(() => r.w.addQueue(0, { ...base, map: notAMap, forward: fwd.forward })).toThrow(/must be a VhostBlkMap/);
     const short = { ...fwd.forward, ring: new Int32Array(16 + 3 * 16 - 1) };
     expect(() => r.w.addQueue(0, { ...base, map, forward: short })).toThrow(/at least 16 \+ 3 \* num = 64/);

@@ -1,6 +1,7 @@
 // ClusterMap (see map.h) and its JS class VhostBlkMap:
-//   new VhostBlkMap(clusterBits, lengthBytes); set(guestOffset, bytes,
-//   hostOffset, writable); invalidate(guestOffset, bytes); clear(); size.
+//   new VhostBlkMap(clusterBits, lengthBytes, maxBytes?); set(guestOffset,
+//   bytes, hostOffset, writable); invalidate(guestOffset, bytes); clear();
+//   reclaim(); size; retired.
 // The JS object holds the table through a shared_ptr, and so does every queue
 // using it, so the table outlives a JS object collected while queues still
 // read it.
@@ -22,13 +23,14 @@ constexpr double kMaxSafe = 9007199254740991.0;  // 2^53 - 1
 const napi_type_tag kMapTag = {0x5370696e646c654dULL, 0x6170763142c7a3e1ULL};
 }  // namespace
 
-ClusterMap::ClusterMap(uint32_t cluster_bits, uint64_t clusters)
-    : bits_(cluster_bits), clusters_(clusters), chunks_((clusters + kChunk - 1) >> kChunkBits) {
+ClusterMap::ClusterMap(uint32_t cluster_bits, uint64_t clusters, uint64_t max_chunks)
+    : bits_(cluster_bits), clusters_(clusters), chunks_((clusters + kChunk - 1) >> kChunkBits), max_chunks_(max_chunks) {
   for (auto& c : chunks_) c.store(nullptr, std::memory_order_relaxed);
 }
 
 ClusterMap::~ClusterMap() {
   for (auto& c : chunks_) delete[] c.load(std::memory_order_relaxed);
+  Reclaim();
 }
 
 void ClusterMap::Store(uint64_t c, uint64_t entry) {
@@ -36,9 +38,11 @@ void ClusterMap::Store(uint64_t c, uint64_t entry) {
   std::atomic<uint64_t>* chunk = top.load(std::memory_order_relaxed);  // only this thread writes
   if (!chunk) {
     if (entry == 0) return;
+    if (max_chunks_ && order_.size() >= max_chunks_) Evict();
     chunk = new std::atomic<uint64_t>[kChunk];
     for (uint64_t i = 0; i < kChunk; i++) chunk[i].store(0, std::memory_order_relaxed);
     top.store(chunk, std::memory_order_release);  // zeroed entries before the pointer
+    order_.push_back(c >> kChunkBits);
   }
   std::atomic<uint64_t>& e = chunk[c & (kChunk - 1)];
   uint64_t old = e.load(std::memory_order_relaxed);
@@ -55,6 +59,7 @@ void ClusterMap::Set(uint64_t first, uint64_t count, uint64_t host, bool writabl
 uint64_t ClusterMap::Invalidate(uint64_t first, uint64_t count) {
   uint64_t before = mapped_;
   uint64_t end = first + count < clusters_ ? first + count : clusters_;
+  uint64_t retired = retired_.empty() ? 0 : ClearRetired(first, end);
   for (uint64_t c = first; c < end;) {
     if (!chunks_[c >> kChunkBits].load(std::memory_order_relaxed)) {
       c = ((c >> kChunkBits) + 1) << kChunkBits;  // nothing mapped in this chunk
@@ -62,7 +67,37 @@ uint64_t ClusterMap::Invalidate(uint64_t first, uint64_t count) {
     }
     Store(c++, 0);
   }
-  return before - mapped_;
+  return before - mapped_ + retired;
+}
+
+// Unpublishes the oldest chunk; its memory waits in retired_ for Reclaim.
+void ClusterMap::Evict() {
+  uint64_t index = order_.front();
+  order_.pop_front();
+  std::atomic<std::atomic<uint64_t>*>& top = chunks_[index];
+  std::atomic<uint64_t>* chunk = top.load(std::memory_order_relaxed);
+  for (uint64_t i = 0; i < kChunk; i++)
+    if (chunk[i].load(std::memory_order_relaxed)) mapped_--;
+  top.store(nullptr, std::memory_order_release);
+  retired_.push_back({index, chunk});
+}
+
+// Clears the entries of [first, end) in retired chunks; returns how many were set.
+uint64_t ClusterMap::ClearRetired(uint64_t first, uint64_t end) {
+  uint64_t n = 0;
+  for (RetiredChunk& r : retired_) {
+    uint64_t lo = r.index << kChunkBits, hi = lo + kChunk;
+    for (uint64_t c = first > lo ? first : lo; c < end && c < hi; c++) {
+      if (r.entries[c - lo].load(std::memory_order_relaxed)) n++;
+      r.entries[c - lo].store(0, std::memory_order_release);
+    }
+  }
+  return n;
+}
+
+void ClusterMap::Reclaim() {
+  for (RetiredChunk& r : retired_) delete[] r.entries;
+  retired_.clear();
 }
 
 void ClusterMap::Clear() { Invalidate(0, clusters_); }
@@ -76,7 +111,9 @@ class VhostBlkMap : public Napi::ObjectWrap<VhostBlkMap> {
                        {InstanceMethod<&VhostBlkMap::Set>("set"),
                         InstanceMethod<&VhostBlkMap::Invalidate>("invalidate"),
                         InstanceMethod<&VhostBlkMap::Clear>("clear"),
-                        InstanceAccessor<&VhostBlkMap::GetSize>("size")});
+                        InstanceMethod<&VhostBlkMap::Reclaim>("reclaim"),
+                        InstanceAccessor<&VhostBlkMap::GetSize>("size"),
+                        InstanceAccessor<&VhostBlkMap::GetRetired>("retired")});
   }
 
   VhostBlkMap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VhostBlkMap>(info) {
@@ -93,7 +130,12 @@ class VhostBlkMap : public Napi::ObjectWrap<VhostBlkMap> {
       Range(env, "the table would have more than 2^36 clusters");
       return;
     }
-    map_ = std::make_shared<ClusterMap>((uint32_t)bits, clusters);
+    // maxBytes: a bound on the entries' memory (whole chunks of kChunk 8-byte entries; 0 or absent: none).
+    double max_bytes = 0;
+    if (!info[2].IsUndefined() && !Num(env, info[2], "maxBytes", &max_bytes)) return;
+    uint64_t chunk_bytes = ClusterMap::kChunk * sizeof(uint64_t);
+    uint64_t max_chunks = max_bytes > 0 ? ((uint64_t)max_bytes + chunk_bytes - 1) / chunk_bytes : 0;
+    map_ = std::make_shared<ClusterMap>((uint32_t)bits, clusters, max_chunks);
     napi_type_tag_object(env, info.This(), &kMapTag);
   }
 
@@ -152,6 +194,15 @@ class VhostBlkMap : public Napi::ObjectWrap<VhostBlkMap> {
   Napi::Value Clear(const Napi::CallbackInfo& info) {
     if (map_) map_->Clear();
     return info.Env().Undefined();
+  }
+
+  Napi::Value Reclaim(const Napi::CallbackInfo& info) {
+    if (map_) map_->Reclaim();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value GetRetired(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), map_ ? (double)map_->Retired() : 0);
   }
 
   Napi::Value GetSize(const Napi::CallbackInfo& info) {

@@ -17,6 +17,14 @@ import { VhostBlkMap } from '../../native/vhost-blk-map.js';
 /** Learning is best effort: beyond this many ranges waiting, new ones are dropped. */
 const MAX_PENDING = 256;
 /**
+ * The table's memory bound: 32 MiB of 8-byte entries, what QEMU's default qcow2 L2 cache may
+ * grow to (256 GiB of 64 KiB clusters); $SPINDLE_VHOST_MAP_BYTES overrides it. Past it the
+ * oldest 32 KiB chunk of entries goes (its clusters are forwarded and relearned).
+ */
+const mapBytes = (): number => Number(process.env.SPINDLE_VHOST_MAP_BYTES) || 32 << 20;
+/** Evicted chunks are freed in batches, after a worker barrier. */
+const RECLAIM_AT = 16;
+/**
  * A request teaches the mapping of its whole aligned window, not just its own clusters: the
  * format answers from the table it just read for the request, and a random workload warms up
  * in a few hundred lookups instead of one per cluster.
@@ -36,7 +44,7 @@ export class MappingCache {
     const drv = node.driver;
     if (!drv.hostExtents || !drv.watchMappings) throw new Error(`${drv.format}: no host mapping`);
     this.clusterSize = 2 ** clusterBits;
-    this.map = new VhostBlkMap(clusterBits, node.length);
+    this.map = new VhostBlkMap(clusterBits, node.length, mapBytes());
     // Watching starts before the first lookup: no change can fall between the two.
     this.unwatch = drv.watchMappings(node, (offset, bytes) => this.unmapped(offset, bytes));
   }
@@ -52,11 +60,15 @@ export class MappingCache {
     if (!this.running) void this.run();
   }
 
-  /** Everything goes (a drained section ended: the graph or the image may have changed). */
+  /**
+   * Everything goes (a drained section ended: the graph or the image may have changed). No
+   * queue uses the table now, so evicted chunks are freed too.
+   */
   clear(): void {
     this.gen++;
     this.pending.length = 0;
     this.map.clear();
+    this.map.reclaim();
   }
 
   close(): void {
@@ -68,7 +80,10 @@ export class MappingCache {
   private unmapped(offset: number, bytes: number): void {
     this.gen++;
     // Only a worker that could have looked one of them up needs waiting for.
-    if (this.map.invalidate(offset, bytes) > 0) this.barrier();
+    if (this.map.invalidate(offset, bytes) > 0) {
+      this.barrier();
+      this.map.reclaim();
+    }
   }
 
   private async run(): Promise<void> {
@@ -93,6 +108,10 @@ export class MappingCache {
           // The last cluster of a disk whose length is not a cluster multiple is whole in the file.
           const n = e.offset + e.bytes === len ? Math.ceil(e.bytes / cs) * cs : Math.floor(e.bytes / cs) * cs;
           if (n > 0) this.map.set(e.offset, n, e.host, e.writable);
+        }
+        if (this.map.retired >= RECLAIM_AT) {
+          this.barrier();
+          this.map.reclaim();
         }
       }
     } finally {
