@@ -18,7 +18,8 @@
         "native/src/vhostblk/map.cc",
         "native/src/vhostblk/forward.cc",
         "native/src/vhostblk/aio.cc",
-        "native/src/vhostblk/iouring.cc"
+        "native/src/vhostblk/iouring.cc",
+        "native/src/vhostblk/pool_ring.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],

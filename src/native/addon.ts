@@ -210,6 +210,8 @@ export interface NativeVhostBlkWorker {
   readonly threadId: number;
   /** The I/O policy: $SPINDLE_VHOST_IO at construction (default auto); sync without io_uring. Null after destroy. */
   readonly ioMode: VhostBlkIoMode | null;
+  /** What does the asynchronous I/O: io_uring, a thread pool (no io_uring, or $SPINDLE_VHOST_RING=threads), or nothing. Null after destroy. */
+  readonly ioEngine: 'io_uring' | 'threads' | 'sync' | null;
 }
 
 /**

@@ -26,8 +26,9 @@
  * and writes with RWF_NOWAIT inline — a page-cache hit costs one syscall — and hands what would
  * block (a cache miss; on ext4 every buffered write) to the worker's io_uring, so one slow request
  * does not stall the other rings of the thread; flushes are io_uring fdatasyncs. `async` sends all
- * of them to the io_uring; `sync` (also where io_uring is refused) does blocking syscalls on the
- * worker thread. Discard and write-zeroes are synchronous.
+ * of them to the io_uring; `sync` does blocking syscalls on the worker thread. Where io_uring is
+ * refused (old kernels, seccomp), or with $SPINDLE_VHOST_RING=threads, a pool of threads takes
+ * its place (`ioEngine` says which). Discard and write-zeroes are synchronous.
  *
  * Not served here (the TypeScript dataplane must serve the device instead): dirty logging
  * (VHOST_F_LOG_ALL), packed rings.
@@ -101,6 +102,11 @@ export class VhostBlkWorker {
   /** The I/O policy in effect (see the file comment). */
   get ioMode(): VhostBlkIoMode {
     return this.handle.ioMode ?? 'sync';
+  }
+
+  /** What does the asynchronous I/O: io_uring, a thread pool where io_uring is refused, or nothing (sync). */
+  get ioEngine(): 'io_uring' | 'threads' | 'sync' {
+    return this.handle.ioEngine ?? 'sync';
   }
 
   /** A queue index no one else on this worker uses (queues of several sessions share a worker). */

@@ -3,10 +3,12 @@
 // `async` sends every read, write and flush to the ring, so these tests exercise completion
 // from CQEs deterministically: data, EOF, errors, mapped runs, backpressure, and the commands
 // that must wait for I/O in flight (removeQueue, pause, barrier), plus EVENT_IDX calls.
-// `auto` (the default) is checked against a file whose pages were dropped.
+// `auto` (the default) is checked against a file whose pages were dropped. Everything runs twice:
+// on io_uring, and on the thread pool that stands in for it where it is refused
+// (SPINDLE_VHOST_RING=threads forces that).
 import { closeSync, ftruncateSync, openSync, readFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
 import { VhostBlkMap, type VhostBlkIoMode } from '../../src/native/vhost-blk-worker.js';
 import { pattern } from './helpers.js';
@@ -19,24 +21,36 @@ useWorkerRig();
 
 const DISK = pattern(7, DISK_SECTORS * 512); // the rig's file content
 
-/** A rig whose worker was created with SPINDLE_VHOST_IO=mode (the variable is restored at once). */
+/** The engine the describe block in progress runs on. */
+let engine: 'io_uring' | 'threads' = 'io_uring';
+
+/** A rig whose worker was created with SPINDLE_VHOST_IO=mode on `engine` (the variables are restored at once). */
 function ioRig(mode: VhostBlkIoMode | string, o: Parameters<typeof rig>[0] = {}): Rig {
-  const saved = process.env.SPINDLE_VHOST_IO;
+  const saved = [process.env.SPINDLE_VHOST_IO, process.env.SPINDLE_VHOST_RING];
   process.env.SPINDLE_VHOST_IO = mode;
+  process.env.SPINDLE_VHOST_RING = engine === 'threads' ? 'threads' : '';
   try {
     return rig(o);
   } finally {
-    if (saved === undefined) delete process.env.SPINDLE_VHOST_IO;
-    else process.env.SPINDLE_VHOST_IO = saved;
+    for (const [k, v] of [['SPINDLE_VHOST_IO', saved[0]], ['SPINDLE_VHOST_RING', saved[1]]] as const) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
   }
 }
 
-/** io_uring may be refused (seccomp): the worker then runs synchronously and only behaviour is checked. */
+/**
+ * io_uring may be refused (seccomp): the worker then runs on the thread pool. Were that to fail
+ * too, it runs synchronously and only behaviour is checked.
+ */
 let uring: boolean | undefined;
 function asyncRig(o: Parameters<typeof rig>[0] = {}): Rig {
   const r = ioRig('async', o);
-  uring ??= r.w.ioMode === 'async';
-  if (!uring && process.env.SPINDLE_NO_IO_URING !== '1') throw new Error('io_uring refused (set SPINDLE_NO_IO_URING=1 to accept)');
+  if (uring === undefined) {
+    uring = r.w.ioMode === 'async';
+    if (engine === 'threads') expect(r.w.ioEngine).toBe('threads');
+    else if (r.w.ioEngine !== 'io_uring' && process.env.SPINDLE_NO_IO_URING !== '1') throw new Error('io_uring refused (set SPINDLE_NO_IO_URING=1 to accept)');
+  }
   return r;
 }
 
@@ -64,7 +78,12 @@ function dropCache(path: string): boolean {
   return spawnSync('dd', [`of=${path}`, 'oflag=nocache', 'conv=notrunc,fdatasync', 'count=0'], { stdio: 'ignore' }).status === 0;
 }
 
-describe('VhostBlkWorker with io_uring', () => {
+for (const e of ['io_uring', 'threads'] as const) describe(`VhostBlkWorker with ${e === 'io_uring' ? 'io_uring' : 'its thread pool'}`, () => {
+  beforeAll(() => {
+    engine = e;
+    uring = undefined;
+  });
+
   it('ioMode follows SPINDLE_VHOST_IO (default auto)', () => {
     expect(ioRig('sync').w.ioMode).toBe('sync');
     const a = ioRig('auto').w.ioMode;

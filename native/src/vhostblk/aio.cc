@@ -27,6 +27,8 @@ namespace {
 // early), and CQ room = how many SQEs may be in flight.  The small pair is
 // for kernels that charge rings to a small RLIMIT_MEMLOCK (before 5.12).
 constexpr unsigned kSqEntries = 256, kCqEntries = 4096, kSqSmall = 32, kCqSmall = 256;
+// The thread pool: threads, and SQEs in flight (QEMU's pool grows to 64 threads).
+constexpr unsigned kPoolThreads = 8, kPoolDepth = 256;
 
 // user_data: queue index (< 1024) << 48 | head (< 32768) << 32 | part.
 uint64_t Key(uint32_t queue, uint16_t head, uint32_t part) {
@@ -41,14 +43,23 @@ IoMode Worker::IoModeFromEnv() {
   return IoMode::kAuto;
 }
 
-// Start's part: the ring, its eventfd in the epoll set; if the kernel refuses
-// io_uring (ENOSYS, EPERM under seccomp...), synchronous I/O as before.
-// 0 or -errno (epoll failed).
+// Start's part: the ring, its eventfd in the epoll set.  If the kernel
+// refuses io_uring (ENOSYS, EPERM under seccomp...), a thread pool; if even
+// that fails, synchronous I/O.  0 or -errno (epoll failed).
 int Worker::StartAio() {
   io_mode_ = IoModeFromEnv();
   if (io_mode_ == IoMode::kSync) return 0;
-  std::unique_ptr<Uring> r(new Uring());
-  if (r->Open(kSqEntries, kCqEntries) < 0 && r->Open(kSqSmall, kCqSmall) < 0) {
+  std::unique_ptr<IoRing> r;
+  const char* force = getenv("SPINDLE_VHOST_RING");
+  if (!(force && strcmp(force, "threads") == 0)) {
+    std::unique_ptr<Uring> u(new Uring());
+    if (u->Open(kSqEntries, kCqEntries) == 0 || u->Open(kSqSmall, kCqSmall) == 0) r = std::move(u);
+  }
+  if (!r) {
+    std::unique_ptr<PoolRing> p(new PoolRing());
+    if (p->Open(kPoolThreads, kSqEntries, kPoolDepth) == 0) r = std::move(p);
+  }
+  if (!r) {
     io_mode_ = IoMode::kSync;
     return 0;
   }

@@ -1,8 +1,13 @@
-// A minimal io_uring for one VhostBlkWorker thread, through raw syscalls and
-// the kernel's UAPI header only (no liburing), like the engine's uring.cc.
-// Single-threaded: only the worker prepares, submits and reaps (Open/Close
-// happen before the thread starts / after it is joined).  CQEs are signalled
-// on an eventfd registered with the ring, which the worker's epoll watches.
+// The asynchronous I/O of one VhostBlkWorker thread: an IoRing takes
+// io_uring SQEs (READV, WRITEV, FSYNC; IOSQE_IO_DRAIN) and gives back CQEs,
+// signalled on an eventfd the worker's epoll watches.  Two of them:
+// - Uring: a minimal io_uring through raw syscalls and the kernel's UAPI
+//   header only (no liburing), like the engine's uring.cc.
+// - PoolRing (pool_ring.cc): the same contract served by a few threads doing
+//   preadv/pwritev/fdatasync, for kernels or sandboxes without io_uring
+//   (QEMU's aio=threads).
+// Single-threaded on the worker's side: only the worker prepares, submits and
+// reaps (Open/Close happen before the thread starts / after it is joined).
 #pragma once
 
 #include <linux/io_uring.h>
@@ -13,10 +18,32 @@
 namespace spindle {
 namespace vhostblk {
 
-class Uring {
+class IoRing {
+ public:
+  virtual ~IoRing() = default;
+  virtual int event_fd() const = 0;
+  // How many SQEs may be in flight at once.
+  virtual unsigned cq_entries() const = 0;
+  // The next SQE, zeroed, or nullptr if the SQ is full (Submit, then retry).
+  virtual io_uring_sqe* Get() = 0;
+  // Hands every prepared SQE over; 0 or -errno (the SQEs stay queued).
+  virtual int Submit() = 0;
+  virtual bool Unsubmitted() const = 0;
+  // CQEs waiting to be taken (no syscall).
+  virtual bool Ready() const = 0;
+  // Copies up to `max` CQEs out and frees their slots; returns how many.
+  virtual unsigned Take(io_uring_cqe* out, unsigned max) = 0;
+  // Submits what is prepared and blocks until at least one CQE is ready (or,
+  // for io_uring, a signal/task work interrupts the wait: the caller re-checks).
+  virtual void Wait() = 0;
+  // "io_uring" or "threads".
+  virtual const char* name() const = 0;
+};
+
+class Uring : public IoRing {
  public:
   Uring() = default;
-  ~Uring() { Close(); }
+  ~Uring() override { Close(); }
   Uring(const Uring&) = delete;
   Uring& operator=(const Uring&) = delete;
 
@@ -24,21 +51,16 @@ class Uring {
   int Open(unsigned sq_entries, unsigned cq_entries);
   void Close();
 
-  int event_fd() const { return event_fd_; }
-  unsigned cq_entries() const { return cq_entries_; }
-
-  // The next SQE, zeroed, or nullptr if the SQ is full (Submit, then retry).
-  io_uring_sqe* Get();
-  // Hands every prepared SQE to the kernel; 0 or -errno (the SQEs stay queued).
-  int Submit();
-  bool Unsubmitted() const { return local_tail_ != submitted_tail_; }
-  // CQEs waiting to be taken (a load of the shared tail: no syscall).
-  bool Ready() const { return __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE) != *cq_head_; }
-  // Copies up to `max` CQEs out and frees their slots; returns how many.
-  unsigned Take(io_uring_cqe* out, unsigned max);
-  // Submits what is prepared and blocks until at least one CQE is ready (or a
-  // signal/task work interrupts the wait: the caller re-checks).
-  void Wait();
+  int event_fd() const override { return event_fd_; }
+  unsigned cq_entries() const override { return cq_entries_; }
+  io_uring_sqe* Get() override;
+  int Submit() override;
+  bool Unsubmitted() const override { return local_tail_ != submitted_tail_; }
+  // A load of the shared tail.
+  bool Ready() const override { return __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE) != *cq_head_; }
+  unsigned Take(io_uring_cqe* out, unsigned max) override;
+  void Wait() override;
+  const char* name() const override { return "io_uring"; }
 
  private:
   int ring_fd_ = -1, event_fd_ = -1;

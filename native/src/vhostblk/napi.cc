@@ -46,7 +46,8 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
                         InstanceMethod<&VhostBlkWorker::Stats>("stats"),
                         InstanceMethod<&VhostBlkWorker::Destroy>("destroy"),
                         InstanceAccessor<&VhostBlkWorker::GetThreadId>("threadId"),
-                        InstanceAccessor<&VhostBlkWorker::GetIoMode>("ioMode")});
+                        InstanceAccessor<&VhostBlkWorker::GetIoMode>("ioMode"),
+                        InstanceAccessor<&VhostBlkWorker::GetIoEngine>("ioEngine")});
   }
 
   VhostBlkWorker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<VhostBlkWorker>(info) {
@@ -261,6 +262,12 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     static const char* const names[] = {"sync", "async", "auto"};
     if (!worker_) return info.Env().Null();
     return Napi::String::New(info.Env(), names[(int)worker_->io_mode()]);
+  }
+
+  // "io_uring" | "threads" | "sync": what does the asynchronous I/O.
+  Napi::Value GetIoEngine(const Napi::CallbackInfo& info) {
+    if (!worker_) return info.Env().Null();
+    return Napi::String::New(info.Env(), worker_->io_engine());
   }
 
   Napi::Value GetThreadId(const Napi::CallbackInfo& info) {

@@ -66,8 +66,10 @@
 //   is off) is an FSYNC(DATASYNC) SQE; only write-through with data on the
 //   ring orders it after them (IO_DRAIN).
 // - async: everything above goes to the ring, no inline try (tests use it).
-// - sync, or io_uring_setup refused (ENOSYS, EPERM): synchronous preadv/
-//   pwritev/fdatasync on this thread, as before.
+// - where io_uring_setup is refused (ENOSYS, EPERM under seccomp), or with
+//   $SPINDLE_VHOST_RING=threads, a pool of threads (pool_ring.h) takes the
+//   same SQEs: QEMU's aio=threads.
+// - sync: synchronous preadv/pwritev/fdatasync on this thread.
 // Discard and write-zeroes (fallocate) stay synchronous.  A request with
 // I/O on the ring keeps what it needs in its head's slot (Queue::aio,
 // preallocated: no allocation per request) and stays in flight (a head the
@@ -98,7 +100,8 @@
 // thread, its epoll loop and commands), ring.cc (serving the split rings),
 // request.cc (executing virtio-blk requests), forward.cc (mapped I/O, the
 // forward and completion rings), aio.cc (requests on the io_uring),
-// iouring.h/iouring.cc (the ring itself), io.h (the synchronous helpers),
+// iouring.h/iouring.cc (the ring itself), pool_ring.h/.cc (its thread-pool
+// stand-in), io.h (the synchronous helpers),
 // map.h/map.cc (the cluster map and its JS class), napi.cc (the worker's JS
 // class).
 #pragma once
@@ -115,6 +118,7 @@
 #include <vector>
 
 #include "iouring.h"
+#include "pool_ring.h"
 #include "map.h"
 
 namespace spindle {
@@ -265,6 +269,8 @@ class Worker {
   int Command(CmdType type, Queue* q, uint32_t index, int fd, uint64_t arg = 0);
   // The effective I/O policy (sync if io_uring could not be set up); fixed by Start.
   IoMode io_mode() const { return io_mode_; }
+  // What does the asynchronous I/O: "io_uring", "threads", or "sync" (none).
+  const char* io_engine() const { return ring_ ? ring_->name() : "sync"; }
 
   std::mutex stats_mu_;
   // The thread's kernel id once it runs (query-iothreads' thread-id), else 0.
@@ -345,7 +351,7 @@ class Worker {
   uint64_t poll_ns_ = PollNsFromEnv();
   // $SPINDLE_VHOST_IO, then sync if the ring cannot be set up.
   IoMode io_mode_ = IoMode::kSync;
-  std::unique_ptr<Uring> ring_;  // null: synchronous I/O
+  std::unique_ptr<IoRing> ring_;  // io_uring, else a thread pool; null: synchronous I/O
 
   // Worker-thread state.
   std::vector<Queue*> queues_;
