@@ -59,6 +59,8 @@ export interface BenchOptions {
 
 export type Daemon = 'spindle' | 'qsd';
 export type Results = Record<string, Record<Daemon, Record<string, JobResult>>>;
+/** Per format and job: Spindle's IOPS over qsd's, one ratio per round in which both ran. */
+export type RoundRatios = Record<string, Record<string, number[]>>;
 
 function guestScript(runtimeS: number): string {
   const jobs = JOBS.map((j) => `${j.name}:${j.rw}:${j.bs}:${j.depth}`).join(' ');
@@ -136,7 +138,7 @@ async function runOne(o: BenchOptions, accel: Accel, kernel: string, initrd: str
   return out;
 }
 
-export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; results: Results }> {
+export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; results: Results; roundRatios: RoundRatios }> {
   const assets = linuxGuestAssets('amd64');
   const accel = await workingAccel(assets.kernel);
   o.log(`vhost-bench: QEMU under ${accel}; ${o.imageMiB} MiB image; fio ${o.runtimeS} s a job; ${o.rounds} round(s)`);
@@ -152,10 +154,12 @@ export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; re
     execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, images['qcow2']]);
   }
   const results: Results = {};
+  const roundRatios: RoundRatios = {};
   try {
     for (let round = 0; round < o.rounds; round++) {
       const order: Daemon[] = round % 2 === 0 ? ['spindle', 'qsd'] : ['qsd', 'spindle'];
       for (const fmt of o.formats) {
+        const thisRound: Partial<Record<Daemon, Record<string, JobResult>>> = {};
         for (const daemon of order) {
           let r: Record<string, JobResult>;
           try {
@@ -168,11 +172,17 @@ export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; re
           o.log(`  round ${round + 1} ${fmt} ${daemon}: ${JOBS.map((j) => `${j.name} ${r[j.name]!.iops} IOPS`).join(', ')}`);
           const best = ((results[fmt] ??= { spindle: {}, qsd: {} })[daemon]);
           for (const [k, v] of Object.entries(r)) if (!best[k] || v.iops > best[k]!.iops) best[k] = v;
+          thisRound[daemon] = r;
         }
+        // The two daemons back to back share the machine's state of the moment: their ratio
+        // is steadier than the ratio of bests.
+        const s = thisRound.spindle;
+        const q = thisRound.qsd;
+        if (s && q) for (const j of JOBS) if (s[j.name] && q[j.name]) ((roundRatios[fmt] ??= {})[j.name] ??= []).push(s[j.name]!.iops / q[j.name]!.iops);
       }
     }
   } finally {
     killAll();
   }
-  return { accel, results };
+  return { accel, results, roundRatios };
 }
