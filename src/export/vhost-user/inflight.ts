@@ -25,6 +25,7 @@ import { fstatSync } from 'node:fs';
 import { closeFd, memfdCreate, mmapFd, unmapFd } from '../../native/unix-fd.js';
 import type { VirtQueueLog } from '../../../hw/virtio/virtqueue.js';
 import { MAX_QUEUE_SIZE } from './blk-features.js';
+import { DeferredClose } from './deferred-close.js';
 import { refuse, VhostUserRefused, type Message } from './messages.js';
 import { dataView } from './protocol.js';
 
@@ -162,34 +163,26 @@ export class InflightQueue implements VirtQueueLog {
 /** A session's inflight buffer, mapped; unmapped on close once no queue holds it. */
 export class InflightMemory {
   readonly queues: InflightQueue[];
-  private holds = 0;
-  private closedFlag = false;
+  private readonly life: DeferredClose;
 
-  private constructor(private readonly buffer: ArrayBuffer, readonly numQueues: number, readonly queueSize: number) {
+  private constructor(buffer: ArrayBuffer, readonly numQueues: number, readonly queueSize: number) {
     const size = inflightRegionSize(queueSize);
     this.queues = Array.from({ length: numQueues }, (_, i) => new InflightQueue(buffer, i * size, queueSize, this));
+    this.life = new DeferredClose(() => unmapFd(buffer));
   }
 
   /** Region of ring `index`, or null if the buffer has none for it. */
   queue(index: number): InflightQueue | null {
-    return this.closedFlag ? null : this.queues[index] ?? null;
+    return this.life.closed ? null : this.queues[index] ?? null;
   }
 
   /** Keep the mapping while a queue writes it; returns the release (idempotent). */
   hold(): () => void {
-    this.holds++;
-    let done = false;
-    return () => {
-      if (done) return;
-      done = true;
-      if (--this.holds === 0 && this.closedFlag) unmapFd(this.buffer);
-    };
+    return this.life.hold();
   }
 
   close(): void {
-    if (this.closedFlag) return;
-    this.closedFlag = true;
-    if (this.holds === 0) unmapFd(this.buffer);
+    this.life.close();
   }
 
   /**

@@ -10,6 +10,7 @@
 import { fstatSync } from 'node:fs';
 import { GuestRam } from '../../../hw/core/memory.js';
 import { mmapLayout, unmapFd } from '../../native/unix-fd.js';
+import { DeferredClose } from './deferred-close.js';
 
 const PAGE = 4096;
 /**
@@ -101,9 +102,8 @@ function validate(descs: readonly MemoryRegionDesc[]): void {
 
 /** A set of mapped regions. Immutable once built; close() unmaps every region at once. */
 export class GuestMemoryTable {
-  private closedFlag = false;
-  private holds = 0;
   private unmapped = false;
+  private readonly life = new DeferredClose(() => this.unmap());
   /** Guest RAM for the virtio code (null for the empty table). */
   readonly ram: RegionRam | null;
 
@@ -151,11 +151,11 @@ export class GuestMemoryTable {
   }
 
   get closed(): boolean {
-    return this.closedFlag;
+    return this.life.closed;
   }
 
   private find(addr: number, len: number, base: 'guestPhysAddr' | 'userAddr'): GuestView | null {
-    if (this.closedFlag || !Number.isSafeInteger(addr) || !Number.isSafeInteger(len) || addr < 0 || len < 0) return null;
+    if (this.life.closed || !Number.isSafeInteger(addr) || !Number.isSafeInteger(len) || addr < 0 || len < 0) return null;
     for (let i = 0; i < this.regions.length; i++) {
       const r = this.regions[i]!;
       const start = r[base];
@@ -188,13 +188,7 @@ export class GuestMemoryTable {
    * then waits for the last release to unmap. Returns the release function (call it once).
    */
   hold(): () => void {
-    this.holds++;
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      if (--this.holds === 0 && this.closedFlag) this.unmap();
-    };
+    return this.life.hold();
   }
 
   /**
@@ -202,9 +196,7 @@ export class GuestMemoryTable {
    * translations fail from now on. Idempotent.
    */
   close(): void {
-    if (this.closedFlag) return;
-    this.closedFlag = true;
-    if (this.holds === 0) this.unmap();
+    this.life.close();
   }
 
   private unmap(): void {
