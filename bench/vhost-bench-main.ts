@@ -54,6 +54,8 @@ export interface BenchOptions {
   runtimeS: number;
   rounds: number;
   formats: ('raw' | 'qcow2')[];
+  /** Names of the JOBS to run; all of them when absent. */
+  jobs?: string[];
   log: (s: string) => void;
 }
 
@@ -62,8 +64,8 @@ export type Results = Record<string, Record<Daemon, Record<string, JobResult>>>;
 /** Per format and job: Spindle's IOPS over qsd's, one ratio per round in which both ran. */
 export type RoundRatios = Record<string, Record<string, number[]>>;
 
-function guestScript(runtimeS: number): string {
-  const jobs = JOBS.map((j) => `${j.name}:${j.rw}:${j.bs}:${j.depth}`).join(' ');
+function guestScript(runtimeS: number, jobList: Job[]): string {
+  const jobs = jobList.map((j) => `${j.name}:${j.rw}:${j.bs}:${j.depth}`).join(' ');
   return `
 export PATH=/bin:/usr/bin
 irqs() { awk '/virtio.*req/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }
@@ -84,6 +86,10 @@ EOF
   read go
 done
 `;
+}
+
+function fail(msg: string): never {
+  throw new Error(msg);
 }
 
 /** utime + stime of process `pid` in seconds (all its threads, dead ones included). */
@@ -107,7 +113,7 @@ function makeImage(path: string, mib: number): void {
   writeFileSync(path, buf);
 }
 
-async function runOne(o: BenchOptions, accel: Accel, kernel: string, initrd: string, daemon: Daemon, fmt: string, image: string): Promise<Record<string, JobResult>> {
+async function runOne(o: BenchOptions, jobs: Job[], accel: Accel, kernel: string, initrd: string, daemon: Daemon, fmt: string, image: string): Promise<Record<string, JobResult>> {
   const sock = join(o.dir, `${daemon}.sock`);
   const argv = daemon === 'spindle' ? [process.execPath, o.bundle, 'daemon'] : ['qemu-storage-daemon'];
   const d = await startStorageDaemon(argv, [
@@ -115,10 +121,10 @@ async function runOne(o: BenchOptions, accel: Accel, kernel: string, initrd: str
     '--blockdev', `driver=${fmt},node-name=disk0,file=file0`,
     '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${sock},writable=on,num-queues=1`,
   ], join(o.dir, `${daemon}.pid`));
-  const g = startQemuGuest({ kernel, initrd, disks: [{ socket: sock }], accel, timeoutMs: 60_000 + JOBS.length * (o.runtimeS + 30) * 1000 });
+  const g = startQemuGuest({ kernel, initrd, disks: [{ socket: sock }], accel, timeoutMs: 60_000 + jobs.length * (o.runtimeS + 30) * 1000 });
   const out: Record<string, JobResult> = {};
   try {
-    for (const j of JOBS) {
+    for (const j of jobs) {
       await g.waitFor(`bench: wait ${j.name}`);
       const c0 = cpuS(d.pid);
       g.type('go\n');
@@ -140,11 +146,12 @@ async function runOne(o: BenchOptions, accel: Accel, kernel: string, initrd: str
 
 export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; results: Results; roundRatios: RoundRatios }> {
   const assets = linuxGuestAssets('amd64');
+  const jobs = o.jobs ? o.jobs.map((n) => JOBS.find((j) => j.name === n) ?? fail(`vhost-bench: no job ${n} (${JOBS.map((j) => j.name).join(', ')})`)) : JOBS;
   const accel = await workingAccel(assets.kernel);
   o.log(`vhost-bench: QEMU under ${accel}; ${o.imageMiB} MiB image; fio ${o.runtimeS} s a job; ${o.rounds} round(s)`);
   const initrd = join(o.dir, 'initrd.gz');
   writeFileSync(initrd, buildInitrd({
-    arch: 'amd64', init: guestInit(guestScript(o.runtimeS)), modules: ['virtio_pci', 'virtio_blk'], binaries: ['/usr/bin/fio'],
+    arch: 'amd64', init: guestInit(guestScript(o.runtimeS, jobs)), modules: ['virtio_pci', 'virtio_blk'], binaries: ['/usr/bin/fio'],
   }));
   const raw = join(o.dir, 'disk.raw');
   makeImage(raw, o.imageMiB);
@@ -163,13 +170,13 @@ export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; re
         for (const daemon of order) {
           let r: Record<string, JobResult>;
           try {
-            r = await runOne(o, accel, assets.kernel, initrd, daemon, fmt, images[fmt]!);
+            r = await runOne(o, jobs, accel, assets.kernel, initrd, daemon, fmt, images[fmt]!);
           } catch (e) {
             // One run that hangs or fails (either daemon) costs that run, not the whole bench.
             o.log(`  round ${round + 1} ${fmt} ${daemon}: FAILED: ${(e as Error).message.split('\n')[0]}`);
             continue;
           }
-          o.log(`  round ${round + 1} ${fmt} ${daemon}: ${JOBS.map((j) => `${j.name} ${r[j.name]!.iops} IOPS`).join(', ')}`);
+          o.log(`  round ${round + 1} ${fmt} ${daemon}: ${jobs.map((j) => `${j.name} ${r[j.name]!.iops} IOPS`).join(', ')}`);
           const best = ((results[fmt] ??= { spindle: {}, qsd: {} })[daemon]);
           for (const [k, v] of Object.entries(r)) if (!best[k] || v.iops > best[k]!.iops) best[k] = v;
           thisRound[daemon] = r;
@@ -178,7 +185,7 @@ export async function runVhostBench(o: BenchOptions): Promise<{ accel: Accel; re
         // is steadier than the ratio of bests.
         const s = thisRound.spindle;
         const q = thisRound.qsd;
-        if (s && q) for (const j of JOBS) if (s[j.name] && q[j.name]) ((roundRatios[fmt] ??= {})[j.name] ??= []).push(s[j.name]!.iops / q[j.name]!.iops);
+        if (s && q) for (const j of jobs) if (s[j.name] && q[j.name]) ((roundRatios[fmt] ??= {})[j.name] ??= []).push(s[j.name]!.iops / q[j.name]!.iops);
       }
     }
   } finally {

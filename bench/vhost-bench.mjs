@@ -5,7 +5,7 @@
 // ratios (the two daemons run back to back in each round).
 // Needs dist/ (npm run build), the amd64 guest (scripts/fetch-linux-guest.sh amd64: kernel,
 // busybox, fio), qemu-system-x86_64, qemu-storage-daemon, qemu-img.
-// Usage: node bench/vhost-bench.mjs [--rounds=2] [--runtime=8] [--image-mib=512] [--formats=raw,qcow2] [--json] [--keep]
+// Usage: node bench/vhost-bench.mjs [--rounds=2] [--runtime=8] [--image-mib=512] [--formats=raw,qcow2] [--jobs=rand4k-d1,...] [--json] [--keep]
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -38,6 +38,7 @@ try {
     dir, bundle: join(root, 'dist', 'spindle.mjs'), log,
     imageMiB: Number(args['image-mib'] ?? 512), runtimeS: Number(args.runtime ?? 8), rounds: Number(args.rounds ?? 2),
     formats: String(args.formats ?? 'raw,qcow2').split(','),
+    jobs: args.jobs ? String(args.jobs).split(',') : undefined,
   });
   if (args.json) {
     process.stdout.write(JSON.stringify({ accel, results, roundRatios }, null, 2) + '\n');
