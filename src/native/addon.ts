@@ -178,6 +178,12 @@ export interface NativeVhostBlkStats {
   calls: number;
   /** Used-index publications. */
   batches: number;
+  /** Kicks the driver sent (the kick eventfd's counts). */
+  kicks: number;
+  /** Calls held back while the driver kept adding chains (interrupt coalescing), and of those,
+   * the ones that more completions joined before the call. */
+  holds: number;
+  holdsJoined: number;
   /** Nanoseconds the worker spent serving this ring (its own cost, without wake-ups). */
   busyNs: number;
   /** Requests forwarded to JavaScript (not counted in requests/errors/bytes). */

@@ -163,6 +163,9 @@ class VhostBlkWorker : public Napi::ObjectWrap<VhostBlkWorker> {
     o.Set("errors", (double)q->errors.load());
     o.Set("calls", (double)q->calls.load());
     o.Set("batches", (double)q->batches.load());
+    o.Set("kicks", (double)q->kicks.load());
+    o.Set("holds", (double)q->holds.load());
+    o.Set("holdsJoined", (double)q->holds_joined.load());
     o.Set("busyNs", (double)q->busy_ns.load());
     o.Set("forwarded", (double)q->forwarded.load());
     o.Set("inForward", (double)q->in_forward.load());

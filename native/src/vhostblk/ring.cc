@@ -2,6 +2,7 @@
 // publishing the used index and calling, popping a chain and walking its
 // descriptors with every address checked against the guest memory spans.
 // A batch also pushes the completions JavaScript returned (forward.cc).
+#include <sys/epoll.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,15 +88,22 @@ void Worker::ServeRing(Queue* q) {
       done++;
     }
     if (ring_ && ring_->Unsubmitted()) ring_->Submit();  // one io_uring_enter per batch
-    Publish(q);
+    Publish(q, true);
     EndForwardBatch(q);
     served += done;
-    if (q->dead) return;
-    if (cut) {
-      q->resched = true;
+    if (q->dead || cut) {
+      if (q->call_owed) Call(q);
+      q->resched = cut;
       return;
     }
     if (done >= q->num) continue;
+    if (q->call_owed) {  // held (Publish calls at once otherwise)
+      if (Linger(q, Now())) {
+        q->hold_gain++;
+        continue;
+      }
+      Call(q);
+    }
     // Empty.  A driver with requests in flight adds more soon: look for them a
     // little while before asking for a kick, which costs the guest an exit
     // (QEMU's iothread polling, poll-max-ns).  Only after a batch of several:
@@ -110,24 +118,79 @@ void Worker::ServeRing(Queue* q) {
   }
 }
 
+// The avail index moved, or a completion (from JavaScript or the ring) is there.
+bool Worker::WorkArrived(Queue* q) const {
+  return Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail || CompletionsPending(q) ||
+         (aio_reqs_ && ring_->Ready());
+}
+
 // Spins up to poll_ns_ for the avail index to move or a completion (from
 // JavaScript or the ring) to arrive; true if either did.
 bool Worker::Poll(Queue* q) {
   uint64_t end = Now() + poll_ns_;
   do {
     for (int i = 0; i < 64; i++) {
-      if (Load16(q->avail + 2, __ATOMIC_ACQUIRE) != q->last_avail || CompletionsPending(q) ||
-          (aio_reqs_ && ring_->Ready()))
-        return true;
+      if (WorkArrived(q)) return true;
       __builtin_ia32_pause();
     }
   } while (Now() < end && !cmd_pending_.load(std::memory_order_relaxed));
   return false;
 }
 
-// Publishes the used elements pushed since the last call, and calls if the
-// driver asked for it.
-void Worker::Publish(Queue* q) {
+// Interrupt coalescing.  A guest whose vCPU is the bottleneck (many
+// requests in flight on a slow or busy CPU) adds its next chain while the
+// interrupt for the last one is being taken, and pays an interrupt per
+// request; holding the call until it pauses lets one interrupt cover many.  A
+// guest waiting on each request adds nothing while the call is held and only
+// loses time: so a call is held while holding pays (a chain joined one of the
+// last kHoldTrust held calls) and otherwise, as a probe, once in kProbeEvery.
+// The driver counts as paused after 4 of its recent gaps between chains
+// (within [kMinWindowNs, coalesce_ns_]); a call is held coalesce_max_ns_ at most.
+constexpr uint8_t kProbeEvery = 64;
+constexpr uint8_t kHoldTrust = 8;
+constexpr uint64_t kMinWindowNs = 4000;
+constexpr uint64_t kSpinNs = 8000, kSliceNs = 10000;
+
+bool Worker::WantHold(Queue* q) {
+  if (!coalesce_ns_ || !q->event_idx) return false;
+  if (q->hold_trust > 0) return true;
+  if (++q->hold_probe % kProbeEvery) return false;
+  q->gap_ns = coalesce_ns_ / 4;  // a probe waits the longest
+  return true;
+}
+
+// Waits while a call is held, from `since` (the end of the last batch),
+// spinning and then sleeping in slices: true when the driver adds a chain or
+// a completion arrives in time.  False when it does not, or another queue of
+// this worker or a command has work.
+bool Worker::Linger(Queue* q, uint64_t since) {
+  uint64_t window = std::max(kMinWindowNs, std::min(coalesce_ns_, 4 * q->gap_ns));
+  uint64_t end = std::min(since + window, q->owed_since + coalesce_max_ns_);
+  for (uint32_t round = 1;; round++) {
+    for (int i = 0; i < 64; i++) {
+      if (WorkArrived(q)) {
+        q->gap_ns = (3 * q->gap_ns + (Now() - since)) / 4;
+        return true;
+      }
+      __builtin_ia32_pause();
+    }
+    uint64_t now = Now();
+    if (now >= end || cmd_pending_.load(std::memory_order_relaxed)) return false;
+    epoll_event ev;  // level-triggered: a peek, the loop still sees it
+    if (round % 16 == 0 && epoll_wait(ep_, &ev, 1, 0) > 0) return false;
+    // Past a short spin, sleep in slices: the chains that come meanwhile wait
+    // a little, the guest does not (it is not waiting on them yet).
+    if (now - since >= kSpinNs) {
+      timespec t{0, (long)std::min(kSliceNs, end - now)};
+      nanosleep(&t, nullptr);
+    }
+  }
+}
+
+// Publishes the used elements pushed since the last call and calls if the
+// driver asked for it, or, at the end of a batch (may_hold), holds the call
+// for ServeRing to linger on.
+void Worker::Publish(Queue* q, bool may_hold) {
   if (q->used_idx != q->published) {
     uint16_t old = q->published, now = q->used_idx;
     Store16(q->used + 2, now, __ATOMIC_RELEASE);
@@ -141,16 +204,38 @@ void Worker::Publish(Queue* q) {
     } else {
       notify = !(Load16(q->avail, __ATOMIC_RELAXED) & VRING_AVAIL_F_NO_INTERRUPT);
     }
-    if (notify && q->call_fd >= 0) {
-      uint64_t one = 1;
-      ssize_t w;
-      do w = write(q->call_fd, &one, sizeof one);
-      while (w < 0 && errno == EINTR);
-      q->calls.fetch_add(1, std::memory_order_relaxed);
+    if (notify && !q->call_owed) {
+      q->call_owed = true;
+      q->held = may_hold && WantHold(q);
+      if (q->held) {
+        q->owed_since = Now();
+        q->hold_gain = 0;
+      }
     }
     q->batches.fetch_add(1, std::memory_order_relaxed);
   }
+  if (q->call_owed && !(may_hold && q->held)) Call(q);
   q->pos.store((uint32_t)q->last_avail | ((uint32_t)q->published << 16), std::memory_order_release);
+}
+
+void Worker::Call(Queue* q) {
+  if (q->held) {
+    q->held = false;
+    q->holds.fetch_add(1, std::memory_order_relaxed);
+    if (q->hold_gain) {
+      q->hold_trust = kHoldTrust;
+      q->holds_joined.fetch_add(1, std::memory_order_relaxed);
+    } else if (q->hold_trust) {
+      q->hold_trust--;
+    }
+  }
+  q->call_owed = false;
+  if (q->call_fd < 0) return;
+  uint64_t one = 1;
+  ssize_t w;
+  do w = write(q->call_fd, &one, sizeof one);
+  while (w < 0 && errno == EINTR);
+  q->calls.fetch_add(1, std::memory_order_relaxed);
 }
 
 // Used element, published by the next Publish.

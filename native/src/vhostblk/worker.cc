@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -98,6 +99,7 @@ void Worker::Close() {
 void Worker::Loop() {
   tid_.store((int)syscall(SYS_gettid));
   pthread_setname_np(pthread_self(), "spindle-iothrd");
+  prctl(PR_SET_TIMERSLACK, 1000UL);  // a held call sleeps in slices of microseconds (ring.cc)
   epoll_event evs[64];
   for (;;) {
     int n = epoll_wait(ep_, evs, 64, -1);
@@ -131,7 +133,7 @@ void Worker::Loop() {
         continue;
       }
       ssize_t r = read(q->kick_fd, &v, sizeof v);  // readable: does not block
-      (void)r;
+      if (r == (ssize_t)sizeof v) q->kicks.fetch_add(v, std::memory_order_relaxed);
       if (paused_) {
         q->resched = true;
         continue;
@@ -269,10 +271,12 @@ void Worker::Break(Queue* q, const std::string& why) {
   }
 }
 
-uint64_t Worker::PollNsFromEnv() {
-  const char* v = getenv("SPINDLE_VHOST_POLL_NS");
-  return v && *v ? strtoull(v, nullptr, 10) : 32000;
+uint64_t Worker::EnvNs(const char* name, uint64_t dflt) {
+  const char* v = getenv(name);
+  return v && *v ? strtoull(v, nullptr, 10) : dflt;
 }
+
+uint64_t Worker::PollNsFromEnv() { return EnvNs("SPINDLE_VHOST_POLL_NS", 32000); }
 
 }  // namespace vhostblk
 }  // namespace spindle

@@ -188,6 +188,13 @@ struct Queue {
   uint64_t desc = 0, avail = 0, used = 0;
   uint16_t last_avail = 0, used_idx = 0, published = 0;
   bool event_idx = false;
+  // Interrupt coalescing (ring.cc): a call owed to the driver, held or not;
+  // when the hold began, how many batches joined it, how many more holds
+  // may find none before holding stops, the driver's recent gap between chains.
+  bool call_owed = false, held = false;
+  uint8_t hold_probe = 0, hold_trust = 0;
+  uint32_t hold_gain = 0;
+  uint64_t owed_since = 0, gap_ns = 0;
   int kick_fd = -1, call_fd = -1, err_fd = -1, fd = -1;
   uint64_t capacity = 0;  // sectors
   uint64_t block_mask = 0;  // logical block size in sectors, less one: requests start and end on it
@@ -231,7 +238,8 @@ struct Queue {
   std::atomic<bool> write_cache{true};
   std::atomic<bool> broken{false};
   std::string why;  // guarded by Worker::stats_mu_
-  std::atomic<uint64_t> requests{0}, bytes_read{0}, bytes_written{0}, errors{0}, calls{0}, batches{0};
+  std::atomic<uint64_t> requests{0}, bytes_read{0}, bytes_written{0}, errors{0}, calls{0}, batches{0}, kicks{0};
+  std::atomic<uint64_t> holds{0}, holds_joined{0};  // held calls; those a later batch joined
   std::atomic<uint64_t> busy_ns{0};  // time spent in Serve (worker-side cost)
   std::atomic<uint64_t> forwarded{0};
   std::atomic<uint32_t> in_forward{0};
@@ -286,6 +294,7 @@ class Worker {
   void Detach(Queue* q);
   void Break(Queue* q, const std::string& why);
   static uint64_t PollNsFromEnv();
+  static uint64_t EnvNs(const char* name, uint64_t dflt);
   static IoMode IoModeFromEnv();
 
   // ring.cc: bounds, ring access, batches, chain walking.
@@ -296,8 +305,12 @@ class Worker {
   static uint64_t Now();
   void Serve(Queue* q);
   void ServeRing(Queue* q);
+  bool WorkArrived(Queue* q) const;
   bool Poll(Queue* q);
-  void Publish(Queue* q);
+  bool WantHold(Queue* q);
+  bool Linger(Queue* q, uint64_t since);
+  void Publish(Queue* q, bool may_hold = false);
+  void Call(Queue* q);
   void PushUsed(Queue* q, uint32_t head, uint32_t len);
   static void LogTaken(Queue* q, uint16_t head);
   static void LogPublished(Queue* q, uint16_t used_idx);
@@ -349,6 +362,11 @@ class Worker {
   std::atomic<bool> cmd_pending_{false};
   // How long an emptied ring is polled before asking for a kick ($SPINDLE_VHOST_POLL_NS).
   uint64_t poll_ns_ = PollNsFromEnv();
+  // Interrupt coalescing (ring.cc): the longest a held call waits for the
+  // driver's next chain ($SPINDLE_VHOST_COALESCE_NS, 0: never held), and the
+  // longest it is held in all.
+  uint64_t coalesce_ns_ = EnvNs("SPINDLE_VHOST_COALESCE_NS", 100000);
+  uint64_t coalesce_max_ns_ = 8 * coalesce_ns_;
   // $SPINDLE_VHOST_IO, then sync if the ring cannot be set up.
   IoMode io_mode_ = IoMode::kSync;
   std::unique_ptr<IoRing> ring_;  // io_uring, else a thread pool; null: synchronous I/O
