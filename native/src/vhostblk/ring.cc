@@ -143,10 +143,11 @@ bool Worker::Poll(Queue* q) {
 // request; holding the call until it pauses lets one interrupt cover many.  A
 // guest waiting on each request adds nothing while the call is held and only
 // loses time: so a call is held while holding pays (a chain joined one of the
-// last kHoldTrust held calls) and otherwise, as a probe, once in kProbeEvery.
+// last kHoldTrust held calls), and otherwise only as a probe, once in
+// kProbeFirst calls, less often after each probe that nothing joined.
 // The driver counts as paused after 4 of its recent gaps between chains
 // (within [kMinWindowNs, coalesce_ns_]); a call is held coalesce_max_ns_ at most.
-constexpr uint8_t kProbeEvery = 64;
+constexpr uint16_t kProbeFirst = 64, kProbeMax = 1024;
 constexpr uint8_t kHoldTrust = 8;
 constexpr uint64_t kMinWindowNs = 4000;
 constexpr uint64_t kSpinNs = 8000, kSliceNs = 10000;
@@ -154,7 +155,8 @@ constexpr uint64_t kSpinNs = 8000, kSliceNs = 10000;
 bool Worker::WantHold(Queue* q) {
   if (!coalesce_ns_ || !q->event_idx) return false;
   if (q->hold_trust > 0) return true;
-  if (++q->hold_probe % kProbeEvery) return false;
+  if (++q->hold_probe < q->probe_every) return false;
+  q->hold_probe = 0;
   q->gap_ns = coalesce_ns_ / 4;  // a probe waits the longest
   return true;
 }
@@ -224,9 +226,12 @@ void Worker::Call(Queue* q) {
     q->holds.fetch_add(1, std::memory_order_relaxed);
     if (q->hold_gain) {
       q->hold_trust = kHoldTrust;
+      q->probe_every = kProbeFirst;
       q->holds_joined.fetch_add(1, std::memory_order_relaxed);
     } else if (q->hold_trust) {
       q->hold_trust--;
+    } else {
+      q->probe_every = std::min<uint16_t>(2 * q->probe_every, kProbeMax);
     }
   }
   q->call_owed = false;

@@ -190,9 +190,11 @@ struct Queue {
   bool event_idx = false;
   // Interrupt coalescing (ring.cc): a call owed to the driver, held or not;
   // when the hold began, how many batches joined it, how many more holds
-  // may find none before holding stops, the driver's recent gap between chains.
+  // may find none before holding stops, the probes' cadence, the driver's
+  // recent gap between chains.
   bool call_owed = false, held = false;
-  uint8_t hold_probe = 0, hold_trust = 0;
+  uint8_t hold_trust = 0;
+  uint16_t hold_probe = 0, probe_every = 64;  // calls since the last probe; ring.cc kProbeFirst
   uint32_t hold_gain = 0;
   uint64_t owed_since = 0, gap_ns = 0;
   int kick_fd = -1, call_fd = -1, err_fd = -1, fd = -1;
