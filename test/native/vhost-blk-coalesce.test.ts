@@ -4,8 +4,8 @@
 // occasional probe is held; no held call is lost (a command or the window's end delivers it).
 // $SPINDLE_VHOST_COALESCE_NS is read when a worker starts: each test sets it for its rig.
 import { afterEach, describe, expect, it } from 'vitest';
-import { eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
-import { T_GET_ID, type Rig, rig, until, useWorkerRig } from './vhost-blk-ring-driver.js';
+import { closeFd, eventfd, eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
+import { Driver, T_GET_ID, type Rig, cleanups, layout, rig, until, useWorkerRig } from './vhost-blk-ring-driver.js';
 
 useWorkerRig();
 
@@ -99,6 +99,39 @@ describe('VhostBlkWorker interrupt coalescing', () => {
     const s = r.w.stats(0);
     expect(s.calls).toBe(n);
     expect(s.holds).toBeGreaterThanOrEqual(2); // the probes, cut short
+  });
+
+  it('another queue of the worker with work ends a hold', async () => {
+    // A 100 s window: queue 0's probe (its 64th call) would hold the worker past the test's
+    // timeout; queue 1's kick must end the hold, and queue 0 still gets its call.
+    const r = coalescingRig(100_000_000_000);
+    const drv1 = new Driver(layout, 16, 0x8000, 0x8000 + 256, 0x9000);
+    const kick1 = eventfd();
+    const call1 = eventfd();
+    cleanups.push(() => {
+      closeFd(kick1);
+      closeFd(call1);
+    });
+    r.w.addQueue(1, {
+      num: 16, desc: drv1.desc, avail: drv1.avail, used: drv1.used, lastAvail: 0, usedIdx: 0, eventIdx: true,
+      kickFd: kick1, callFd: call1, fd: r.file, capacitySectors: 16, readOnly: true, serial: 'q1', writeCache: true,
+    });
+    r.drv.usedEvent = 0;
+    for (let i = 0; i < 63; i++) {
+      add(r);
+      await until(`the call for request ${i}`, () => eventfdRead(r.call) > 0);
+      await reap(r);
+    }
+    add(r); // its call is the probe
+    await until('the used index', () => r.drv.usedIdx === r.drv.availIdx);
+    const hdr = r.mem.take(16);
+    new DataView(layout).setUint32(hdr, T_GET_ID, true);
+    drv1.add([[hdr, 16, false], [r.mem.take(21), 21, true]]);
+    drv1.publish();
+    eventfdWrite(kick1);
+    await until('queue 1 served', () => drv1.usedIdx === 1);
+    await until('the held call', () => eventfdRead(r.call) > 0);
+    expect(r.w.stats(0)).toMatchObject({ calls: 64, holds: 1, holdsJoined: 0 });
   });
 
   it('SPINDLE_VHOST_COALESCE_NS=0 holds no call', async () => {

@@ -178,11 +178,12 @@ bool Worker::Linger(Queue* q, uint64_t since) {
     }
     uint64_t now = Now();
     if (now >= end || cmd_pending_.load(std::memory_order_relaxed)) return false;
-    epoll_event ev;  // level-triggered: a peek, the loop still sees it
-    if (round % 16 == 0 && epoll_wait(ep_, &ev, 1, 0) > 0) return false;
     // Past a short spin, sleep in slices: the chains that come meanwhile wait
     // a little, the guest does not (it is not waiting on them yet).
-    if (now - since >= kSpinNs) {
+    bool sleep = now - since >= kSpinNs;
+    epoll_event ev;  // level-triggered: a peek, the loop still sees it
+    if ((sleep || round % 16 == 0) && epoll_wait(ep_, &ev, 1, 0) > 0) return false;
+    if (sleep) {
       timespec t{0, (long)std::min(kSliceNs, end - now)};
       nanosleep(&t, nullptr);
     }
