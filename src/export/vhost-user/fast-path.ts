@@ -18,8 +18,6 @@
  */
 import type { BlockBackend } from '../../backend/backend.js';
 import type { BackendIO } from '../../backend/io.js';
-import { stateOf, type BlockNode } from '../../block/node.js';
-import { Perm } from '../../block/types.js';
 import type { AioContext } from '../../block/context.js';
 import type { VhostBlkWorker } from '../../native/vhost-blk-worker.js';
 import { acquireWorker, releaseWorker } from './iothread-workers.js';
@@ -29,49 +27,19 @@ import { VIRTIO_RING_F_EVENT_IDX } from './blk-features.js';
 import type { GuestMemoryTable } from './memory.js';
 import type { Vring } from './vring.js';
 import { Forwarder } from './forwarding.js';
+import { hostFileTarget, type HostFileTarget } from '../host-file.js';
 import { MappingCache } from './mapping.js';
 import type { InflightMemory, InflightQueue } from './inflight.js';
 
-/** What the worker serves: a file descriptor and the disk's shape. */
-export interface FastPathTarget {
-  fd: number;
-  length: number;
-  readOnly: boolean;
-  /** Every node on the way lets discards free blocks (discard=unmap). */
-  unmap: boolean;
-  /** A format node whose clusters the worker maps (requests it cannot map are forwarded). */
-  mapped?: { node: BlockNode; clusterBits: number };
-}
+export type FastPathTarget = HostFileTarget;
 
 /**
- * The file a backend's node reads and writes directly, or null when a request needs the block
- * layer (formats, windows, filters, throttling, O_DIRECT alignment, zero detection).
- * `SPINDLE_VHOST_FASTPATH=0` turns the fast path off.
+ * The file a backend's node reads and writes directly (hostFileTarget), or null.
+ * `SPINDLE_VHOST_FASTPATH=0` turns the fast path off, `=raw` keeps formats off it.
  */
-export function fastPathTarget(backend: BlockBackend): FastPathTarget | null {
+export function fastPathTarget(backend: BlockBackend): HostFileTarget | null {
   if (process.env.SPINDLE_VHOST_FASTPATH === '0') return null;
-  if (backend.throttle) return null;
-  const top = backend.node;
-  if (!top || top.detectZeroes !== 'off') return null;
-  const readOnly = top.readOnly || !(backend.root && backend.root.perm & Perm.WRITE);
-  let node: BlockNode | null = top;
-  let unmap = top.discardUnmap;
-  let mapped: FastPathTarget['mapped'];
-  if (top.driver.format === 'raw') {
-    const s = stateOf<{ offset: number; size: number }>(top);
-    if (s.offset !== 0 || s.size >= 0) return null;
-    node = top.file?.node ?? null;
-  } else if (top.driver.hostExtents && top.driver.watchMappings && process.env.SPINDLE_VHOST_FASTPATH !== 'raw') {
-    const bits = stateOf<{ header?: { clusterBits?: number } }>(top).header?.clusterBits;
-    if (typeof bits !== 'number') return null;
-    mapped = { node: top, clusterBits: bits };
-    node = top.file?.node ?? null;
-  }
-  if (!node || node.driver.format !== 'file' || node.detectZeroes !== 'off') return null;
-  const f = stateOf<{ fd: number; direct: boolean; blockDev: boolean; noFlush: boolean }>(node);
-  if (f.direct || f.blockDev || f.noFlush || !(f.fd >= 0)) return null;
-  unmap &&= node.discardUnmap;
-  return { fd: f.fd, length: top.length, readOnly, unmap, mapped };
+  return hostFileTarget(backend, process.env.SPINDLE_VHOST_FASTPATH !== 'raw');
 }
 
 /** A session's rings on the native worker of its node's AioContext (iothread-workers.ts). */
