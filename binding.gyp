@@ -10,6 +10,7 @@
         "native/src/hostfacts.cc",
         "native/src/unixfd/socket.cc",
         "native/src/unixfd/memory.cc",
+        "native/src/unixfd/sendfile.cc",
         "native/src/vhostblk/worker.cc",
         "native/src/vhostblk/ring.cc",
         "native/src/vhostblk/request.cc",

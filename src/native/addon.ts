@@ -62,6 +62,7 @@ export interface NativeAddon {
   socketPair(): [number, number] | number;
   /** SO_SNDBUF of a socket -> 0 | -errno. */
   setSendBuffer(fd: number, bytes: number): number;
+  sendFileRange(sockFd: number, head: Uint8Array, fileFd: number, offset: number, length: number): number;
   /** MAP_SHARED mapping as an external ArrayBuffer (munmap'ed when collected) | -errno; throws RangeError on bad ranges. */
   mmapFd(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer | number;
   /** Detach an mmapFd ArrayBuffer and munmap it now -> 0 | -EINVAL (not a live mapping). */

@@ -301,6 +301,17 @@ export function setSendBuffer(fd: number, bytes: number): boolean {
   return native.setSendBuffer(fd, bytes) === 0;
 }
 
+/**
+ * Sends `head`, then `length` bytes of `fileFd` from `offset`, on a non-blocking socket
+ * (sendfile: from the page cache, no copy through JavaScript). Returns the bytes sent, which
+ * may be fewer than all when the socket filled up; or, with nothing sent, -errno: -ENODATA
+ * when a page of the range is not cached (the call never waits for the disk), -ENOSYS when
+ * the kernel cannot tell (no cachestat before Linux 6.5), -EAGAIN when the socket is full.
+ */
+export function sendFileRange(sockFd: number, head: Uint8Array, fileFd: number, offset: number, length: number): number {
+  return native.sendFileRange(sockFd, head, fileFd, offset, length);
+}
+
 /** eventfd(2), CLOEXEC; non-blocking by default. */
 export function eventfd(initial = 0, nonblocking = true): number {
   checkRange('eventfd initial', initial, 0);

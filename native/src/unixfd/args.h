@@ -8,7 +8,7 @@
 //
 // Files: args.h (this: argument and return helpers), socket.cc (UnixSocket,
 // unixListen, unixConnect, socketPair), memory.cc (mmapFd, mmapLayout, unmap,
-// mappingCount, eventfd, memfd and InitUnixFd).
+// mappingCount, eventfd, memfd and InitUnixFd), sendfile.cc (sendFileRange).
 #pragma once
 
 #include <cerrno>
@@ -74,6 +74,7 @@ inline bool BytesArg(const Napi::Value& v, uint8_t** p, size_t* n) {
 // Each file registers its functions on the addon's exports.
 void ExportSockets(Napi::Env env, Napi::Object exports);
 void ExportMemory(Napi::Env env, Napi::Object exports);
+void ExportSendFile(Napi::Env env, Napi::Object exports);
 
 }  // namespace unixfd
 }  // namespace spindle

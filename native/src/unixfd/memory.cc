@@ -278,6 +278,7 @@ void ExportMemory(Napi::Env env, Napi::Object exports) {
 void InitUnixFd(Napi::Env env, Napi::Object exports) {
   unixfd::ExportSockets(env, exports);
   unixfd::ExportMemory(env, exports);
+  unixfd::ExportSendFile(env, exports);
 }
 
 }  // namespace spindle

@@ -3,8 +3,8 @@
  * specs/nbd-proto.md), then issues it.
  *
  *   READ   simple reply, or structured: one status query; all data -> one OFFSET_DATA chunk
- *          from the buffer the read landed in; zeroes/unallocated ranges -> OFFSET_HOLE chunks
- *          (DF: always one OFFSET_DATA chunk)
+ *          from the buffer the read landed in, or from the page cache (sendfile.ts);
+ *          zeroes/unallocated ranges -> OFFSET_HOLE chunks (DF: always one OFFSET_DATA chunk)
  *   WRITE  BackendIO.writev on the payload's own chunks (FUA -> ReqFlags.FUA)
  *   FLUSH, TRIM, WRITE_ZEROES (NO_HOLE: no unmap; FAST_ZERO: the block layer's NO_FALLBACK),
  *   CACHE (a read whose data is dropped), BLOCK_STATUS (one chunk per selected context)
@@ -15,6 +15,7 @@ import { ReqFlags } from '../../block/types.js';
 import { DATA_HEADROOM, getReplyBuffer, putReplyBuffer } from './buffers.js';
 import type { NbdConn, Req } from './conn.js';
 import { CONTEXT_BASE, CONTEXT_DEPTH } from './handshake.js';
+import { SENDFILE_MIN } from './sendfile.js';
 import * as P from './protocol.js';
 
 /** Extents per block-status chunk (the spec allows 2^20; this bounds the reply and the work). */
@@ -49,6 +50,7 @@ export function dispatch(c: NbdConn, r: Req): void {
       if (r.length === 0) return ok(c, r);
       // A range last seen as data skips the status query (reading data is never wrong).
       if (c.structured && !(r.flags & P.CMD_FLAG_DF) && !exp.knownData(r.offset, r.length)) return void sparseRead(c, r);
+      if (r.length >= SENDFILE_MIN && c.sendq.read(r, plainRead)) return;
       return plainRead(r);
     case P.CMD_WRITE:
       return exp.io.writev(r.offset, r.length, r.iov, fua ? ReqFlags.FUA : 0, r.rwDone);

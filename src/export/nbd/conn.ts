@@ -26,6 +26,7 @@ import type { ExportClient, NbdExport } from './export.js';
 import { handleOption, type Negotiator } from './handshake.js';
 import * as P from './protocol.js';
 import { ReplyWriter } from './replies.js';
+import { SendfileQueue } from './sendfile.js';
 
 /** Requests in flight per connection before it stops reading. */
 export const MAX_REQS = 256;
@@ -92,6 +93,7 @@ export class NbdConn implements Negotiator, ExportClient {
   #paused = false;
   #gone = false;
   readonly out: ReplyWriter;
+  readonly sendq = new SendfileQueue(this);
   #handshakeTimer: NodeJS.Timeout | null = null;
 
   constructor(readonly socket: Socket, readonly host: ConnHost) {
@@ -142,6 +144,7 @@ export class NbdConn implements Negotiator, ExportClient {
     const cur = this.#cur;
     this.#cur = null;
     if (cur) this.finish(cur); // a write whose payload never came
+    this.sendq.drop();
     this.#maybeGone();
   };
 

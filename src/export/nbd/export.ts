@@ -19,6 +19,7 @@ import { BlockError } from '../../block/error.js';
 import * as io from '../../block/io.js';
 import type { BlockChild, BlockNode } from '../../block/node.js';
 import { Perm, ReqFlags, type BlockStatus } from '../../block/types.js';
+import { hostFileTarget } from '../host-file.js';
 import * as P from './protocol.js';
 
 export interface NbdExportOptions {
@@ -161,6 +162,15 @@ export class NbdExport {
     }
     d.unshift(start, end);
     if (d.length > 2 * KNOWN_DATA_RUNS) d.length = 2 * KNOWN_DATA_RUNS;
+  }
+
+  /**
+   * The host file reads of this export may be sent from (sendfile.ts), or -1: its node is not
+   * a plain file (host-file.ts), the backend is drained, or `SPINDLE_NBD_SENDFILE=0`.
+   */
+  sendFileFd(): number {
+    if (this.#drained || process.env.SPINDLE_NBD_SENDFILE === '0') return -1;
+    return hostFileTarget(this.backend, false)?.fd ?? -1;
   }
 
   /** Runs `fn` now, or when the backend's drained section ends. Context: any. */
