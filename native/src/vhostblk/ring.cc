@@ -181,13 +181,26 @@ bool Worker::Linger(Queue* q, uint64_t since) {
     // Past a short spin, sleep in slices: the chains that come meanwhile wait
     // a little, the guest does not (it is not waiting on them yet).
     bool sleep = now - since >= kSpinNs;
-    epoll_event ev;  // level-triggered: a peek, the loop still sees it
-    if ((sleep || round % 16 == 0) && epoll_wait(ep_, &ev, 1, 0) > 0) return false;
+    if ((sleep || round % 16 == 0) && OthersWaiting(q)) return false;
     if (sleep) {
       timespec t{0, (long)std::min(kSliceNs, end - now)};
       nanosleep(&t, nullptr);
     }
   }
+}
+
+// Whether another queue of this worker was kicked or has completions: a peek
+// at the epoll set (level-triggered, so the loop still sees them).  q's own
+// fds, the io_uring's and the control eventfd's are left out: what they tell
+// WorkArrived and cmd_pending_ tell first, and they stay readable after.
+bool Worker::OthersWaiting(const Queue* q) {
+  epoll_event evs[16];
+  int n = epoll_wait(ep_, evs, 16, 0);
+  for (int i = 0; i < n; i++) {
+    uint64_t key = evs[i].data.u64;
+    if (key != kCtlKey && key != kAioKey && (uint32_t)key != q->index) return true;
+  }
+  return false;
 }
 
 // Publishes the used elements pushed since the last call and calls if the

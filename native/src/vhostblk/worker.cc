@@ -17,9 +17,6 @@
 namespace spindle {
 namespace vhostblk {
 
-constexpr uint64_t kCtlKey = ~(uint64_t)0;  // epoll data of the control eventfd
-// epoll data: queue index for its kick fd, | kCplBit for its completion eventfd.
-constexpr uint64_t kCplBit = (uint64_t)1 << 32;
 
 // Returns 0 or -errno.
 int Worker::Start() {

@@ -138,8 +138,11 @@ constexpr uint8_t kAsync = 0xfe;
 enum : uint8_t { kInFwd = 1, kInAio = 2 };
 
 enum class IoMode : uint8_t { kSync, kAsync, kAuto };
-// epoll data of the io_uring's eventfd (worker.cc has the other keys).
+// epoll data: the control eventfd, the io_uring's eventfd, a queue's index
+// for its kick fd, | kCplBit for its completion eventfd.
+constexpr uint64_t kCtlKey = ~(uint64_t)0;
 constexpr uint64_t kAioKey = ~(uint64_t)1;
+constexpr uint64_t kCplBit = (uint64_t)1 << 32;
 
 // Forward ring slots (Int32Array indices; see the header comment).
 enum : uint32_t { kFwdProd = 0, kFwdCons = 1, kCplProd = 2, kCplCons = 3, kFwdEntries = 16 };
@@ -311,6 +314,7 @@ class Worker {
   bool Poll(Queue* q);
   bool WantHold(Queue* q);
   bool Linger(Queue* q, uint64_t since);
+  bool OthersWaiting(const Queue* q);
   void Publish(Queue* q, bool may_hold = false);
   void Call(Queue* q);
   void PushUsed(Queue* q, uint32_t head, uint32_t len);
