@@ -13,6 +13,7 @@
         "native/src/unixfd/sendfile.cc",
         "native/src/vhostblk/worker.cc",
         "native/src/vhostblk/ring.cc",
+        "native/src/vhostblk/coalesce.cc",
         "native/src/vhostblk/request.cc",
         "native/src/vhostblk/napi.cc",
         "native/src/vhostblk/napi_queue.cc",

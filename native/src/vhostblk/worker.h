@@ -98,7 +98,7 @@
 //
 // Files: worker.h (this: shared types and the Worker class), worker.cc (the
 // thread, its epoll loop and commands), ring.cc (serving the split rings),
-// request.cc (executing virtio-blk requests), forward.cc (mapped I/O, the
+// coalesce.cc (holding calls: interrupt coalescing), request.cc (executing virtio-blk requests), forward.cc (mapped I/O, the
 // forward and completion rings), aio.cc (requests on the io_uring),
 // iouring.h/iouring.cc (the ring itself), pool_ring.h/.cc (its thread-pool
 // stand-in), io.h (the synchronous helpers),
@@ -312,16 +312,18 @@ class Worker {
   void ServeRing(Queue* q);
   bool WorkArrived(Queue* q) const;
   bool Poll(Queue* q);
-  bool WantHold(Queue* q);
-  bool Linger(Queue* q, uint64_t since);
-  bool OthersWaiting(const Queue* q);
   void Publish(Queue* q, bool may_hold = false);
-  void Call(Queue* q);
   void PushUsed(Queue* q, uint32_t head, uint32_t len);
   static void LogTaken(Queue* q, uint16_t head);
   static void LogPublished(Queue* q, uint16_t used_idx);
   int PopAndRun(Queue* q);
   bool Walk(Queue* q, uint16_t head, std::string* why);
+
+  // coalesce.cc: holding a call while the driver keeps adding chains.
+  bool WantHold(Queue* q);
+  bool Linger(Queue* q, uint64_t since);
+  bool OthersWaiting(const Queue* q);
+  void Call(Queue* q);
 
   // request.cc: the virtio-blk request in e_.
   void CopyOut(uint8_t* dst, size_t skip, size_t n);
