@@ -6,6 +6,7 @@
         "native/src/addon.cc",
         "native/src/engine.cc",
         "native/src/uring.cc",
+        "native/src/uring_rings.cc",
         "native/src/pool.cc",
         "native/src/hostfacts.cc",
         "native/src/unixfd/socket.cc",

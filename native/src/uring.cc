@@ -1,10 +1,8 @@
-// io_uring backend through raw syscalls and the UAPI header only (no liburing),
-// so the addon builds on a machine without -dev packages.
+// io_uring backend of the engine, over UringRings (uring_rings.h: raw
+// syscalls and the UAPI header only, no liburing).
 #include <linux/capability.h>
 #include <linux/io_uring.h>
 #include <sys/resource.h>
-#include <sys/eventfd.h>
-#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -12,6 +10,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "uring_rings.h"
 
 // Newer features, defined here so the addon builds against older UAPI headers;
 // a kernel that lacks one rejects it (EINVAL) and we carry on without it.
@@ -21,16 +20,6 @@
 
 namespace spindle {
 namespace {
-
-int SysSetup(unsigned entries, io_uring_params* p) {
-  return (int)syscall(__NR_io_uring_setup, entries, p);
-}
-int SysEnter(int fd, unsigned submit, unsigned min_complete, unsigned flags) {
-  return (int)syscall(__NR_io_uring_enter, fd, submit, min_complete, flags, nullptr, 0);
-}
-int SysRegister(int fd, unsigned op, const void* arg, unsigned n) {
-  return (int)syscall(__NR_io_uring_register, fd, op, arg, n);
-}
 
 // Register opcodes and argument layouts (ABI, spelled out for old headers).
 constexpr unsigned kRegBuffers2 = 15;       // 5.13; sparse flag 5.19
@@ -75,61 +64,13 @@ class UringBackend : public Backend {
   ~UringBackend() override { Close(); }
 
   int Open(unsigned entries, uint32_t opts, const std::vector<Slab>& slabs) {
-    io_uring_params p;
     // SUBMIT_ALL: one bad SQE (e.g. a closed fd) must not strand the rest of
     // the batch in the SQ. Older kernels reject the flag; retry without it.
     // (COOP_TASKRUN, SINGLE_ISSUER and a registered ring fd were measured:
     // no difference here, where buffered reads complete inline, so left out.)
-    memset(&p, 0, sizeof p);
-    p.flags = IORING_SETUP_SUBMIT_ALL;
-    ring_fd_ = SysSetup(entries, &p);
-    if (ring_fd_ < 0 && errno == EINVAL) {
-      memset(&p, 0, sizeof p);
-      ring_fd_ = SysSetup(entries, &p);
-    }
-    if (ring_fd_ < 0) return errno;
-    setup_flags_ = p.flags;
-
-    sq_len_ = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
-    cq_len_ = p.cq_off.cqes + p.cq_entries * sizeof(io_uring_cqe);
-    single_mmap_ = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
-    if (single_mmap_ && cq_len_ > sq_len_) sq_len_ = cq_len_;
-    sq_map_ = mmap(nullptr, sq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                   ring_fd_, IORING_OFF_SQ_RING);
-    if (sq_map_ == MAP_FAILED) { sq_map_ = nullptr; return errno; }
-    if (single_mmap_) {
-      cq_map_ = sq_map_;
-    } else {
-      cq_map_ = mmap(nullptr, cq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                     ring_fd_, IORING_OFF_CQ_RING);
-      if (cq_map_ == MAP_FAILED) { cq_map_ = nullptr; return errno; }
-    }
-    sqes_len_ = p.sq_entries * sizeof(io_uring_sqe);
-    void* sqes = mmap(nullptr, sqes_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                      ring_fd_, IORING_OFF_SQES);
-    if (sqes == MAP_FAILED) return errno;
-    sqes_ = (io_uring_sqe*)sqes;
-
-    uint8_t* sq = (uint8_t*)sq_map_;
-    sq_tail_ = (uint32_t*)(sq + p.sq_off.tail);
-    sq_mask_ = *(uint32_t*)(sq + p.sq_off.ring_mask);
-    sq_entries_ = p.sq_entries;
-    // The SQ index array maps slot i to SQE i once; we then fill SQEs in ring
-    // order and never touch the array again.
-    uint32_t* array = (uint32_t*)(sq + p.sq_off.array);
-    for (uint32_t i = 0; i < p.sq_entries; i++) array[i] = i;
-    local_tail_ = submitted_tail_ = *sq_tail_;
-    sq_head_ = (uint32_t*)(sq + p.sq_off.head);
-
-    uint8_t* cq = (uint8_t*)cq_map_;
-    cq_head_ = (uint32_t*)(cq + p.cq_off.head);
-    cq_tail_ = (uint32_t*)(cq + p.cq_off.tail);
-    cq_mask_ = *(uint32_t*)(cq + p.cq_off.ring_mask);
-    cqes_ = (io_uring_cqe*)(cq + p.cq_off.cqes);
-
-    event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (event_fd_ < 0) return errno;
-    if (SysRegister(ring_fd_, IORING_REGISTER_EVENTFD, &event_fd_, 1) < 0) return errno;
+    int e = r_.Open(entries, 0, {IORING_SETUP_SUBMIT_ALL, 0});
+    if (e < 0) return -e;
+    local_tail_ = submitted_tail_ = *r_.sq_tail;
     // Optional; any failure just leaves fixed buffers off.
     if (!(opts & kNoFixedBuffers) && PinningIsFree()) RegisterBuffers(slabs);
     return 0;
@@ -145,19 +86,19 @@ class UringBackend : public Backend {
     u.nr = 1;
     // Fails e.g. past RLIMIT_MEMLOCK (ENOMEM) without CAP_IPC_LOCK: that slab
     // then goes through plain READ/WRITE.
-    if (SysRegister(ring_fd_, kRegBuffersUpdate, &u, sizeof u) == 1) fixed_ok_[id] = 1;
+    if (UringRegister(r_.fd, kRegBuffersUpdate, &u, sizeof u) == 1) fixed_ok_[id] = 1;
   }
 
   void Features(uint32_t* setup_flags, uint32_t* fixed_slots) const override {
-    *setup_flags = setup_flags_;
+    *setup_flags = r_.setup_flags;
     *fixed_slots = fixed_slots_;
   }
 
-  int EventFd() const override { return event_fd_; }
+  int EventFd() const override { return r_.event_fd; }
 
   bool Prepare(const Request& r) override {
-    if (local_tail_ - LoadAcquire(sq_head_) >= sq_entries_) return false;
-    io_uring_sqe* sqe = &sqes_[local_tail_ & sq_mask_];
+    if (local_tail_ - LoadAcquire(r_.sq_head) >= r_.sq_entries) return false;
+    io_uring_sqe* sqe = &r_.sqes[local_tail_ & r_.sq_mask];
     memset(sqe, 0, sizeof *sqe);
     sqe->fd = r.fd;
     sqe->user_data = (uint64_t)(uint32_t)r.id;
@@ -207,9 +148,9 @@ class UringBackend : public Backend {
   int Flush() override {
     unsigned todo = local_tail_ - submitted_tail_;
     if (todo == 0) return 0;
-    StoreRelease(sq_tail_, local_tail_);
+    StoreRelease(r_.sq_tail, local_tail_);
     while (todo > 0) {
-      int n = SysEnter(ring_fd_, todo, 0, 0);
+      int n = UringEnter(r_.fd, todo, 0, 0);
       enters++;
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -227,26 +168,26 @@ class UringBackend : public Backend {
 
   int Reap(int32_t* out, int cap) override {
     if (HasUnsubmitted()) Flush();
-    uint32_t head = *cq_head_;
-    uint32_t tail = LoadAcquire(cq_tail_);
+    uint32_t head = *r_.cq_head;
+    uint32_t tail = LoadAcquire(r_.cq_tail);
     int n = 0;
     while (head != tail && n < cap) {
-      const io_uring_cqe& c = cqes_[head & cq_mask_];
+      const io_uring_cqe& c = r_.cqes[head & r_.cq_mask];
       out[2 * n] = (int32_t)c.user_data;
       out[2 * n + 1] = c.res;
       n++;
       head++;
     }
-    StoreRelease(cq_head_, head);
+    StoreRelease(r_.cq_head, head);
     return n;
   }
 
   void Shutdown(int inflight) override {
     Flush();
     for (;;) {
-      uint32_t ready = LoadAcquire(cq_tail_) - *cq_head_;
+      uint32_t ready = LoadAcquire(r_.cq_tail) - *r_.cq_head;
       if ((int)ready >= inflight) break;
-      if (SysEnter(ring_fd_, 0, (unsigned)inflight, IORING_ENTER_GETEVENTS) < 0 &&
+      if (UringEnter(r_.fd, 0, (unsigned)inflight, IORING_ENTER_GETEVENTS) < 0 &&
           errno != EINTR)
         break;
     }
@@ -260,13 +201,13 @@ class UringBackend : public Backend {
     memset(&r, 0, sizeof r);
     r.nr = kFixedSlots;
     r.flags = kRsrcSparse;
-    int rc = SysRegister(ring_fd_, kRegBuffers2, &r, sizeof r);
+    int rc = UringRegister(r_.fd, kRegBuffers2, &r, sizeof r);
     if (rc < 0 && errno == EINVAL) {
       // Before 5.19: no sparse flag, but empty (NULL, 0) entries are allowed.
       std::vector<iovec> empty(kFixedSlots, iovec{nullptr, 0});
       r.flags = 0;
       r.data = (uint64_t)(uintptr_t)empty.data();
-      rc = SysRegister(ring_fd_, kRegBuffers2, &r, sizeof r);
+      rc = UringRegister(r_.fd, kRegBuffers2, &r, sizeof r);
     }
     if (rc < 0) return;
     fixed_ok_.assign(kFixedSlots, 0);
@@ -274,28 +215,12 @@ class UringBackend : public Backend {
     for (size_t i = 0; i < slabs.size() && i < kFixedSlots; i++) AddSlab((uint32_t)i, slabs[i]);
   }
 
-  void Close() {
-    if (sqes_) munmap(sqes_, sqes_len_);
-    if (cq_map_ && cq_map_ != sq_map_) munmap(cq_map_, cq_len_);
-    if (sq_map_) munmap(sq_map_, sq_len_);
-    if (ring_fd_ >= 0) close(ring_fd_);
-    if (event_fd_ >= 0) close(event_fd_);
-    sqes_ = nullptr;
-    cq_map_ = sq_map_ = nullptr;
-    ring_fd_ = event_fd_ = -1;
-  }
+  void Close() { r_.Close(); }
 
-  int ring_fd_ = -1, event_fd_ = -1;
-  uint32_t setup_flags_ = 0, fixed_slots_ = 0;
+  UringRings r_;
+  uint32_t fixed_slots_ = 0;
   std::vector<uint8_t> fixed_ok_;  // per slab id: registered in this ring
-  bool single_mmap_ = false;
-  void *sq_map_ = nullptr, *cq_map_ = nullptr;
-  size_t sq_len_ = 0, cq_len_ = 0, sqes_len_ = 0;
-  io_uring_sqe* sqes_ = nullptr;
-  uint32_t *sq_head_ = nullptr, *sq_tail_ = nullptr, sq_mask_ = 0, sq_entries_ = 0;
   uint32_t local_tail_ = 0, submitted_tail_ = 0;
-  uint32_t *cq_head_ = nullptr, *cq_tail_ = nullptr, cq_mask_ = 0;
-  io_uring_cqe* cqes_ = nullptr;
 };
 
 }  // namespace

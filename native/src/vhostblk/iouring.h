@@ -1,8 +1,8 @@
 // The asynchronous I/O of one VhostBlkWorker thread: an IoRing takes
 // io_uring SQEs (READV, WRITEV, FSYNC; IOSQE_IO_DRAIN) and gives back CQEs,
 // signalled on an eventfd the worker's epoll watches.  Two of them:
-// - Uring: a minimal io_uring through raw syscalls and the kernel's UAPI
-//   header only (no liburing), like the engine's uring.cc.
+// - Uring: a minimal io_uring over UringRings (../uring_rings.h), as the
+//   engine's uring.cc.
 // - PoolRing (pool_ring.cc): the same contract served by a few threads doing
 //   preadv/pwritev/fdatasync, for kernels or sandboxes without io_uring
 //   (QEMU's aio=threads).
@@ -14,6 +14,8 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "../uring_rings.h"
 
 namespace spindle {
 namespace vhostblk {
@@ -51,26 +53,20 @@ class Uring : public IoRing {
   int Open(unsigned sq_entries, unsigned cq_entries);
   void Close();
 
-  int event_fd() const override { return event_fd_; }
-  unsigned cq_entries() const override { return cq_entries_; }
+  int event_fd() const override { return r_.event_fd; }
+  unsigned cq_entries() const override { return r_.cq_entries; }
   io_uring_sqe* Get() override;
   int Submit() override;
   bool Unsubmitted() const override { return local_tail_ != submitted_tail_; }
   // A load of the shared tail.
-  bool Ready() const override { return __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE) != *cq_head_; }
+  bool Ready() const override { return __atomic_load_n(r_.cq_tail, __ATOMIC_ACQUIRE) != *r_.cq_head; }
   unsigned Take(io_uring_cqe* out, unsigned max) override;
   void Wait() override;
   const char* name() const override { return "io_uring"; }
 
  private:
-  int ring_fd_ = -1, event_fd_ = -1;
-  void *sq_map_ = nullptr, *cq_map_ = nullptr;
-  size_t sq_len_ = 0, cq_len_ = 0, sqes_len_ = 0;
-  io_uring_sqe* sqes_ = nullptr;
-  uint32_t *sq_head_ = nullptr, *sq_tail_ = nullptr, sq_mask_ = 0, sq_entries_ = 0;
+  UringRings r_;
   uint32_t local_tail_ = 0, submitted_tail_ = 0;
-  uint32_t *cq_head_ = nullptr, *cq_tail_ = nullptr, cq_mask_ = 0, cq_entries_ = 0;
-  io_uring_cqe* cqes_ = nullptr;
 };
 
 }  // namespace vhostblk
