@@ -50,14 +50,15 @@ export class SendfileQueue {
 
   /** Takes READ `r` (sent now, or waiting its turn); false when it must take `plain`. */
   read(r: Req, plain: (r: Req) => void): boolean {
-    if (!kernelCanTell || r.exp.sendFileFd() < 0) return false;
+    const fd = kernelCanTell ? r.exp.sendFileFd() : -1;
+    if (fd < 0) return false;
     this.#plain = plain;
     if (this.#blocked) {
       sendfileCounts.waited++;
       this.#waiting.push(r);
       return true;
     }
-    return this.#send(r);
+    return this.#send(r, fd);
   }
 
   /** The connection closed: the waiting reads are answered nowhere. */
@@ -65,13 +66,12 @@ export class SendfileQueue {
     for (const r of this.#waiting.splice(0)) this.c.finish(r);
   }
 
-  /** Sends r's reply, all or its head; false when nothing was sent. */
-  #send(r: Req): boolean {
+  /** Sends r's reply from file `fd` (-1: not now), all or its head; false when nothing was sent. */
+  #send(r: Req, fd: number): boolean {
     const c = this.c;
     const sock = c.socket;
     const h = (sock as unknown as { _handle?: StreamHandle })._handle;
     const sfd = h?.fd;
-    const fd = r.exp.sendFileFd();
     if (fd < 0 || typeof sfd !== 'number' || sfd < 0 || h!.writeQueueSize !== 0 || sock.writableLength !== 0 || sock.writableCorked) return false;
     const n = writeHeader(c, r);
     const start = acctNow();
@@ -126,7 +126,7 @@ export class SendfileQueue {
     while (this.#waiting.length && !this.#blocked) {
       const r = this.#waiting.shift()!;
       if (this.c.closed) this.c.finish(r);
-      else if (!this.#send(r)) {
+      else if (!this.#send(r, r.exp.sendFileFd())) {
         sendfileCounts.plain++;
         this.#plain(r);
       }
