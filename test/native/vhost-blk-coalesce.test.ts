@@ -4,8 +4,8 @@
 // occasional probe is held; no held call is lost (a command or the window's end delivers it).
 // $SPINDLE_VHOST_COALESCE_NS is read when a worker starts: each test sets it for its rig.
 import { afterEach, describe, expect, it } from 'vitest';
-import { closeFd, eventfd, eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
-import { Driver, T_GET_ID, type Rig, cleanups, layout, rig, until, useWorkerRig } from './vhost-blk-ring-driver.js';
+import { eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
+import { T_GET_ID, type Rig, layout, rig, secondQueue, until, useWorkerRig } from './vhost-blk-ring-driver.js';
 
 useWorkerRig();
 
@@ -105,17 +105,7 @@ describe('VhostBlkWorker interrupt coalescing', () => {
     // A 100 s window: queue 0's probe (its 64th call) would hold the worker past the test's
     // timeout; queue 1's kick must end the hold, and queue 0 still gets its call.
     const r = coalescingRig(100_000_000_000);
-    const drv1 = new Driver(layout, 16, 0x8000, 0x8000 + 256, 0x9000);
-    const kick1 = eventfd();
-    const call1 = eventfd();
-    cleanups.push(() => {
-      closeFd(kick1);
-      closeFd(call1);
-    });
-    r.w.addQueue(1, {
-      num: 16, desc: drv1.desc, avail: drv1.avail, used: drv1.used, lastAvail: 0, usedIdx: 0, eventIdx: true,
-      kickFd: kick1, callFd: call1, fd: r.file, capacitySectors: 16, readOnly: true, serial: 'q1', writeCache: true,
-    });
+    const { drv: drv1, kick: kick1 } = secondQueue(r, 1);
     r.drv.usedEvent = 0;
     for (let i = 0; i < 63; i++) {
       add(r);

@@ -257,6 +257,25 @@ export function rig(o: {
   return r;
 }
 
+/**
+ * A second queue, `index`, on the rig's worker: 16 entries with EVENT_IDX at 0x8000, its own
+ * eventfds, read-only over the rig's file (16 sectors), serial `q<index>`.
+ */
+export function secondQueue(r: Rig, index: number): { drv: Driver; kick: number; call: number } {
+  const drv = new Driver(layout, 16, 0x8000, 0x8000 + 256, 0x9000);
+  const kick = eventfd();
+  const call = eventfd();
+  cleanups.push(() => {
+    closeFd(kick);
+    closeFd(call);
+  });
+  r.w.addQueue(index, {
+    num: 16, desc: drv.desc, avail: drv.avail, used: drv.used, lastAvail: 0, usedIdx: 0, eventIdx: true,
+    kickFd: kick, callFd: call, fd: r.file, capacitySectors: 16, readOnly: true, serial: `q${index}`, writeCache: true,
+  });
+  return { drv, kick, call };
+}
+
 export const fileBytes = (r: Rig, off: number, len: number): Buffer => readFileSync(r.path).subarray(off, off + len);
 export const guest = (addr: number, len: number): Buffer => Buffer.from(u8.subarray(addr, addr + len));
 

@@ -3,11 +3,11 @@
 // DISCARD/WRITE_ZEROES, and requests that fail (bounds, read-only, buffer faults).
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { closeFd, eventfd, eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
+import { eventfdRead, eventfdWrite } from '../../src/native/unix-fd.js';
 import { pattern } from './helpers.js';
 import {
   SPAN_A, SPAN_B, HOLE, BEYOND, LAYOUT, DISK_SECTORS, T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD,
-  T_WRITE_ZEROES, S_OK, S_IOERR, S_UNSUPP, until, Driver, layout, u8, rig, fileBytes, guest, cleanups,
+  T_WRITE_ZEROES, S_OK, S_IOERR, S_UNSUPP, until, layout, u8, rig, fileBytes, guest, secondQueue,
   dwzSegment, useWorkerRig,
 } from './vhost-blk-ring-driver.js';
 
@@ -172,17 +172,7 @@ describe('VhostBlkWorker', () => {
 
   it('serves two queues of one worker, each with its own file and eventfds', async () => {
     const r = rig();
-    const drv2 = new Driver(layout, 16, 0x8000, 0x8000 + 256, 0x9000);
-    const kick2 = eventfd();
-    const call2 = eventfd();
-    cleanups.push(() => {
-      closeFd(kick2);
-      closeFd(call2);
-    });
-    r.w.addQueue(3, {
-      num: 16, desc: drv2.desc, avail: drv2.avail, used: drv2.used, lastAvail: 0, usedIdx: 0, eventIdx: true,
-      kickFd: kick2, callFd: call2, fd: r.file, capacitySectors: 16, readOnly: true, serial: 'q3', writeCache: true,
-    });
+    const { drv: drv2, kick: kick2, call: call2 } = secondQueue(r, 3);
     const hdr = r.mem.take(16);
     new DataView(layout).setUint32(hdr, T_GET_ID, true);
     const id = r.mem.take(21, 'B', 0);
